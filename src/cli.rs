@@ -1,0 +1,112 @@
+//! The command line: serving options (the default command) and the hidden `worker` entry that
+//! exec-mode spawning re-executes.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use worker::WorkerConfig;
+
+/// A multiprocess prefork TCP echo server (RFC 862) for learning and load-testing
+/// concurrency models.
+#[derive(Debug, Parser)]
+#[command(name = "prefork-echo", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A command to run instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving options (used when no command is given).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Commands other than serving.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Internal: run one process-mode worker on inherited descriptors (used by --spawn exec).
+    #[command(hide = true)]
+    Worker(WorkerConfig),
+}
+
+/// How connections are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// A pool of worker processes sharing the listener, each an event loop over many connections.
+    Process,
+    /// One process, one OS thread per connection, blocking I/O.
+    Thread,
+}
+
+/// How the master starts a process-mode worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Spawn {
+    /// fork(): the worker is a copy of the master.
+    Fork,
+    /// fork() then exec() of the binary on disk, handing over the listener by descriptor.
+    Exec,
+}
+
+/// Options of the server.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, IPv4 or IPv6 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7007")]
+    pub listen: String,
+    /// Worker processes (process mode) or acceptor threads (thread mode); default: CPU count.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: Option<u32>,
+    /// Concurrency model.
+    #[arg(long, value_enum, default_value_t = Mode::Process)]
+    pub mode: Mode,
+    /// How workers are started in process mode.
+    #[arg(long, value_enum, default_value_t = Spawn::Fork)]
+    pub spawn: Spawn,
+    /// Listen backlog: connections the kernel queues before one is accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: i32,
+    /// Seconds open connections may take to finish after SIGTERM/SIGINT.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
+    pub drain_timeout: f64,
+    /// Bytes a connection may have read but not yet echoed before the server stops reading
+    /// from it (back-pressure against clients that send but never read).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub max_unsent: u64,
+    /// Seconds between workers' stats reports to the master; 0 turns periodic reports off.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
+    pub stats_interval: f64,
+}
+
+/// A non-negative, finite number of seconds.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds (e.g. 0, 1.5, 30)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let cli = Cli::try_parse_from(["prefork-echo"]).unwrap();
+        assert_eq!(cli.serve.listen, "127.0.0.1:7007");
+        assert_eq!(cli.serve.mode, Mode::Process);
+        assert_eq!(cli.serve.backlog, 1024);
+        for bad in [
+            &["prefork-echo", "--workers", "0"][..],
+            &["prefork-echo", "--mode", "fiber"],
+            &["prefork-echo", "--drain-timeout", "-1"],
+            &["prefork-echo", "--bogus"],
+        ] {
+            let err = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The listening socket: resolved, bound with SO_REUSEADDR and the configured backlog, before
+//! any worker exists, so every worker inherits the one socket.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+/// Why the server could not listen.
+#[derive(Debug, Error)]
+pub enum ListenError {
+    /// The address does not parse or resolve.
+    #[error("cannot use listen address {addr:?}: {reason}")]
+    Address {
+        /// What was given.
+        addr: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// A socket call failed (port in use, permission denied, ...).
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The resolved address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// Resolves `HOST:PORT` (an IP literal or a name such as `localhost`) to its first address.
+pub fn resolve(addr: &str) -> Result<SocketAddr, ListenError> {
+    let fail = |reason: String| ListenError::Address {
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| fail(format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:7007 or [::1]:0)")))?
+        .next()
+        .ok_or_else(|| fail("it resolves to no address".into()))
+}
+
+/// Binds and listens on `addr`. The socket is non-blocking and close-on-exec: workers that
+/// need it across exec get it explicitly.
+pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Socket, ListenError> {
+    let fail = |source| ListenError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(fail)?;
+    // SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT; it
+    // does not let two live listeners share the port (that would be SO_REUSEPORT).
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(backlog).map_err(fail)?;
+    // O_NONBLOCK is shared by every process holding the socket: workers poll it, none blocks.
+    socket.set_nonblocking(true).map_err(fail)?;
+    Ok(socket)
+}
+
+/// The address actually bound (the real port when 0 was asked for).
+pub fn local_addr(socket: &Socket) -> std::io::Result<SocketAddr> {
+    socket.local_addr()?.as_socket().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP socket address")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_literals_and_refuses_garbage() {
+        assert_eq!(
+            resolve("127.0.0.1:0").unwrap(),
+            "127.0.0.1:0".parse().unwrap()
+        );
+        assert_eq!(resolve("[::1]:7").unwrap(), "[::1]:7".parse().unwrap());
+        let e = resolve("not an address").unwrap_err().to_string();
+        assert!(e.starts_with("cannot use listen address \"not an address\""), "{e}");
+    }
+
+    #[test]
+    fn a_bound_port_cannot_be_bound_twice() {
+        let a = bind("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let addr = local_addr(&a).unwrap();
+        let e = bind(addr, 8).unwrap_err().to_string();
+        assert!(e.contains("cannot listen on"), "{e}");
+        let cause = std::error::Error::source(&bind(addr, 8).unwrap_err()).map(ToString::to_string);
+        assert!(cause.is_some_and(|c| c.contains("in use")));
+    }
+}

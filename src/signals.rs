@@ -1,0 +1,92 @@
+//! The signal table: which signals the master answers and what each means. Handlers only
+//! record a signal (signal-hook's self-pipe); the master's loop reads and acts. The README's
+//! signal table is this table.
+
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+
+/// What the master does on a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Stop accepting, let open connections finish up to the drain timeout, then exit.
+    /// A second one during the drain stops at once.
+    GracefulStop,
+    /// Close everything and exit now.
+    StopNow,
+    /// Reap exited children and replace workers that died.
+    Reap,
+    /// Reload (not supported yet: logged and ignored, instead of the default "terminate").
+    Reload,
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub struct Entry {
+    /// Signal number.
+    pub signal: i32,
+    /// Name without the SIG prefix, as `kill -s` takes it.
+    pub name: &'static str,
+    /// What the master does.
+    pub action: Action,
+}
+
+/// Every signal the master handles.
+pub const TABLE: &[Entry] = &[
+    Entry {
+        signal: SIGTERM,
+        name: "TERM",
+        action: Action::GracefulStop,
+    },
+    Entry {
+        signal: SIGINT,
+        name: "INT",
+        action: Action::GracefulStop,
+    },
+    Entry {
+        signal: SIGQUIT,
+        name: "QUIT",
+        action: Action::StopNow,
+    },
+    Entry {
+        signal: SIGCHLD,
+        name: "CHLD",
+        action: Action::Reap,
+    },
+    Entry {
+        signal: SIGHUP,
+        name: "HUP",
+        action: Action::Reload,
+    },
+];
+
+/// The action for a signal number, if the table has one.
+pub fn action(signal: i32) -> Option<Action> {
+    TABLE.iter().find(|e| e.signal == signal).map(|e| e.action)
+}
+
+/// The signal numbers to install handlers for.
+pub fn numbers() -> impl Iterator<Item = i32> {
+    TABLE.iter().map(|e| e.signal)
+}
+
+/// The name for a signal number (for log lines).
+pub fn name(signal: i32) -> &'static str {
+    TABLE
+        .iter()
+        .find(|e| e.signal == signal)
+        .map_or("?", |e| e.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_signal_appears_once() {
+        let mut seen: Vec<i32> = numbers().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), TABLE.len());
+        assert_eq!(action(SIGTERM), Some(Action::GracefulStop));
+        assert_eq!(action(signal_hook::consts::SIGUSR1), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! Starting a worker process: the mechanism, kept apart from the master's policy.
+//!
+//! Both spawn modes fork. The child then does only async-signal-safe work (prctl, getppid,
+//! sigaction, close, fcntl, execv) until it becomes a worker, either by calling into the worker
+//! crate in place (fork mode) or by exec'ing the binary on disk with the hidden `worker`
+//! command (exec mode). The master never starts a thread, so the child is an exact copy of a
+//! single-threaded process; staying async-signal-safe anyway keeps that assumption cheap.
+
+use std::ffi::{CString, c_char};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::unistd::{ForkResult, Pid, fork, getppid};
+use worker::WorkerConfig;
+
+use crate::cli::Spawn;
+
+/// A started worker: its pid and the master's end of its IPC socket pair.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The worker's process id.
+    pub pid: Pid,
+    /// The master's end of the channel; the worker holds the other.
+    pub channel: UnixStream,
+}
+
+/// The argv of an exec-mode worker, built before fork so the child need not allocate.
+struct ExecPlan {
+    path: CString,
+    _args: Vec<CString>,
+    argv: Vec<*const c_char>,
+}
+
+impl ExecPlan {
+    fn new(exe: &CString, cfg: &WorkerConfig) -> io::Result<ExecPlan> {
+        let args = std::iter::once("worker".to_string())
+            .chain(cfg.to_args())
+            .map(CString::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io::Error::other)?;
+        let args: Vec<CString> = std::iter::once(exe.clone()).chain(args).collect();
+        let argv = args
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(ExecPlan {
+            path: exe.clone(),
+            _args: args,
+            argv,
+        })
+    }
+}
+
+/// Starts one worker serving `cfg` (whose descriptor fields are filled in here).
+///
+/// `become_worker` runs in a fork-mode child just before it turns into a worker: the master
+/// uses it to drop what it owns that must not live on in a worker (its signal registrations).
+pub fn spawn_worker(
+    how: Spawn,
+    exe: &CString,
+    listener: RawFd,
+    mut cfg: WorkerConfig,
+    become_worker: impl FnOnce(),
+) -> io::Result<Spawned> {
+    let (channel, child_end) = UnixStream::pair()?;
+    cfg.listen_fd = listener;
+    cfg.ipc_fd = child_end.as_raw_fd();
+    let plan = match how {
+        Spawn::Exec => Some(ExecPlan::new(exe, &cfg)?),
+        Spawn::Fork => None,
+    };
+    let master = nix::unistd::getpid();
+    // Block every signal across fork: the child keeps them blocked (through exec too) until
+    // its own handlers are installed, so a SIGTERM sent to a brand-new worker waits instead
+    // of being lost or running the master's handler in the child.
+    let mut saved = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut saved))?;
+    // SAFETY: the master is single-threaded (it never spawns threads), so the child starts
+    // with no lock held by a thread that does not exist in it. Until it becomes a worker the
+    // child makes only async-signal-safe calls (see `prepare_child` and `ExecPlan`).
+    let forked = unsafe { fork() };
+    match forked {
+        Ok(ForkResult::Parent { child }) => {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&saved), None)?;
+            drop(child_end);
+            Ok(Spawned {
+                pid: child,
+                channel,
+            })
+        }
+        Ok(ForkResult::Child) => {
+            prepare_child(master);
+            if plan.is_none() {
+                become_worker();
+            }
+            close_all_but([listener, child_end.as_raw_fd()]);
+            if let Some(plan) = plan {
+                // SAFETY: `path` and `argv` are NUL-terminated C strings and a NULL-terminated
+                // pointer array, all built before fork and alive until exec replaces us.
+                unsafe { libc::execv(plan.path.as_ptr(), plan.argv.as_ptr()) };
+                // exec failed (binary gone, not executable): this worker cannot boot.
+                // SAFETY: _exit is async-signal-safe and skips the master's atexit work.
+                unsafe { libc::_exit(worker::EXIT_BOOT_FAILURE) };
+            }
+            let code = worker::run(cfg);
+            // SAFETY: as above; the worker already said its last words on the channel.
+            unsafe { libc::_exit(code) }
+        }
+        Err(e) => {
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
+            Err(e.into())
+        }
+    }
+}
+
+/// The child's first steps, all async-signal-safe.
+fn prepare_child(master: Pid) {
+    // Die with the master, even when it is SIGKILLed: no orphan keeps the port. Checking the
+    // parent afterwards closes the race where the master died before the prctl.
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != master {
+        // SAFETY: async-signal-safe exit without running the master's destructors.
+        unsafe { libc::_exit(1) };
+    }
+    // A terminal's Ctrl-C goes to the whole process group; only the master should act on it
+    // (it drains the workers gracefully). SIG_IGN survives exec.
+    // SAFETY: installing SIG_IGN runs no code in a handler; the master's SIGINT action was
+    // unregistered (fork mode) or is discarded by exec.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGINT, SigHandler::SigIgn) };
+}
+
+/// Closes every descriptor above stderr except `keep`, and clears close-on-exec on `keep`:
+/// a worker holds the listener and its own channel, never its siblings' channels (which would
+/// hide their end-of-file from the master) or the master's event loop.
+fn close_all_but(mut keep: [RawFd; 2]) {
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for &fd in &keep {
+        let fd = fd as u32;
+        if fd > next {
+            close_range(next, fd - 1);
+        }
+        next = next.max(fd + 1);
+        // SAFETY: fcntl on a descriptor we own; async-signal-safe.
+        unsafe { libc::fcntl(fd as RawFd, libc::F_SETFD, 0) };
+    }
+    close_range(next, u32::MAX);
+}
+
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range(2) only closes descriptors; nothing in this process uses the ones
+    // closed here again (the child never returns into the master's code).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    if r != 0 {
+        // Kernels before 5.9: close one by one up to the descriptor limit.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass; async-signal-safe in practice.
+        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.min(u64::from(last)) as u32
+        } else {
+            4096
+        };
+        for fd in first..=max.min(last) {
+            // SAFETY: as above.
+            unsafe { libc::close(fd as RawFd) };
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! What a worker needs to know, in one struct that is both handed over in memory (fork) and
+//! spelled as the hidden `worker` subcommand's flags (exec), so the two cannot drift apart.
+
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// A worker's settings; parsed from the hidden `prefork-echo worker` command line in exec mode.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerConfig {
+    /// Inherited descriptor of the shared listening socket.
+    #[arg(long)]
+    pub listen_fd: RawFd,
+    /// Inherited descriptor of this worker's end of the IPC socket pair.
+    #[arg(long)]
+    pub ipc_fd: RawFd,
+    /// Slot number in the pool, 0-based.
+    #[arg(long)]
+    pub id: u32,
+    /// Generation this worker belongs to (a reload starts a new one).
+    #[arg(long, default_value_t = 1)]
+    pub generation: u32,
+    /// Per-connection bound on bytes read but not yet echoed.
+    #[arg(long)]
+    pub max_unsent: usize,
+    /// Seconds open connections may take to finish after a graceful stop.
+    #[arg(long)]
+    pub drain_timeout: f64,
+    /// Seconds between stats reports; 0 sends only the final one.
+    #[arg(long)]
+    pub stats_interval: f64,
+}
+
+impl WorkerConfig {
+    /// This config as `worker` subcommand arguments (after the subcommand name).
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--listen-fd", self.listen_fd.to_string()),
+            ("--ipc-fd", self.ipc_fd.to_string()),
+            ("--id", self.id.to_string()),
+            ("--generation", self.generation.to_string()),
+            ("--max-unsent", self.max_unsent.to_string()),
+            ("--drain-timeout", self.drain_timeout.to_string()),
+            ("--stats-interval", self.stats_interval.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+
+    /// The drain timeout as a duration (negative or NaN counts as zero).
+    pub fn drain(&self) -> Duration {
+        secs(self.drain_timeout)
+    }
+
+    /// The stats interval, or `None` when periodic reports are off.
+    pub fn stats_every(&self) -> Option<Duration> {
+        (self.stats_interval > 0.0).then(|| secs(self.stats_interval))
+    }
+}
+
+/// Seconds from the command line as a duration, clamping nonsense to zero.
+pub fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        cfg: WorkerConfig,
+    }
+
+    #[test]
+    fn to_args_parses_back_to_the_same_config() {
+        let cfg = WorkerConfig {
+            listen_fd: 3,
+            ipc_fd: 7,
+            id: 2,
+            generation: 5,
+            max_unsent: 65536,
+            drain_timeout: 1.5,
+            stats_interval: 0.0,
+        };
+        let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
+        let back = Wrap::try_parse_from(argv).unwrap().cfg;
+        assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
+        assert_eq!(back.stats_every(), None);
+        assert_eq!(back.drain(), Duration::from_millis(1500));
+    }
+}

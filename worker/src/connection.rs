@@ -1,0 +1,130 @@
+//! One echo connection: bytes read are written straight back; what the kernel will not take
+//! yet is kept, up to a bound, and reading stops until the client drains it.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+
+use crate::stats::Counters;
+
+/// How a call to [`Connection::drive`] left the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// Waiting for the socket to become readable or writable again.
+    Waiting,
+    /// Work remains but the turn's budget is spent: drive again without waiting for an event.
+    Yielded,
+    /// The client half-closed and got everything it was owed; the connection can be dropped.
+    Finished,
+}
+
+/// An accepted client connection.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    /// Echo bytes the socket would not take yet; empty (and unallocated) when idle, so ten
+    /// thousand idle connections cost only their sockets.
+    owed: Vec<u8>,
+    /// The client shut down its sending side (read returned 0).
+    read_closed: bool,
+}
+
+/// Reads per [`Connection::drive`] call before yielding, so one fast client cannot starve the
+/// others served by the same loop.
+const READS_PER_TURN: usize = 16;
+
+impl Connection {
+    /// Wraps a freshly accepted socket.
+    pub fn new(stream: TcpStream) -> Self {
+        Connection {
+            stream,
+            owed: Vec::new(),
+            read_closed: false,
+        }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Bytes read but not yet echoed.
+    pub fn owed(&self) -> usize {
+        self.owed.len()
+    }
+
+    /// Moves bytes from the client back to it until the socket would block, the bound on
+    /// unsent data is reached, or the turn's budget is spent. `scratch` is the worker's shared
+    /// read buffer; `Err` is an I/O error that ends the connection.
+    pub fn drive(
+        &mut self,
+        scratch: &mut [u8],
+        max_owed: usize,
+        counters: &mut Counters,
+    ) -> io::Result<Drive> {
+        for _ in 0..READS_PER_TURN {
+            if !self.owed.is_empty() {
+                let n = write_some(&mut self.stream, &self.owed)?;
+                counters.bytes_out += n as u64;
+                self.owed.drain(..n);
+                if self.owed.is_empty() {
+                    // Give the memory back: most connections are idle most of the time.
+                    self.owed = Vec::new();
+                }
+            }
+            // Invariant from here: either nothing is owed, or the socket is full and a
+            // writable edge will wake us.
+            if self.read_closed {
+                if self.owed.is_empty() {
+                    // Send FIN after the last echoed byte; the peer may already be gone.
+                    let _ = self.stream.shutdown(Shutdown::Write);
+                    return Ok(Drive::Finished);
+                }
+                return Ok(Drive::Waiting);
+            }
+            let room = max_owed.saturating_sub(self.owed.len()).min(scratch.len());
+            if room == 0 {
+                // Back-pressure: leave the bytes in the kernel (and the client's window
+                // closes) until the client reads its echo.
+                return Ok(Drive::Waiting);
+            }
+            let n = match self.stream.read(&mut scratch[..room]) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drive::Waiting),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            counters.bytes_in += n as u64;
+            let data = &scratch[..n];
+            // Echo straight from the scratch buffer; copy only what the socket refuses.
+            let sent = if self.owed.is_empty() {
+                write_some(&mut self.stream, data)?
+            } else {
+                0
+            };
+            counters.bytes_out += sent as u64;
+            self.owed.extend_from_slice(&data[sent..]);
+        }
+        Ok(Drive::Yielded)
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now; 0 when it is full.
+fn write_some(stream: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.write(&buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,389 @@
+//! The process-mode worker: one non-blocking event loop (mio, edge-triggered epoll) that
+//! accepts from the listening socket it shares with its siblings and echoes on every
+//! connection it holds.
+//!
+//! The loop in one screen: wait for events (bounded by the next timer) → accept until the
+//! kernel says "would block" → drive each ready connection → act on recorded signals →
+//! report counters to the master. Signals only wake the loop; the loop decides.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+use nix::sys::socket::{getsockopt, sockopt};
+use signal_hook::consts::{SIGHUP, SIGQUIT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use thiserror::Error;
+
+use crate::config::WorkerConfig;
+use crate::connection::{Connection, Drive};
+use crate::ipc::{Message, Reporter};
+use crate::log;
+use crate::stats::Counters;
+
+/// Exit code of a worker that could not start serving. The master stops instead of
+/// respawning it: a worker that cannot boot will not boot the next time either.
+pub const EXIT_BOOT_FAILURE: i32 = 3;
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const MASTER: Token = Token(2);
+const FIRST_CONN: usize = 3;
+
+/// Size of the one read buffer all connections share.
+const SCRATCH: usize = 64 * 1024;
+/// How long to stop accepting after the process or system ran out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Longest the loop sleeps with nothing to do, so timers stay honest.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a worker could not start.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The inherited listening descriptor is not a listening socket.
+    #[error("descriptor {0} is not a listening socket")]
+    NotListening(i32),
+    /// A system call failed while setting up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+fn io_ctx(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
+    move |source| BootError::Io { what, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Not accepting; open connections finish until the deadline.
+    Draining { deadline: Instant },
+}
+
+/// Why the loop ended.
+#[derive(Debug)]
+enum Stop {
+    Drained,
+    DrainTimeout,
+    Now(&'static str),
+}
+
+/// Runs a worker until it is told to stop; returns the process exit code.
+pub fn run(cfg: WorkerConfig) -> i32 {
+    log::set_role(format!("worker {}/g{}", cfg.id, cfg.generation));
+    let mut worker = match Worker::boot(cfg) {
+        Ok(w) => w,
+        Err(e) => {
+            crate::log!("cannot start: {e}");
+            return EXIT_BOOT_FAILURE;
+        }
+    };
+    let stop = worker.serve();
+    worker.finish(stop)
+}
+
+struct Worker {
+    cfg: WorkerConfig,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    reporter: Reporter,
+    conns: Slab<Connection>,
+    counters: Counters,
+    scratch: Vec<u8>,
+    phase: Phase,
+    accept_paused_until: Option<Instant>,
+    last_accept_error_log: Option<Instant>,
+    next_report: Option<Instant>,
+    /// Connections that yielded with work left; driven again before the next wait.
+    again: Vec<usize>,
+}
+
+impl Worker {
+    fn boot(cfg: WorkerConfig) -> Result<Worker, BootError> {
+        // SAFETY: the master handed these two descriptors to this process (open, not
+        // close-on-exec) and nothing else in it owns them; each is wrapped exactly once.
+        let (listen_fd, ipc_fd) = unsafe {
+            (
+                OwnedFd::from_raw_fd(cfg.listen_fd),
+                OwnedFd::from_raw_fd(cfg.ipc_fd),
+            )
+        };
+        if !getsockopt(&listen_fd, sockopt::AcceptConn).unwrap_or(false) {
+            // Don't close what is not ours to interpret.
+            std::mem::forget(listen_fd);
+            return Err(BootError::NotListening(cfg.listen_fd));
+        }
+        let std_listener = std::net::TcpListener::from(listen_fd);
+        // O_NONBLOCK lives on the shared open file, so every worker sees the master's setting;
+        // set it anyway rather than depend on it.
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io_ctx("making the listener non-blocking"))?;
+        let mut listener = TcpListener::from_std(std_listener);
+        let reporter = Reporter::new(ipc_fd).map_err(io_ctx("opening the IPC channel"))?;
+
+        let poll = Poll::new().map_err(io_ctx("creating the event loop"))?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGQUIT, SIGHUP]).map_err(io_ctx("installing signals"))?;
+        let registry = poll.registry();
+        registry
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(io_ctx("watching the listener"))?;
+        registry
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(io_ctx("watching signals"))?;
+        registry
+            .register(
+                &mut SourceFd(&reporter.stream().as_fd().as_raw_fd()),
+                MASTER,
+                Interest::READABLE,
+            )
+            .map_err(io_ctx("watching the master"))?;
+        // The master blocked every signal across fork/exec so none could arrive before the
+        // handlers above existed; from here on they are recorded and acted on by the loop.
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .map_err(|e| io_ctx("unblocking signals")(e.into()))?;
+
+        let next_report = cfg.stats_every().map(|d| Instant::now() + d);
+        let mut worker = Worker {
+            cfg,
+            poll,
+            listener: Some(listener),
+            signals,
+            reporter,
+            conns: Slab::new(),
+            counters: Counters::default(),
+            scratch: vec![0; SCRATCH],
+            phase: Phase::Serving,
+            accept_paused_until: None,
+            last_accept_error_log: None,
+            next_report,
+            again: Vec::new(),
+        };
+        worker
+            .reporter
+            .send(&Message::Ready)
+            .map_err(io_ctx("telling the master we are ready"))?;
+        Ok(worker)
+    }
+
+    fn serve(&mut self) -> Stop {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if self.again.is_empty() {
+                self.next_timer()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    crate::log!("event loop failed: {e}");
+                    return Stop::Now("event loop failure");
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    SIGNALS => {
+                        if let Some(stop) = self.on_signals() {
+                            return stop;
+                        }
+                    }
+                    MASTER => {
+                        if self.master_gone() {
+                            return Stop::Now("the master is gone");
+                        }
+                    }
+                    Token(t) => self.drive(t - FIRST_CONN),
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.drive(key);
+            }
+            if let Some(stop) = self.on_timers() {
+                return stop;
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let deadline = match self.phase {
+            Phase::Draining { deadline } => Some(deadline),
+            Phase::Serving => None,
+        };
+        [self.accept_paused_until, self.next_report, deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timers(&mut self) -> Option<Stop> {
+        let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            self.accept_all();
+        }
+        if let Some(every) = self.cfg.stats_every() {
+            if self.next_report.is_some_and(|t| now >= t) {
+                self.next_report = Some(now + every);
+                if self.reporter.send(&Message::Report(self.counters)).is_err() {
+                    return Some(Stop::Now("the master is gone"));
+                }
+            }
+        }
+        match self.phase {
+            Phase::Draining { .. } if self.conns.is_empty() => Some(Stop::Drained),
+            Phase::Draining { deadline } if now >= deadline => Some(Stop::DrainTimeout),
+            _ => None,
+        }
+    }
+
+    fn accept_all(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        while let Some(listener) = &self.listener {
+            match listener.accept() {
+                Ok((stream, _peer)) => self.add_connection(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The client gave up while it sat in the queue: nothing to serve.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                    self.counters.accept_errors += 1;
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS and the like: the connection stays queued in
+                    // the kernel. Retrying at once would spin at 100% CPU, so pause.
+                    self.counters.accept_errors += 1;
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    let now = Instant::now();
+                    if self
+                        .last_accept_error_log
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                    {
+                        self.last_accept_error_log = Some(now);
+                        crate::log!("accept failed ({e}); pausing accepts for {ACCEPT_PAUSE:?}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_connection(&mut self, mut stream: TcpStream) {
+        // Echo is request/response shaped: don't let Nagle hold back a small reply.
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            crate::log!("cannot watch a new connection: {e}");
+            self.counters.io_errors += 1;
+            return;
+        }
+        entry.insert(Connection::new(stream));
+        self.counters.accepted += 1;
+        self.counters.active += 1;
+    }
+
+    fn drive(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // a stale event for a connection already closed this turn
+        };
+        match conn.drive(&mut self.scratch, self.cfg.max_unsent, &mut self.counters) {
+            Ok(Drive::Waiting) => {}
+            Ok(Drive::Yielded) => self.again.push(key),
+            Ok(Drive::Finished) => self.close(key),
+            Err(_) => {
+                // Reset, broken pipe, ...: the client is gone. Counted, never fatal.
+                self.counters.io_errors += 1;
+                self.close(key);
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
+            let _ = self.poll.registry().deregister(conn.stream_mut());
+            self.counters.active -= 1;
+        }
+    }
+
+    /// Acts on recorded signals; `Some` ends the loop.
+    fn on_signals(&mut self) -> Option<Stop> {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGQUIT => return Some(Stop::Now("SIGQUIT")),
+                SIGTERM => match self.phase {
+                    Phase::Serving => self.start_drain(),
+                    Phase::Draining { .. } => return Some(Stop::Now("second SIGTERM")),
+                },
+                // Reloads are the master's business; a stray HUP must not kill a worker.
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn start_drain(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+            // Dropping closes only this process's copy; the others keep accepting.
+        }
+        let deadline = Instant::now() + self.cfg.drain();
+        self.phase = Phase::Draining { deadline };
+        crate::log!(
+            "draining {} connection(s), at most {:?}",
+            self.conns.len(),
+            self.cfg.drain()
+        );
+    }
+
+    /// The IPC socket became readable: the master sends nothing, so this is its end-of-file.
+    fn master_gone(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&mut &*self.reporter.stream()).read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn finish(mut self, stop: Stop) -> i32 {
+        if matches!(stop, Stop::DrainTimeout | Stop::Now(_)) {
+            self.counters.closed_by_limit += self.conns.len() as u64;
+        }
+        let open = self.conns.len();
+        self.conns.clear();
+        self.counters.active = 0;
+        match stop {
+            Stop::Drained => crate::log!("drained; exiting"),
+            Stop::DrainTimeout => crate::log!("drain timeout; closing {open} connection(s)"),
+            Stop::Now(why) => crate::log!("stopping now ({why}); closing {open} connection(s)"),
+        }
+        let _ = self
+            .reporter
+            .send_last(&Message::Final(self.counters), Duration::from_secs(1));
+        0
+    }
+}
