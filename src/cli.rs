@@ -79,7 +79,9 @@ pub struct ServeArgs {
 fn seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds (e.g. 0, 1.5, 30)")),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds (e.g. 0, 1.5, 30)"
+        )),
     }
 }
 

@@ -34,7 +34,11 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, ListenError> {
         reason,
     };
     addr.to_socket_addrs()
-        .map_err(|e| fail(format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:7007 or [::1]:0)")))?
+        .map_err(|e| {
+            fail(format!(
+                "{e} (expected HOST:PORT, e.g. 127.0.0.1:7007 or [::1]:0)"
+            ))
+        })?
         .next()
         .ok_or_else(|| fail("it resolves to no address".into()))
 }
@@ -43,8 +47,8 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, ListenError> {
 /// need it across exec get it explicitly.
 pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Socket, ListenError> {
     let fail = |source| ListenError::Bind { addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(fail)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
     // SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT; it
     // does not let two live listeners share the port (that would be SO_REUSEPORT).
     socket.set_reuse_address(true).map_err(fail)?;
@@ -74,7 +78,10 @@ mod tests {
         );
         assert_eq!(resolve("[::1]:7").unwrap(), "[::1]:7".parse().unwrap());
         let e = resolve("not an address").unwrap_err().to_string();
-        assert!(e.starts_with("cannot use listen address \"not an address\""), "{e}");
+        assert!(
+            e.starts_with("cannot use listen address \"not an address\""),
+            "{e}"
+        );
     }
 
     #[test]

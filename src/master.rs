@@ -413,9 +413,11 @@ impl Master {
         let mut channel = UnixStream::from_std(spawned.channel);
         let entry = self.workers.vacant_entry();
         let key = entry.key();
-        self.poll
-            .registry()
-            .register(&mut channel, Token(key + FIRST_WORKER), Interest::READABLE)?;
+        self.poll.registry().register(
+            &mut channel,
+            Token(key + FIRST_WORKER),
+            Interest::READABLE,
+        )?;
         entry.insert(WorkerProc {
             pid: spawned.pid,
             id,
@@ -528,13 +530,13 @@ mod tests {
         assert_eq!(b.failures(), Backoff::LIMIT);
 
         let mut b = Backoff::default();
-        assert_eq!(
-            b.on_death(Duration::ZERO, true),
-            Some(Backoff::FIRST_DELAY)
-        );
+        assert_eq!(b.on_death(Duration::ZERO, true), Some(Backoff::FIRST_DELAY));
         // A worker that served for a while and then crashed is replaced at once, and the
         // count of failed starts begins again.
-        assert_eq!(b.on_death(Duration::from_secs(5), true), Some(Duration::ZERO));
+        assert_eq!(
+            b.on_death(Duration::from_secs(5), true),
+            Some(Duration::ZERO)
+        );
         assert_eq!(b.failures(), 0);
     }
 }

@@ -77,7 +77,11 @@ pub fn spawn_worker(
     // its own handlers are installed, so a SIGTERM sent to a brand-new worker waits instead
     // of being lost or running the master's handler in the child.
     let mut saved = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut saved))?;
+    sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut saved),
+    )?;
     // SAFETY: the master is single-threaded (it never spawns threads), so the child starts
     // with no lock held by a thread that does not exist in it. Until it becomes a worker the
     // child makes only async-signal-safe calls (see `prepare_child` and `ExecPlan`).

@@ -63,6 +63,8 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
+    // Only the acceptors hold the listener from here on, so joining them closes it.
+    drop(listener);
     crate::announce(addr, "thread", cfg.acceptors);
 
     let mut events = Events::with_capacity(8);

@@ -66,7 +66,9 @@ fn io_ctx(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
 enum Phase {
     Serving,
     /// Not accepting; open connections finish until the deadline.
-    Draining { deadline: Instant },
+    Draining {
+        deadline: Instant,
+    },
 }
 
 /// Why the loop ended.
@@ -359,7 +361,7 @@ impl Worker {
     fn master_gone(&mut self) -> bool {
         let mut buf = [0u8; 64];
         loop {
-            match (&mut &*self.reporter.stream()).read(&mut buf) {
+            match (&mut self.reporter.stream()).read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -1,0 +1,112 @@
+//! Bad input at start-up: one clear line on stderr, the documented exit code, and no process
+//! left behind.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(common::BIN)
+        .args(args)
+        .output()
+        .expect("running the binary")
+}
+
+fn one_error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
+    assert!(
+        lines[0].starts_with("prefork-echo: error: "),
+        "{}",
+        lines[0]
+    );
+    assert!(out.stdout.is_empty(), "nothing announced");
+    err
+}
+
+#[test]
+fn a_port_in_use_exits_1_naming_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for mode in ["process", "thread"] {
+        let out = run(&["--listen", &addr, "--mode", mode, "--workers", "2"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = one_error_line(&out);
+        assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+    }
+}
+
+#[test]
+fn an_address_that_does_not_parse_exits_1() {
+    for bad in ["nonsense", "127.0.0.1", "127.0.0.1:99999", "[::1:80"] {
+        let out = run(&["--listen", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let err = one_error_line(&out);
+        assert!(err.contains("cannot use listen address"), "{err}");
+    }
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_usage_error() {
+    for args in [
+        &["--no-such-flag"][..],
+        &["--workers", "0"],
+        &["--workers", "many"],
+        &["--mode", "coroutine"],
+        &["--spawn", "vfork"],
+        &["--backlog", "-5"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("error: ") && err.contains("--help"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn more_workers_than_the_descriptor_limit_allows_exits_1() {
+    // `ulimit -n` in a shell that then execs the server sets a low hard limit for it alone.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 64 && exec {} --listen 127.0.0.1:0 --workers 100",
+                common::BIN
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out);
+    assert!(
+        err.contains("--workers 100") && err.contains("RLIMIT_NOFILE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_lists_every_option() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--listen",
+        "--workers",
+        "--mode",
+        "--spawn",
+        "--backlog",
+        "--drain-timeout",
+        "--max-unsent",
+        "--stats-interval",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+    assert!(
+        !help.contains("worker --listen-fd"),
+        "the internal command stays hidden"
+    );
+}

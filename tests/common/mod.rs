@@ -1,0 +1,356 @@
+//! Shared test harness: starts the real binary on port 0, reads the address it announces,
+//! and guarantees its whole process tree is killed when the test ends, pass or fail.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_prefork-echo");
+
+/// No test may run longer than this: the watchdog kills the server tree, which makes any
+/// client blocked on it fail instead of hang.
+const WATCHDOG: Duration = Duration::from_secs(240);
+/// How long a server may take to announce itself.
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A running server process tree.
+pub struct Server {
+    child: Child,
+    /// The address it announced.
+    pub addr: SocketAddr,
+    /// The master's pid.
+    pub pid: i32,
+    /// The whole announce line.
+    pub line: String,
+    stderr: Arc<Mutex<String>>,
+    watchdog: Option<mpsc::Sender<()>>,
+    exited: Option<ExitStatus>,
+}
+
+/// A server that failed to start: its exit status and what it wrote to stderr.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+}
+
+impl Server {
+    /// Starts `prefork-echo ARGS --listen 127.0.0.1:0` and waits for its announce line.
+    pub fn start(args: &[&str]) -> Server {
+        match Server::try_start(BIN, args) {
+            Ok(s) => s,
+            Err(f) => panic!("server did not start: {f:?}"),
+        }
+    }
+
+    /// Like [`start`](Self::start) with another binary path (a copy of the binary).
+    pub fn try_start(bin: impl AsRef<Path>, args: &[&str]) -> Result<Server, StartFailure> {
+        let mut cmd = Command::new(bin.as_ref());
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the server binary");
+        let pid = child.id() as i32;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (err_pipe, sink) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
+        thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let watchdog = start_watchdog(pid);
+        let line = match rx.recv_timeout(STARTUP) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = wait_for_exit(&mut child, Duration::from_secs(5));
+                if status.is_none() {
+                    kill_tree(pid);
+                    let _ = child.wait();
+                }
+                let _ = watchdog.send(());
+                thread::sleep(Duration::from_millis(50)); // let the stderr reader catch up
+                let stderr = stderr.lock().unwrap().clone();
+                return Err(StartFailure { status, stderr });
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected announce line: {line:?}"));
+        Ok(Server {
+            child,
+            addr,
+            pid,
+            line,
+            stderr,
+            watchdog: Some(watchdog),
+            exited: None,
+        })
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (polling) until stderr contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.stderr().contains(needle))
+    }
+
+    /// Sends `sig` to the master.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid), sig).expect("signalling the master");
+    }
+
+    /// The master's live children (its workers), sorted.
+    pub fn workers(&self) -> Vec<i32> {
+        let mut w = children_of(self.pid);
+        w.sort_unstable();
+        w
+    }
+
+    /// Waits up to `timeout` for the master to exit; `None` if it did not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = wait_for_exit(&mut self.child, timeout);
+        }
+        self.exited
+    }
+
+    /// A connected client with a read timeout, so a broken server fails a test, not hangs it.
+    pub fn connect(&self) -> TcpStream {
+        client(self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.send(());
+        }
+        kill_tree(self.pid);
+        let _ = self.child.wait();
+    }
+}
+
+fn start_watchdog(pid: i32) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(WATCHDOG) {
+            eprintln!("watchdog: killing server tree {pid} after {WATCHDOG:?}");
+            kill_tree(pid);
+        }
+    });
+    tx
+}
+
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGKILLs `pid` and every descendant (found before killing, so none escapes reparenting).
+pub fn kill_tree(pid: i32) {
+    let mut all = descendants(pid);
+    all.push(pid);
+    for p in all {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// (pid, ppid, state) of every process, from /proc.
+fn processes() -> Vec<(i32, i32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces and parentheses: fields start after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut f = rest.split(' ');
+        let state = f.next()?.chars().next()?;
+        let ppid = f.next()?.parse().ok()?;
+        Some((pid, ppid, state))
+    })
+    .collect()
+}
+
+/// Live (non-zombie) children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|&(_, ppid, state)| ppid == pid && state != 'Z')
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// Every live descendant of `pid`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let procs = processes();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(c, ppid, state) in &procs {
+            if ppid == p && state != 'Z' && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` is a live (non-zombie) process.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A connected client with generous timeouts.
+pub fn client(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connecting to the server");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// Writes `msg` and reads back exactly as many bytes, asserting they are the same.
+pub fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("writing to the server");
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).expect("reading the echo");
+    assert!(back == msg, "echo differs from what was sent");
+}
+
+/// Sends `msg`, half-closes, and reads until the server closes: everything must come back.
+pub fn echo_to_eof(mut s: TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("writing to the server");
+    s.shutdown(Shutdown::Write).expect("half-closing");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("reading to EOF");
+    assert_eq!(back.len(), msg.len(), "echo length");
+    assert!(back == msg, "echo differs from what was sent");
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// Raises this test process's soft descriptor limit to the hard one; returns it.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    hard
+}
+
+/// Client-side ports of the TCP connections to `server_port` whose server end is held by
+/// process `pid` (matched through socket inodes in /proc/PID/fd and /proc/net/tcp{,6}).
+pub fn client_ports_held_by(pid: i32, server_port: u16) -> HashSet<u16> {
+    let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let target = std::fs::read_link(e.ok()?.path()).ok()?;
+                let t = target.to_str()?;
+                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut by_inode: HashMap<u64, (u16, u16)> = HashMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let port = |s: &str| u16::from_str_radix(s.rsplit(':').next().unwrap_or(""), 16).ok();
+            if let (Some(l), Some(r), Ok(inode)) = (port(f[1]), port(f[2]), f[9].parse()) {
+                by_inode.insert(inode, (l, r));
+            }
+        }
+    }
+    inodes
+        .iter()
+        .filter_map(|i| by_inode.get(i))
+        .filter(|(local, _)| *local == server_port)
+        .map(|&(_, remote)| remote)
+        .collect()
+}
