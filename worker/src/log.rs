@@ -78,7 +78,7 @@ mod tests {
         // 2000-02-29 is a leap day; 951782400 is its midnight.
         let t = UNIX_EPOCH + Duration::from_millis(951_782_400_000 + 3_723_456);
         assert_eq!(timestamp(t), "2000-02-29T01:02:03.456Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_392_000);
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_305_600);
         assert_eq!(timestamp(t), "2026-11-22T00:00:00.000Z");
     }
 }
