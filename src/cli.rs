@@ -1,6 +1,8 @@
 //! The command line: serving options (the default command) and the hidden `worker` entry that
 //! exec-mode spawning re-executes.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use worker::WorkerConfig;
 
@@ -20,6 +22,8 @@ pub struct Cli {
 /// Commands other than serving.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print a running server's per-worker stats, totals, rates and accept fairness.
+    Stats(StatsArgs),
     /// Internal: run one process-mode worker on inherited descriptors (used by --spawn exec).
     #[command(hide = true)]
     Worker(WorkerConfig),
@@ -73,6 +77,30 @@ pub struct ServeArgs {
     /// Seconds between workers' stats reports to the master; 0 turns periodic reports off.
     #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
     pub stats_interval: f64,
+    /// Control socket (mode 0600) that `prefork-echo stats` reads; default:
+    /// $XDG_RUNTIME_DIR/prefork-echo-PORT.sock, or /tmp/prefork-echo-PORT.sock.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Log one line of totals and rates every --stats-interval.
+    #[arg(long)]
+    pub log_stats: bool,
+}
+
+/// Options of `prefork-echo stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The server's control socket; default: derived from --listen's port as the server does.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The server's listen address, used only to derive the default control socket path.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7007")]
+    pub listen: String,
+    /// Print the snapshot as JSON (one object per line with --watch); schema in the README.
+    #[arg(long)]
+    pub json: bool,
+    /// Print again every SECS seconds until interrupted, with rates over each interval.
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    pub watch: Option<f64>,
 }
 
 /// A non-negative, finite number of seconds.
@@ -82,6 +110,13 @@ fn seconds(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a number of seconds (e.g. 0, 1.5, 30)"
         )),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("must be more than 0".into()),
     }
 }
 

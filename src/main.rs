@@ -3,10 +3,12 @@
 //! line and exit code 1; clap's usage errors exit 2.
 
 mod cli;
+mod control;
 mod listener;
 mod master;
 mod signals;
 mod spawn;
+mod stats;
 mod thread_mode;
 
 use std::ffi::CString;
@@ -19,12 +21,19 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use cli::{Cli, Command, Mode, ServeArgs};
+use cli::{Cli, Command, Mode, ServeArgs, StatsArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker(cfg)) => ExitCode::from(worker::run(cfg) as u8),
+        Some(Command::Stats(args)) => match print_stats(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("prefork-echo: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         None => match serve(cli.serve) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -53,6 +62,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let socket = listener::bind(addr, args.backlog)?;
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| control::default_path(addr.port()));
+    let stats_every = worker::config::secs(args.stats_interval);
+    let log_stats = (args.log_stats && !stats_every.is_zero()).then_some(stats_every);
     worker::log::set_role(match args.mode {
         Mode::Process => "master",
         Mode::Thread => "thread-mode",
@@ -75,6 +90,8 @@ fn serve(args: ServeArgs) -> Result<()> {
                     drain_timeout: args.drain_timeout,
                     stats_interval: args.stats_interval,
                 },
+                control,
+                log_stats: log_stats.is_some(),
             };
             master::run(cfg, socket, addr)
         }
@@ -82,10 +99,42 @@ fn serve(args: ServeArgs) -> Result<()> {
             thread_mode::ThreadConfig {
                 acceptors: workers,
                 drain_timeout: worker::config::secs(args.drain_timeout),
+                control,
+                log_stats,
             },
             socket,
             addr,
         ),
+    }
+}
+
+/// `prefork-echo stats`: fetch the snapshot from the control socket and print it.
+fn print_stats(args: StatsArgs) -> Result<()> {
+    let path = match args.control {
+        Some(p) => p,
+        None => control::default_path(listener::resolve(&args.listen)?.port()),
+    };
+    let mut previous: Option<stats::Snapshot> = None;
+    loop {
+        let answer = control::request(&path, "stats")?;
+        let snap: stats::Snapshot = serde_json::from_str(&answer)
+            .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{answer}")?;
+        } else {
+            write!(out, "{}", snap.table(previous.as_ref()))?;
+        }
+        out.flush()?;
+        let Some(every) = args.watch else {
+            return Ok(());
+        };
+        if !args.json {
+            writeln!(out)?;
+        }
+        drop(out);
+        previous = Some(snap);
+        std::thread::sleep(worker::config::secs(every));
     }
 }
 

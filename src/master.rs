@@ -27,11 +27,15 @@ use worker::ipc::{FrameDecoder, Message};
 use worker::stats::Counters;
 
 use crate::cli::Spawn;
+use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::spawn::spawn_worker;
+use crate::stats::{Snapshot, WorkerRow};
 
 const SIGNALS: Token = Token(0);
 const FIRST_WORKER: usize = 1;
+/// Tokens from here up belong to the control socket.
+const CONTROL_BASE: usize = usize::MAX / 2;
 /// Longest the loop sleeps with nothing to do.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 /// After the drain timeout, how long workers get to exit before they are killed.
@@ -52,6 +56,10 @@ pub struct MasterConfig {
     pub drain_timeout: Duration,
     /// Template for every worker (descriptors, id and generation are filled in per spawn).
     pub worker: WorkerConfig,
+    /// Where to serve the control socket.
+    pub control: std::path::PathBuf,
+    /// Log a line of totals every stats interval.
+    pub log_stats: bool,
 }
 
 /// Where the master is in its life cycle; every transition is logged.
@@ -84,6 +92,9 @@ struct WorkerProc {
     channel: Option<UnixStream>,
     decoder: FrameDecoder,
     counters: Counters,
+    last_report: Option<Instant>,
+    /// Asked to drain (it is no longer expected to serve new connections).
+    draining: bool,
 }
 
 /// Respawn policy for one pool slot: a worker that dies soon after it started is respawned
@@ -144,6 +155,12 @@ struct Master {
     announced: bool,
     /// Why the master gave up, if it did; turns the final exit into an error.
     failure: Option<String>,
+    control: Option<ControlServer>,
+    started: Instant,
+    /// Counters of workers that are gone, so totals never go backward.
+    retired: Counters,
+    next_stats_log: Option<Instant>,
+    last_logged: Option<Snapshot>,
 }
 
 impl Master {
@@ -153,7 +170,13 @@ impl Master {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .context("watching signals")?;
+        let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
         let slots = vec![Backoff::default(); cfg.workers as usize];
+        let next_stats_log = cfg
+            .log_stats
+            .then(|| cfg.worker.stats_every())
+            .flatten()
+            .map(|d| Instant::now() + d);
         Ok(Master {
             cfg,
             listener: Some(listener),
@@ -167,15 +190,21 @@ impl Master {
             phase: Phase::Running,
             announced: false,
             failure: None,
+            control: Some(control),
+            started: Instant::now(),
+            retired: Counters::default(),
+            next_stats_log,
+            last_logged: None,
         })
     }
 
     fn run(&mut self) -> Result<()> {
         worker::log!(
-            "starting {} worker(s) (spawn={:?}) on {}",
+            "starting {} worker(s) (spawn={:?}) on {}; control socket {}",
             self.cfg.workers,
             self.cfg.spawn,
-            self.addr
+            self.addr,
+            self.cfg.control.display()
         );
         let mut events = Events::with_capacity(256);
         loop {
@@ -201,6 +230,7 @@ impl Master {
                             happened.extend(s.pending().map(Event::Signal));
                         }
                     }
+                    t if t.0 >= CONTROL_BASE => self.serve_control(t),
                     Token(t) => self.read_channel(t - FIRST_WORKER, &mut happened),
                 }
             }
@@ -210,6 +240,9 @@ impl Master {
             // SIGCHLD coalesces and can race the loop: reap on every turn, not only on signal.
             self.reap();
             self.enforce_deadlines();
+        }
+        if self.cfg.log_stats {
+            worker::log!("{}", self.snapshot().log_line(None));
         }
         worker::log!("all workers exited; master exiting");
         match self.failure.take() {
@@ -241,7 +274,10 @@ impl Master {
                         w.ready = true;
                         worker::log!("worker {} (pid {}) is accepting", w.id, w.pid);
                     }
-                    Message::Report(c) | Message::Final(c) => w.counters = c,
+                    Message::Report(c) | Message::Final(c) => {
+                        w.counters = c;
+                        w.last_report = Some(Instant::now());
+                    }
                 }
             }
             Event::ChannelClosed { key, why } => {
@@ -323,8 +359,23 @@ impl Master {
             };
             let mut w = self.workers.remove(key);
             if let Some(mut ch) = w.channel.take() {
+                // Its final report may still sit in the socket: read it before letting go.
+                let mut late = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = ch.read(&mut buf) {
+                    w.decoder.push(&buf[..n]);
+                }
+                while let Ok(Some(msg)) = w.decoder.next_message() {
+                    late.push(msg);
+                }
+                if let Some(Message::Report(c) | Message::Final(c)) = late.last() {
+                    w.counters = *c;
+                }
                 let _ = self.poll.registry().deregister(&mut ch);
             }
+            let mut gone = w.counters;
+            gone.active = 0;
+            self.retired.add(&gone);
             worker::log!("worker {} (pid {pid}) exited: {how}", w.id);
             self.after_death(&w, &how, code);
         }
@@ -427,6 +478,8 @@ impl Master {
             channel: Some(channel),
             decoder: FrameDecoder::default(),
             counters: Counters::default(),
+            last_report: None,
+            draining: false,
         });
         self.by_pid.insert(spawned.pid, key);
         worker::log!("spawned worker {id} (pid {})", spawned.pid);
@@ -459,6 +512,9 @@ impl Master {
             self.workers.len(),
             self.cfg.drain_timeout
         );
+        for (_, w) in &mut self.workers {
+            w.draining = true;
+        }
         self.signal_all(Signal::SIGTERM);
     }
 
@@ -486,10 +542,71 @@ impl Master {
             Phase::Running => None,
         };
         let respawn = self.slots.iter().filter_map(|s| s.not_before).min();
-        kill_at.into_iter().chain(respawn).min()
+        let control = self.control.as_ref().and_then(ControlServer::next_deadline);
+        [kill_at, respawn, control, self.next_stats_log]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The stats snapshot: live workers in slot order, totals including the departed.
+    fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let mut rows: Vec<WorkerRow> = self
+            .workers
+            .iter()
+            .map(|(_, w)| WorkerRow {
+                id: w.id,
+                pid: w.pid.as_raw() as u32,
+                generation: w.generation,
+                state: match (w.ready, w.draining) {
+                    (_, true) => "draining",
+                    (false, _) => "starting",
+                    (true, false) => "running",
+                }
+                .to_string(),
+                uptime_secs: now.duration_since(w.started).as_secs_f64(),
+                last_report_age_secs: w.last_report.map(|t| now.duration_since(t).as_secs_f64()),
+                counters: w.counters,
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.generation, r.id));
+        Snapshot::new(
+            "process",
+            now.duration_since(self.started).as_secs_f64(),
+            self.generation,
+            rows,
+            &self.retired,
+        )
+    }
+
+    fn serve_control(&mut self, token: Token) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        control.handle(self.poll.registry(), token, &mut |req| match req {
+            Request::Stats => serde_json::to_string(&self.snapshot()).unwrap_or_default(),
+        });
+        self.control = Some(control);
+    }
+
+    fn log_stats_when_due(&mut self) {
+        let Some(every) = self.cfg.worker.stats_every() else {
+            return;
+        };
+        if self.next_stats_log.is_some_and(|t| Instant::now() >= t) {
+            self.next_stats_log = Some(Instant::now() + every);
+            let snap = self.snapshot();
+            worker::log!("{}", snap.log_line(self.last_logged.as_ref()));
+            self.last_logged = Some(snap);
+        }
     }
 
     fn enforce_deadlines(&mut self) {
+        if let Some(control) = self.control.as_mut() {
+            control.expire(self.poll.registry());
+        }
+        self.log_stats_when_due();
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if Instant::now() >= kill_at && !self.workers.is_empty() {
                 worker::log!(

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,11 @@ use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
+use worker::stats::Counters;
 
+use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
+use crate::stats::{Snapshot, WorkerRow};
 
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
 /// and keeps thousands of threads' reserved address space modest (the default is 2 MiB).
@@ -33,11 +36,67 @@ pub struct ThreadConfig {
     pub acceptors: u32,
     /// Graceful-stop budget for open connections.
     pub drain_timeout: Duration,
+    /// Where to serve the control socket.
+    pub control: std::path::PathBuf,
+    /// Log a line of totals every `stats_interval`.
+    pub log_stats: Option<Duration>,
 }
 
 struct Shared {
     accepting: AtomicBool,
     active: AtomicUsize,
+}
+
+/// One acceptor thread's counters, updated by the connection threads it started. Relaxed
+/// atomics: each is a tally read now and then, never a synchronisation point.
+#[derive(Default)]
+struct Tally {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    accept_errors: AtomicU64,
+    io_errors: AtomicU64,
+}
+
+impl Tally {
+    fn bump(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn load(&self) -> Counters {
+        Counters {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            io_errors: self.io_errors.load(Ordering::Relaxed),
+            closed_by_limit: 0,
+        }
+    }
+}
+
+const SIGNALS: Token = Token(0);
+const CONTROL_BASE: usize = 1;
+
+/// The stats snapshot: one row per acceptor thread, all in this process.
+fn snapshot(tallies: &[Arc<Tally>], started: Instant, draining: bool) -> Snapshot {
+    let uptime = started.elapsed().as_secs_f64();
+    let rows = tallies
+        .iter()
+        .enumerate()
+        .map(|(i, t)| WorkerRow {
+            id: i as u32,
+            pid: std::process::id(),
+            generation: 1,
+            state: if draining { "draining" } else { "running" }.to_string(),
+            uptime_secs: uptime,
+            last_report_age_secs: Some(0.0),
+            counters: t.load(),
+        })
+        .collect();
+    Snapshot::new("thread", uptime, 1, rows, &Counters::default())
 }
 
 /// Serves until stopped; `Ok` is a requested stop.
@@ -48,18 +107,26 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
         accepting: AtomicBool::new(true),
         active: AtomicUsize::new(0),
     });
+    let started = Instant::now();
     let mut poll = Poll::new().context("creating the event loop")?;
     let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     poll.registry()
-        .register(&mut sigs, Token(0), Interest::READABLE)
+        .register(&mut sigs, SIGNALS, Interest::READABLE)
         .context("watching signals")?;
+    let mut control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
+    worker::log!("control socket {}", cfg.control.display());
 
+    let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
-    for i in 0..cfg.acceptors {
-        let (l, s) = (Arc::clone(&listener), Arc::clone(&shared));
+    for (i, tally) in tallies.iter().enumerate() {
+        let (l, s, t) = (
+            Arc::clone(&listener),
+            Arc::clone(&shared),
+            Arc::clone(tally),
+        );
         let handle = thread::Builder::new()
             .name(format!("acceptor-{i}"))
-            .spawn(move || accept_loop(&l, &s))
+            .spawn(move || accept_loop(&l, &s, &t))
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
@@ -67,25 +134,50 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
     drop(listener);
     crate::announce(addr, "thread", cfg.acceptors);
 
-    let mut events = Events::with_capacity(8);
+    let mut events = Events::with_capacity(64);
     let mut drain_deadline: Option<Instant> = None;
+    let mut next_log = cfg.log_stats.map(|d| Instant::now() + d);
+    let mut last_logged: Option<Snapshot> = None;
     loop {
+        if let (Some(t), Some(every)) = (next_log, cfg.log_stats) {
+            if Instant::now() >= t {
+                next_log = Some(Instant::now() + every);
+                let snap = snapshot(&tallies, started, drain_deadline.is_some());
+                worker::log!("{}", snap.log_line(last_logged.as_ref()));
+                last_logged = Some(snap);
+            }
+        }
+        control.expire(poll.registry());
         if let Some(deadline) = drain_deadline {
             let active = shared.active.load(Ordering::SeqCst);
             if active == 0 {
                 worker::log!("drained; exiting");
+                log_final(&tallies, started, cfg.log_stats);
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 worker::log!("drain timeout; closing {active} connection(s)");
+                log_final(&tallies, started, cfg.log_stats);
                 return Ok(());
             }
         }
-        let wait = drain_deadline.map_or(Duration::from_secs(1), |_| Duration::from_millis(50));
+        let mut wait = drain_deadline.map_or(Duration::from_secs(1), |_| Duration::from_millis(50));
+        for t in [next_log, control.next_deadline()].into_iter().flatten() {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
         match poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e).context("waiting for signals"),
+        }
+        for event in events.iter() {
+            if control.owns(event.token()) {
+                let draining = drain_deadline.is_some();
+                control.handle(poll.registry(), event.token(), &mut |req| match req {
+                    Request::Stats => serde_json::to_string(&snapshot(&tallies, started, draining))
+                        .unwrap_or_default(),
+                });
+            }
         }
         for sig in sigs.pending() {
             match (signals::action(sig), drain_deadline) {
@@ -117,7 +209,7 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>) {
     let mut last_error_log: Option<Instant> = None;
     while shared.accepting.load(Ordering::SeqCst) {
         // The listener is non-blocking (shared with the other acceptors): wait for it with a
@@ -129,15 +221,17 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             Err(_) => continue, // EINTR
         }
         match listener.accept() {
-            Ok((stream, _)) => start_connection(stream, shared),
+            Ok((stream, _)) => {
+                Tally::bump(&tally.accepted, 1);
+                start_connection(stream, shared, tally);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
+                Tally::bump(&tally.accept_errors, 1);
                 // Out of descriptors or memory: back off instead of spinning.
                 let now = Instant::now();
                 if last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
@@ -150,14 +244,15 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
-    let active = ActiveGuard::new(Arc::clone(shared));
+fn start_connection(stream: TcpStream, shared: &Arc<Shared>, tally: &Arc<Tally>) {
+    let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
+    let tally = Arc::clone(tally);
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
-            echo(stream)
+            echo(stream, &tally)
         });
     if let Err(e) = spawned {
         // Out of threads (EAGAIN): this client is closed; the server goes on.
@@ -166,23 +261,25 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
 }
 
 /// Counts a connection as active for as long as it lives, however its thread ends.
-struct ActiveGuard(Arc<Shared>);
+struct ActiveGuard(Arc<Shared>, Arc<Tally>);
 
 impl ActiveGuard {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, tally: Arc<Tally>) -> Self {
         shared.active.fetch_add(1, Ordering::SeqCst);
-        ActiveGuard(shared)
+        tally.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(shared, tally)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.1.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Blocking echo: read, write it all back, until the client half-closes or fails.
-fn echo(mut stream: TcpStream) {
+fn echo(mut stream: TcpStream, tally: &Tally) {
     // Accepted sockets do not inherit O_NONBLOCK on Linux, but say what this loop needs.
     if stream.set_nonblocking(false).is_err() {
         return;
@@ -196,12 +293,24 @@ fn echo(mut stream: TcpStream) {
                 return;
             }
             Ok(n) => {
+                Tally::bump(&tally.bytes_in, n as u64);
                 if stream.write_all(&buf[..n]).is_err() {
+                    Tally::bump(&tally.io_errors, 1);
                     return;
                 }
+                Tally::bump(&tally.bytes_out, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+            Err(_) => {
+                Tally::bump(&tally.io_errors, 1);
+                return;
+            }
         }
+    }
+}
+
+fn log_final(tallies: &[Arc<Tally>], started: Instant, log_stats: Option<Duration>) {
+    if log_stats.is_some() {
+        worker::log!("{}", snapshot(tallies, started, true).log_line(None));
     }
 }

@@ -206,8 +206,7 @@ fn workers_die_with_a_sigkilled_master() {
 fn a_worker_that_keeps_dying_makes_the_master_give_up() {
     // A bad deploy: exec-mode workers run the binary on disk, and it has been replaced by one
     // that exits at once. The master must back off, then stop with a reason, not loop forever.
-    let dir = std::env::temp_dir().join(format!("prefork-echo-crashloop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir();
     let bin = dir.join("prefork-echo");
     std::fs::copy(common::BIN, &bin).unwrap();
     let mut server = Server::try_start(&bin, &["--workers", "1", "--spawn", "exec"]).unwrap();

@@ -5,8 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -33,6 +34,9 @@ pub struct Server {
     pub pid: i32,
     /// The whole announce line.
     pub line: String,
+    /// Its control socket (in a directory of this test's own).
+    pub control: PathBuf,
+    dir: PathBuf,
     stderr: Arc<Mutex<String>>,
     watchdog: Option<mpsc::Sender<()>>,
     exited: Option<ExitStatus>,
@@ -59,6 +63,11 @@ impl Server {
         let mut cmd = Command::new(bin.as_ref());
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let dir = scratch_dir();
+        let control = dir.join("control.sock");
+        if !args.contains(&"--control") {
+            cmd.arg("--control").arg(&control);
         }
         let mut child = cmd
             .args(args)
@@ -109,6 +118,8 @@ impl Server {
             addr,
             pid,
             line,
+            control,
+            dir,
             stderr,
             watchdog: Some(watchdog),
             exited: None,
@@ -145,6 +156,23 @@ impl Server {
         self.exited
     }
 
+    /// Runs `prefork-echo stats --json` against this server and parses what it prints.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("stats")
+            .arg("--control")
+            .arg(&self.control)
+            .arg("--json")
+            .output()
+            .expect("running prefork-echo stats");
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats --json prints JSON")
+    }
+
     /// A connected client with a read timeout, so a broken server fails a test, not hangs it.
     pub fn connect(&self) -> TcpStream {
         client(self.addr)
@@ -158,7 +186,20 @@ impl Drop for Server {
         }
         kill_tree(self.pid);
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh directory for one server's files (removed when the server is dropped).
+pub fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "prefork-echo-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
 }
 
 fn start_watchdog(pid: i32) -> mpsc::Sender<()> {

@@ -4,7 +4,7 @@
 //! lost or coalesced loses nothing: the next one carries the same totals and more.
 
 /// Counters of one worker (or one acceptor thread in thread mode).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Connections accepted.
     pub accepted: u64,
@@ -37,6 +37,15 @@ impl Counters {
             self.io_errors,
             self.closed_by_limit,
         ]
+    }
+
+    /// Adds `other` field by field (the gauge `active` too: callers add only live workers').
+    pub fn add(&mut self, other: &Counters) {
+        let mut a = self.to_array();
+        for (x, y) in a.iter_mut().zip(other.to_array()) {
+            *x = x.wrapping_add(y);
+        }
+        *self = Counters::from_array(a);
     }
 
     /// The counters from wire order.

@@ -1,0 +1,305 @@
+//! The control socket: a Unix socket (mode 0600) on which the master answers one-line requests
+//! with one line of JSON, then closes. `prefork-echo stats` is its client.
+//!
+//! It is served from the master's own event loop, so a peer must never be able to stall it:
+//! requests are bounded in size, answers are written without blocking, and a peer that has not
+//! finished within [`CLIENT_DEADLINE`] is dropped.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use interprocess::local_socket::traits::{Listener as _, Stream as _};
+use interprocess::local_socket::{
+    GenericFilePath, ListenerNonblockingMode, ListenerOptions, ToFsName,
+};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use interprocess::os::unix::uds_local_socket::{Listener, Stream};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+use thiserror::Error;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 256;
+/// How long a control client may take to send its request and read the answer.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The stats snapshot as JSON.
+    Stats,
+}
+
+impl Request {
+    /// Parses one request line (without its newline).
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
+        match text.trim() {
+            "stats" => Ok(Request::Stats),
+            other => Err(format!("unknown request {:?}", truncate(other, 40))),
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+/// Why the control socket could not be set up or reached.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// Another live server answers on the path.
+    #[error("control socket {0} is in use by a running server (choose another with --control)")]
+    InUse(PathBuf),
+    /// Something that is not a socket is at the path.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// A system call failed.
+    #[error("control socket {path}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+/// The default control socket path for a server on `port`: in `$XDG_RUNTIME_DIR` if set,
+/// else /tmp.
+pub fn default_path(port: u16) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    dir.join(format!("prefork-echo-{port}.sock"))
+}
+
+struct Client {
+    stream: Stream,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+    written: usize,
+    deadline: Instant,
+}
+
+/// The listening control socket and its clients, driven by the owner's mio loop.
+pub struct ControlServer {
+    listener: Listener,
+    clients: Slab<Client>,
+    base: usize,
+}
+
+impl ControlServer {
+    /// Creates the socket at `path` with mode 0600 and registers it under tokens from `base`
+    /// upwards. A stale socket file (nobody answering) is replaced; a live one is an error.
+    pub fn bind(path: &Path, registry: &Registry, base: usize) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ControlError::NotASocket(path.to_path_buf()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
+        let name = path.to_fs_name::<GenericFilePath>().map_err(io_err)?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            // fchmod before bind: the socket is never reachable with looser permissions.
+            .mode(0o600)
+            .nonblocking(ListenerNonblockingMode::Both)
+            .create_sync_as::<Listener>()
+            .map_err(io_err)?;
+        registry
+            .register(
+                &mut SourceFd(&listener.as_fd().as_raw_fd()),
+                Token(base),
+                Interest::READABLE,
+            )
+            .map_err(io_err)?;
+        Ok(ControlServer {
+            listener,
+            clients: Slab::new(),
+            base,
+        })
+    }
+
+    /// Whether `token` belongs to the control socket.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= self.base
+    }
+
+    /// Handles readiness of one of its tokens; `answer` turns a request into the JSON line.
+    pub fn handle(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        answer: &mut dyn FnMut(&Request) -> String,
+    ) {
+        if token.0 == self.base {
+            self.accept(registry);
+            return;
+        }
+        let key = token.0 - self.base - 1;
+        if let Some(done) = self.progress(key, answer) {
+            if let Some(why) = done {
+                worker::log!("control client dropped: {why}");
+            }
+            self.drop_client(registry, key);
+        }
+    }
+
+    /// Drops clients past their deadline (they stalled or never read).
+    pub fn expire(&mut self, registry: &Registry) {
+        let now = Instant::now();
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            worker::log!("control client dropped: no complete exchange within {CLIENT_DEADLINE:?}");
+            self.drop_client(registry, key);
+        }
+    }
+
+    /// The earliest client deadline, for the owner's poll timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients.iter().map(|(_, c)| c.deadline).min()
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok(stream) => {
+                    let entry = self.clients.vacant_entry();
+                    let token = Token(self.base + 1 + entry.key());
+                    let fd = stream.as_fd().as_raw_fd();
+                    if registry
+                        .register(
+                            &mut SourceFd(&fd),
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    entry.insert(Client {
+                        stream,
+                        request: Vec::new(),
+                        answer: Vec::new(),
+                        written: 0,
+                        deadline: Instant::now() + CLIENT_DEADLINE,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    worker::log!("control socket accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Advances one client; `Some(None)` when it is done, `Some(Some(why))` when it misbehaved.
+    fn progress(
+        &mut self,
+        key: usize,
+        answer: &mut dyn FnMut(&Request) -> String,
+    ) -> Option<Option<String>> {
+        let c = self.clients.get_mut(key)?;
+        if c.answer.is_empty() {
+            let mut buf = [0u8; MAX_REQUEST];
+            loop {
+                match (&c.stream).read(&mut buf) {
+                    Ok(0) => return Some(Some("closed before sending a request".into())),
+                    Ok(n) => c.request.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Some(Some(e.to_string())),
+                }
+                if c.request.len() > MAX_REQUEST {
+                    return Some(Some(format!("request longer than {MAX_REQUEST} bytes")));
+                }
+            }
+            let newline = c.request.iter().position(|&b| b == b'\n')?;
+            let line = match Request::parse(&c.request[..newline]) {
+                Ok(req) => answer(&req),
+                Err(why) => {
+                    worker::log!("control client sent a bad request: {why}");
+                    serde_json::json!({ "error": why }).to_string()
+                }
+            };
+            c.answer = (line + "\n").into_bytes();
+        }
+        while c.written < c.answer.len() {
+            match (&c.stream).write(&c.answer[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) => return Some(Some(e.to_string())),
+            }
+        }
+        Some(None)
+    }
+
+    fn drop_client(&mut self, registry: &Registry, key: usize) {
+        if let Some(c) = self.clients.try_remove(key) {
+            let _ = registry.deregister(&mut SourceFd(&c.stream.as_fd().as_raw_fd()));
+        }
+    }
+}
+
+/// Sends one request line to the server at `path` and returns its one-line answer.
+pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path.to_fs_name::<GenericFilePath>().map_err(io_err)?;
+    let stream = Stream::connect(name).map_err(io_err)?;
+    stream
+        .set_recv_timeout(Some(CLIENT_DEADLINE))
+        .map_err(io_err)?;
+    stream
+        .set_send_timeout(Some(CLIENT_DEADLINE))
+        .map_err(io_err)?;
+    (&stream)
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(io_err)?;
+    let mut answer = String::new();
+    (&stream).read_to_string(&mut answer).map_err(io_err)?;
+    Ok(answer.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_and_refuses_the_rest() {
+        assert_eq!(Request::parse(b"stats"), Ok(Request::Stats));
+        assert_eq!(Request::parse(b"  stats \r"), Ok(Request::Stats));
+        assert!(Request::parse(b"STATS please").is_err());
+        assert!(Request::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn default_path_names_the_port() {
+        assert!(
+            default_path(7007)
+                .to_string_lossy()
+                .ends_with("prefork-echo-7007.sock")
+        );
+    }
+}
