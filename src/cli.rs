@@ -36,6 +36,8 @@ pub enum Mode {
     Process,
     /// One process, one OS thread per connection, blocking I/O.
     Thread,
+    /// The textbook forking server: one child process per connection, blocking I/O.
+    ForkPerConn,
 }
 
 /// How the master starts a process-mode worker.

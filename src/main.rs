@@ -4,6 +4,7 @@
 
 mod cli;
 mod control;
+mod fork_per_conn;
 mod listener;
 mod master;
 mod signals;
@@ -71,6 +72,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     worker::log::set_role(match args.mode {
         Mode::Process => "master",
         Mode::Thread => "thread-mode",
+        Mode::ForkPerConn => "fork-per-conn",
     });
     match args.mode {
         Mode::Process => {
@@ -95,6 +97,15 @@ fn serve(args: ServeArgs) -> Result<()> {
             };
             master::run(cfg, socket, addr)
         }
+        Mode::ForkPerConn => fork_per_conn::run(
+            fork_per_conn::ForkConfig {
+                drain_timeout: worker::config::secs(args.drain_timeout),
+                control,
+                log_stats,
+            },
+            socket,
+            addr,
+        ),
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
                 acceptors: workers,

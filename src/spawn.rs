@@ -72,10 +72,41 @@ pub fn spawn_worker(
         Spawn::Exec => Some(ExecPlan::new(exe, &cfg)?),
         Spawn::Fork => None,
     };
-    let master = nix::unistd::getpid();
-    // Block every signal across fork: the child keeps them blocked (through exec too) until
-    // its own handlers are installed, so a SIGTERM sent to a brand-new worker waits instead
-    // of being lost or running the master's handler in the child.
+    let pid = fork_child(
+        [listener, child_end.as_raw_fd()],
+        || {
+            if plan.is_none() {
+                become_worker();
+            }
+        },
+        || match &plan {
+            Some(plan) => {
+                // SAFETY: `path` and `argv` are NUL-terminated C strings and a NULL-terminated
+                // pointer array, all built before fork and alive until exec replaces us.
+                unsafe { libc::execv(plan.path.as_ptr(), plan.argv.as_ptr()) };
+                // exec failed (binary gone, not executable): this worker cannot boot.
+                worker::EXIT_BOOT_FAILURE
+            }
+            None => worker::run(cfg),
+        },
+    )?;
+    drop(child_end);
+    Ok(Spawned { pid, channel })
+}
+
+/// Forks a child that keeps only stdio and `keep` (close-on-exec cleared on those). In the
+/// child, in order: it arranges to die with this process, ignores SIGINT, runs `shed` (to drop
+/// what the parent owns that must not live on, such as signal registrations), closes every
+/// other descriptor, then runs `child`, whose return value is its exit code. Every signal is
+/// blocked in the child until `child` unblocks it (after installing its own handlers), so a
+/// signal sent to a brand-new child waits instead of being lost or running the parent's
+/// handler there.
+pub fn fork_child(
+    keep: [RawFd; 2],
+    shed: impl FnOnce(),
+    child: impl FnOnce() -> i32,
+) -> io::Result<Pid> {
+    let parent = nix::unistd::getpid();
     let mut saved = SigSet::empty();
     sigprocmask(
         SigmaskHow::SIG_SETMASK,
@@ -83,34 +114,21 @@ pub fn spawn_worker(
         Some(&mut saved),
     )?;
     // SAFETY: the master is single-threaded (it never spawns threads), so the child starts
-    // with no lock held by a thread that does not exist in it. Until it becomes a worker the
-    // child makes only async-signal-safe calls (see `prepare_child` and `ExecPlan`).
+    // with no lock held by a thread that does not exist in it. Until `child` runs, the child
+    // makes only async-signal-safe calls, plus `shed`, which only frees what the parent owned.
     let forked = unsafe { fork() };
     match forked {
         Ok(ForkResult::Parent { child }) => {
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&saved), None)?;
-            drop(child_end);
-            Ok(Spawned {
-                pid: child,
-                channel,
-            })
+            Ok(child)
         }
         Ok(ForkResult::Child) => {
-            prepare_child(master);
-            if plan.is_none() {
-                become_worker();
-            }
-            close_all_but([listener, child_end.as_raw_fd()]);
-            if let Some(plan) = plan {
-                // SAFETY: `path` and `argv` are NUL-terminated C strings and a NULL-terminated
-                // pointer array, all built before fork and alive until exec replaces us.
-                unsafe { libc::execv(plan.path.as_ptr(), plan.argv.as_ptr()) };
-                // exec failed (binary gone, not executable): this worker cannot boot.
-                // SAFETY: _exit is async-signal-safe and skips the master's atexit work.
-                unsafe { libc::_exit(worker::EXIT_BOOT_FAILURE) };
-            }
-            let code = worker::run(cfg);
-            // SAFETY: as above; the worker already said its last words on the channel.
+            prepare_child(parent);
+            shed();
+            close_all_but(keep);
+            let code = child();
+            // SAFETY: _exit is async-signal-safe and skips the parent's atexit work and
+            // destructors, which belong to the parent.
             unsafe { libc::_exit(code) }
         }
         Err(e) => {

@@ -252,7 +252,13 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>, tally: &Arc<Tally>)
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
-            echo(stream, &tally)
+            let failed = echo_blocking(stream, |read, written| {
+                Tally::bump(&tally.bytes_in, read);
+                Tally::bump(&tally.bytes_out, written);
+            });
+            if failed {
+                Tally::bump(&tally.io_errors, 1);
+            }
         });
     if let Err(e) = spawned {
         // Out of threads (EAGAIN): this client is closed; the server goes on.
@@ -278,11 +284,13 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Blocking echo: read, write it all back, until the client half-closes or fails.
-fn echo(mut stream: TcpStream, tally: &Tally) {
+/// Blocking echo: read, write it all back, until the client half-closes or fails. `moved`
+/// hears of every chunk (bytes read, bytes written back). Returns whether it ended in an I/O
+/// error rather than the client's end-of-file. Shared by thread mode and fork-per-connection.
+pub(crate) fn echo_blocking(mut stream: TcpStream, mut moved: impl FnMut(u64, u64)) -> bool {
     // Accepted sockets do not inherit O_NONBLOCK on Linux, but say what this loop needs.
     if stream.set_nonblocking(false).is_err() {
-        return;
+        return true;
     }
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; CONN_BUF];
@@ -290,21 +298,17 @@ fn echo(mut stream: TcpStream, tally: &Tally) {
         match stream.read(&mut buf) {
             Ok(0) => {
                 let _ = stream.shutdown(Shutdown::Write);
-                return;
+                return false;
             }
             Ok(n) => {
-                Tally::bump(&tally.bytes_in, n as u64);
                 if stream.write_all(&buf[..n]).is_err() {
-                    Tally::bump(&tally.io_errors, 1);
-                    return;
+                    moved(n as u64, 0);
+                    return true;
                 }
-                Tally::bump(&tally.bytes_out, n as u64);
+                moved(n as u64, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                Tally::bump(&tally.io_errors, 1);
-                return;
-            }
+            Err(_) => return true,
         }
     }
 }

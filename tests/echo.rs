@@ -74,11 +74,23 @@ fn thread_mode_echoes_random_payloads() {
 }
 
 #[test]
+fn fork_per_connection_mode_echoes_random_payloads() {
+    let server = Server::start(&["--mode", "fork-per-conn"]);
+    random_payloads_over_concurrent_connections(server.addr, 3000);
+    // Every connection's child was reaped: none is left once the clients are done.
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(10),
+        || server.workers().is_empty()
+    ));
+}
+
+#[test]
 fn half_close_gets_the_whole_echo_then_eof_in_every_mode() {
     for args in [
         &["--spawn", "fork"][..],
         &["--spawn", "exec"],
         &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
     ] {
         let server = Server::start(&[&["--workers", "2"][..], args].concat());
         // Larger than the per-connection bound and the socket buffers, so the server must

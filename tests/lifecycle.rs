@@ -162,6 +162,11 @@ fn stops_at_once(args: &[&str], first: Option<Signal>, then: Signal) {
 }
 
 #[test]
+fn sigterm_drains_open_connections_in_fork_per_connection_mode() {
+    graceful_stop_lets_conversations_finish(&["--mode", "fork-per-conn"], Signal::SIGTERM);
+}
+
+#[test]
 fn a_second_sigterm_stops_at_once() {
     stops_at_once(&["--workers", "2"], Some(Signal::SIGTERM), Signal::SIGTERM);
     stops_at_once(

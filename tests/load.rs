@@ -29,10 +29,26 @@ fn counts_verified_round_trips_against_the_server() {
     let target = server.addr.to_string();
     let pid = server.pid.to_string();
     let (out, r) = load(&[
-        "--target", &target, "--connections", "20", "--size", "1000", "--requests", "2000",
-        "--pipeline", "4", "--threads", "2", "--server-pid", &pid,
+        "--target",
+        &target,
+        "--connections",
+        "20",
+        "--size",
+        "1000",
+        "--requests",
+        "2000",
+        "--pipeline",
+        "4",
+        "--threads",
+        "2",
+        "--server-pid",
+        &pid,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(r["round_trips"], 2000);
     assert_eq!(r["errors"]["total"], 0);
     assert_eq!(r["fairness"]["min"], 100, "every connection did its share");
@@ -60,11 +76,19 @@ fn churn_and_open_loop_and_burst_modes_complete_cleanly() {
         &["--connect-burst", "--requests", "300"],
     ] {
         let (out, r) = load(&[&["--target", &target, "--connections", "30"][..], extra].concat());
-        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(r["errors"]["total"], 0, "{extra:?}");
         assert!(r["round_trips"].as_u64().unwrap() > 0);
         if extra.contains(&"--reconnect-every") {
-            assert_eq!(r["connections_opened"], 600 / 5, "one connection per 5 round trips");
+            assert_eq!(
+                r["connections_opened"],
+                600 / 5,
+                "one connection per 5 round trips"
+            );
         }
     }
 }
@@ -106,8 +130,16 @@ fn catches_wrong_and_short_echoes_and_silence() {
     for (bug, kind) in [("flip", "wrong"), ("close", "short"), ("silent", "timeout")] {
         let addr = broken_server(bug).to_string();
         let (out, r) = load(&[
-            "--target", &addr, "--connections", "2", "--size", "100", "--duration", "3",
-            "--timeout", "0.5",
+            "--target",
+            &addr,
+            "--connections",
+            "2",
+            "--size",
+            "100",
+            "--duration",
+            "3",
+            "--timeout",
+            "0.5",
         ]);
         assert_eq!(out.status.code(), Some(1), "{bug}");
         assert!(r["errors"][kind].as_u64().unwrap() >= 1, "{bug}: {r}");
@@ -116,11 +148,25 @@ fn catches_wrong_and_short_echoes_and_silence() {
 
 #[test]
 fn refused_connections_are_counted_and_remote_targets_refused() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (out, r) = load(&["--target", &format!("127.0.0.1:{port}"), "--connections", "3", "--requests", "3"]);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (out, r) = load(&[
+        "--target",
+        &format!("127.0.0.1:{port}"),
+        "--connections",
+        "3",
+        "--requests",
+        "3",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(r["errors"]["refused"], 3);
-    let out = Command::new(LOAD).args(["--target", "192.0.2.1:7"]).output().unwrap();
+    let out = Command::new(LOAD)
+        .args(["--target", "192.0.2.1:7"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }

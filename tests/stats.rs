@@ -53,14 +53,21 @@ fn totals_equal_the_traffic_sent_in_every_mode() {
         &["--spawn", "fork"][..],
         &["--spawn", "exec"],
         &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
     ] {
         let server =
             Server::start(&[&["--workers", "3", "--stats-interval", "0.1"][..], args].concat());
         let (conns, bytes) = send_known_traffic(&server, 40, 11);
         let snap = wait_for_totals(&server, conns, bytes);
         // Per-worker rows add up to the totals, and shares to 1.
+        // fork-per-conn reports the master and its transient children as one row.
+        let rows_expected = if args.contains(&"fork-per-conn") {
+            1
+        } else {
+            3
+        };
         let rows = snap["workers"].as_array().unwrap();
-        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.len(), rows_expected);
         let sum: u64 = rows
             .iter()
             .map(|w| w["counters"]["bytes_in"].as_u64().unwrap())
@@ -149,7 +156,7 @@ fn hostile_control_clients_do_not_disturb_stats_or_service() {
 
 #[test]
 fn stats_json_matches_the_documented_schema() {
-    for mode in ["process", "thread"] {
+    for mode in ["process", "thread", "fork-per-conn"] {
         let server = Server::start(&["--workers", "2", "--mode", mode, "--stats-interval", "0.1"]);
         let (conns, bytes) = send_known_traffic(&server, 3, 41);
         let v = wait_for_totals(&server, conns, bytes);
@@ -171,7 +178,7 @@ fn stats_json_matches_the_documented_schema() {
             assert!(v["totals"][c].is_u64(), "totals.{c}");
         }
         let workers = v["workers"].as_array().unwrap();
-        assert_eq!(workers.len(), 2);
+        assert_eq!(workers.len(), if mode == "fork-per-conn" { 1 } else { 2 });
         for w in workers {
             for k in ["id", "pid", "generation"] {
                 assert!(w[k].is_u64(), "workers[].{k}");
@@ -183,7 +190,10 @@ fn stats_json_matches_the_documented_schema() {
                 assert!(w["counters"][c].is_u64(), "workers[].counters.{c}");
             }
         }
-        assert_eq!(v["fairness"]["shares"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            v["fairness"]["shares"].as_array().unwrap().len(),
+            workers.len()
+        );
         assert!(v["fairness"]["jain_index"].is_f64());
     }
 }

@@ -1,0 +1,383 @@
+//! Fork-per-connection mode: the textbook forking server, for comparison. The master accepts;
+//! each connection gets a child process of its own that echoes with blocking I/O and exits.
+//!
+//! Children report their byte counts once, as they exit, as one fixed-size record on a pipe
+//! shared by all of them: a write of at most PIPE_BUF bytes is atomic, so records from many
+//! children never interleave. The master reaps every child and keeps the tally.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::errno::Errno;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use signal_hook_mio::v1_0::Signals;
+use socket2::Socket;
+use worker::stats::Counters;
+
+use crate::control::{ControlServer, Request};
+use crate::signals::{self, Action};
+use crate::spawn::fork_child;
+use crate::stats::{Snapshot, WorkerRow};
+use crate::thread_mode::echo_blocking;
+
+const SIGNALS: Token = Token(0);
+const LISTENER: Token = Token(1);
+const REPORTS: Token = Token(2);
+const CONTROL_BASE: usize = 3;
+/// bytes in, bytes out, error flag: three little-endian u64s.
+const RECORD: usize = 24;
+/// After an immediate stop is asked of the children, how long before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings of fork-per-connection mode.
+#[derive(Debug)]
+pub struct ForkConfig {
+    /// Graceful-stop budget for open connections.
+    pub drain_timeout: Duration,
+    /// Where to serve the control socket.
+    pub control: std::path::PathBuf,
+    /// Log a line of totals this often.
+    pub log_stats: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { until: Instant },
+    Stopping { kill_at: Instant },
+}
+
+/// Serves until stopped; `Ok` is a requested stop.
+pub fn run(cfg: ForkConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
+    worker::log::set_role("fork-per-conn");
+    let poll = Poll::new().context("creating the event loop")?;
+    let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
+    poll.registry()
+        .register(&mut sigs, SIGNALS, Interest::READABLE)
+        .context("watching signals")?;
+    let mut listener = TcpListener::from_std(StdListener::from(OwnedFd::from(listener)));
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .context("watching the listener")?;
+    let (reports, report_tx) = io::pipe().context("creating the report pipe")?;
+    // Children write their one record with a blocking write; only the master reads, and it
+    // must never block: O_NONBLOCK goes on the read end alone.
+    nix::fcntl::fcntl(
+        &reports,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .context("making the report pipe non-blocking")?;
+    poll.registry()
+        .register(
+            &mut SourceFd(&reports.as_raw_fd()),
+            REPORTS,
+            Interest::READABLE,
+        )
+        .context("watching the report pipe")?;
+    let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
+    worker::log!("control socket {}", cfg.control.display());
+    let mut server = ForkServer {
+        cfg,
+        poll,
+        signals: Some(sigs),
+        listener: Some(listener),
+        reports,
+        report_tx,
+        partial: Vec::new(),
+        children: HashMap::new(),
+        counters: Counters::default(),
+        control: Some(control),
+        phase: Phase::Running,
+        started: Instant::now(),
+        next_log: None,
+        last_logged: None,
+    };
+    server.next_log = server.cfg.log_stats.map(|d| Instant::now() + d);
+    crate::announce(addr, "fork-per-conn", 1);
+    server.serve()
+}
+
+struct ForkServer {
+    cfg: ForkConfig,
+    poll: Poll,
+    signals: Option<Signals>,
+    listener: Option<TcpListener>,
+    reports: io::PipeReader,
+    report_tx: io::PipeWriter,
+    partial: Vec<u8>,
+    children: HashMap<Pid, Instant>,
+    counters: Counters,
+    control: Option<ControlServer>,
+    phase: Phase,
+    started: Instant,
+    next_log: Option<Instant>,
+    last_logged: Option<Snapshot>,
+}
+
+impl ForkServer {
+    fn serve(&mut self) -> Result<()> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            self.reap();
+            if self.phase != Phase::Running && self.children.is_empty() {
+                self.read_reports();
+                if self.cfg.log_stats.is_some() {
+                    worker::log!("{}", self.snapshot().log_line(None));
+                }
+                worker::log!("all connections closed; exiting");
+                return Ok(());
+            }
+            let deadline = match self.phase {
+                Phase::Running => None,
+                Phase::Draining { until } => Some(until),
+                Phase::Stopping { kill_at } => Some(kill_at),
+            };
+            let control = self.control.as_ref().and_then(ControlServer::next_deadline);
+            let next = [deadline, self.next_log, control]
+                .into_iter()
+                .flatten()
+                .min();
+            let wait = next.map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1))
+            });
+            match self.poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("waiting for events"),
+            }
+            let mut pending = Vec::new();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => {
+                        if let Some(s) = self.signals.as_mut() {
+                            pending.extend(s.pending());
+                        }
+                    }
+                    LISTENER => self.accept_all(),
+                    REPORTS => self.read_reports(),
+                    t => {
+                        if let Some(mut c) = self.control.take() {
+                            c.handle(self.poll.registry(), t, &mut |req| match req {
+                                Request::Stats => {
+                                    serde_json::to_string(&self.snapshot()).unwrap_or_default()
+                                }
+                            });
+                            self.control = Some(c);
+                        }
+                    }
+                }
+            }
+            for sig in pending {
+                self.on_signal(sig);
+            }
+            self.on_timers();
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match (signals::action(sig), self.phase) {
+            (Some(Action::Reap), _) => self.reap(),
+            (Some(Action::GracefulStop), Phase::Running) => {
+                self.listener = None;
+                let until = Instant::now() + self.cfg.drain_timeout;
+                self.phase = Phase::Draining { until };
+                worker::log!(
+                    "SIG{}: graceful stop; draining {} connection(s) for up to {:?}",
+                    signals::name(sig),
+                    self.children.len(),
+                    self.cfg.drain_timeout
+                );
+            }
+            (Some(Action::GracefulStop | Action::StopNow), _) => {
+                worker::log!("SIG{}: stopping now", signals::name(sig));
+                self.stop_now();
+            }
+            (Some(Action::Reload), _) => {
+                worker::log!("SIGHUP: reload is not supported yet; ignored")
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_now(&mut self) {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        self.listener = None;
+        self.phase = Phase::Stopping {
+            kill_at: Instant::now() + STOP_GRACE,
+        };
+        self.signal_children(Signal::SIGTERM);
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if let Some(c) = self.control.as_mut() {
+            c.expire(self.poll.registry());
+        }
+        if let (Some(t), Some(every)) = (self.next_log, self.cfg.log_stats) {
+            if now >= t {
+                self.next_log = Some(now + every);
+                let snap = self.snapshot();
+                worker::log!("{}", snap.log_line(self.last_logged.as_ref()));
+                self.last_logged = Some(snap);
+            }
+        }
+        match self.phase {
+            Phase::Draining { until } if now >= until => {
+                worker::log!(
+                    "drain timeout; closing {} connection(s)",
+                    self.children.len()
+                );
+                self.counters.closed_by_limit += self.children.len() as u64;
+                self.stop_now();
+            }
+            Phase::Stopping { kill_at } if now >= kill_at => {
+                self.signal_children(Signal::SIGKILL);
+                self.phase = Phase::Stopping {
+                    kill_at: now + Duration::from_secs(1),
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn accept_all(&mut self) {
+        while let Some(listener) = &self.listener {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.counters.accept_errors += 1;
+                    worker::log!("accept failed: {e}");
+                    return;
+                }
+            };
+            self.counters.accepted += 1;
+            let std_stream = std::net::TcpStream::from(OwnedFd::from(stream));
+            let keep = [std_stream.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            let signals = &mut self.signals;
+            let report_tx = &self.report_tx;
+            let forked = fork_child(
+                keep,
+                || drop(signals.take()),
+                || child(std_stream.try_clone(), report_tx),
+            );
+            match forked {
+                Ok(pid) => {
+                    self.children.insert(pid, Instant::now());
+                }
+                Err(e) => {
+                    // Out of processes: this client is closed; the server goes on.
+                    self.counters.accept_errors += 1;
+                    worker::log!("cannot fork for a connection: {e}");
+                }
+            }
+            // The parent's copy of the connection closes here; the child holds its own.
+        }
+    }
+
+    fn read_reports(&mut self) {
+        let mut buf = [0u8; RECORD * 64];
+        loop {
+            match self.reports.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let whole = self.partial.len() / RECORD * RECORD;
+        for rec in self.partial[..whole].chunks_exact(RECORD) {
+            let field = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rec[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(b)
+            };
+            self.counters.bytes_in += field(0);
+            self.counters.bytes_out += field(1);
+            self.counters.io_errors += field(2).min(1);
+        }
+        self.partial.drain(..whole);
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    worker::log!("waitpid failed: {e}");
+                    return;
+                }
+                Ok(status) => {
+                    if let Some(pid) = status.pid() {
+                        self.children.remove(&pid);
+                    }
+                }
+            }
+        }
+    }
+
+    fn signal_children(&self, sig: Signal) {
+        for pid in self.children.keys() {
+            let _ = kill(*pid, sig);
+        }
+    }
+
+    /// One row: this process and its children as a whole. Bytes are counted when a
+    /// connection closes (a child reports once, as it exits).
+    fn snapshot(&self) -> Snapshot {
+        let mut c = self.counters;
+        c.active = self.children.len() as u64;
+        let uptime = self.started.elapsed().as_secs_f64();
+        let row = WorkerRow {
+            id: 0,
+            pid: std::process::id(),
+            generation: 1,
+            state: match self.phase {
+                Phase::Running => "running",
+                _ => "draining",
+            }
+            .to_string(),
+            uptime_secs: uptime,
+            last_report_age_secs: Some(0.0),
+            counters: c,
+        };
+        Snapshot::new("fork-per-conn", uptime, 1, vec![row], &Counters::default())
+    }
+}
+
+/// A connection's child: default signal dispositions (it has no graceful state to keep), echo,
+/// report, exit.
+fn child(stream: io::Result<std::net::TcpStream>, report: &io::PipeWriter) -> i32 {
+    for sig in [Signal::SIGTERM, Signal::SIGQUIT] {
+        // SAFETY: restoring the default disposition runs no handler code; the parent's
+        // signal actions were dropped by `shed`.
+        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let Ok(stream) = stream else { return 1 };
+    let (mut read, mut written) = (0u64, 0u64);
+    let failed = echo_blocking(stream, |r, w| {
+        read += r;
+        written += w;
+    });
+    let mut rec = [0u8; RECORD];
+    rec[..8].copy_from_slice(&read.to_le_bytes());
+    rec[8..16].copy_from_slice(&written.to_le_bytes());
+    rec[16..].copy_from_slice(&u64::from(failed).to_le_bytes());
+    let _ = (&*report).write_all(&rec);
+    0
+}
