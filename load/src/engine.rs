@@ -446,8 +446,9 @@ fn fail(c: &mut Conn, poll: &Poll, out: &mut Outcome, kind: usize, msg: &str) {
 }
 
 fn fill_pipeline(c: &mut Conn, plan: &Plan, budget: &mut Option<u64>, now: Instant) {
+    // Closed loop: a message's clock starts when it is queued, read fresh (see above).
     while c.inflight.len() < plan.pipeline && now < plan.deadline && *budget != Some(0) {
-        c.queue_message(now);
+        c.queue_message(Instant::now());
         if let Some(b) = budget.as_mut() {
             *b -= 1;
         }
@@ -520,6 +521,8 @@ fn drive(
                     if c.recv_off == plan.size {
                         c.recv_off = 0;
                         c.recv_seq += 1;
+                        // Fresh clock: the echo may complete within the call that sent it.
+                        let now = Instant::now();
                         let sent = c.inflight.pop_front().unwrap_or(now);
                         let us = now.saturating_duration_since(sent).as_micros() as u64;
                         out.latency.saturating_record(us.max(1));

@@ -37,6 +37,11 @@ const FIRST_CONN: usize = 3;
 
 /// Size of the one read buffer all connections share.
 const SCRATCH: usize = 64 * 1024;
+/// Connections accepted per loop turn. All workers wait on the one listener and the first
+/// to wake would otherwise accept a whole burst, leaving its siblings idle (seen: a 72/28
+/// split of 500 connections over 2 workers). Accepting a few, then serving, then coming back
+/// lets the less busy worker, whose turns are shorter, take more.
+const ACCEPT_BATCH: usize = 4;
 /// How long to stop accepting after the process or system ran out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Longest the loop sleeps with nothing to do, so timers stay honest.
@@ -108,6 +113,8 @@ struct Worker {
     next_report: Option<Instant>,
     /// Connections that yielded with work left; driven again before the next wait.
     again: Vec<usize>,
+    /// A full accept batch was taken: the queue may hold more, accept again next turn.
+    accept_again: bool,
 }
 
 impl Worker {
@@ -171,6 +178,7 @@ impl Worker {
             last_accept_error_log: None,
             next_report,
             again: Vec::new(),
+            accept_again: false,
         };
         worker
             .reporter
@@ -182,7 +190,7 @@ impl Worker {
     fn serve(&mut self) -> Stop {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.again.is_empty() {
+            let timeout = if self.again.is_empty() && !self.accept_again {
                 self.next_timer()
                     .map(|t| t.saturating_duration_since(Instant::now()))
                     .map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
@@ -213,6 +221,9 @@ impl Worker {
             }
             for key in std::mem::take(&mut self.again) {
                 self.drive(key);
+            }
+            if std::mem::take(&mut self.accept_again) {
+                self.accept_all();
             }
             if let Some(stop) = self.on_timers() {
                 return stop;
@@ -256,9 +267,17 @@ impl Worker {
         if self.accept_paused_until.is_some() {
             return;
         }
+        let mut taken = 0;
         while let Some(listener) = &self.listener {
+            if taken == ACCEPT_BATCH {
+                self.accept_again = true;
+                return;
+            }
             match listener.accept() {
-                Ok((stream, _peer)) => self.add_connection(stream),
+                Ok((stream, _peer)) => {
+                    taken += 1;
+                    self.add_connection(stream);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The client gave up while it sat in the queue: nothing to serve.

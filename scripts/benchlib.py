@@ -1,0 +1,143 @@
+"""Shared pieces of the load scripts: build the binaries, start a server on 127.0.0.1:0 and
+read the address it announces, run echo-load, and stop servers by PID (the whole tree).
+
+Every server a script starts is registered and killed at exit, even on Ctrl-C or an error.
+Traffic goes to loopback only."""
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+SERVER = RELEASE / "prefork-echo"
+LOAD = RELEASE / "echo-load"
+_started = []
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build():
+    """Builds the release binaries (once per script run)."""
+    log("building release binaries")
+    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+
+
+def build_peer(name):
+    """Builds scripts/peers/NAME and returns its binary path."""
+    manifest = ROOT / "scripts" / "peers" / name / "Cargo.toml"
+    log(f"building peer {name}")
+    subprocess.run(["cargo", "build", "--release", "--manifest-path", str(manifest)], check=True)
+    return ROOT / "scripts" / "peers" / name / "target" / "release" / name
+
+
+def descendants(pid):
+    """pid and every descendant, from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, i = [pid], 0
+    while i < len(out):
+        out += [c for c, p in parent.items() if p == out[i]]
+        i += 1
+    return out
+
+
+def kill_tree(pid, sig=signal.SIGKILL):
+    for p in descendants(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Server:
+    """A server process that prints `listening on ADDR ...` once ready."""
+
+    def __init__(self, argv, name, startup=60):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, text=True)
+        _started.append(self)
+        deadline = time.time() + startup
+        line = ""
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("listening on ") or self.proc.poll() is not None:
+                break
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"{name} did not start (got {line!r})")
+        self.addr = line.split()[2]
+        self.pid = self.proc.pid
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL of the whole tree if it has not exited in time."""
+        if self.proc.poll() is None:
+            tree = descendants(self.proc.pid)
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            for p in tree:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self in _started:
+            _started.remove(self)
+
+
+def start_prefork(mode, workers, spawn="fork", extra=()):
+    ctl = Path(tempfile.mkdtemp(prefix="prefork-echo-bench-")) / "control.sock"
+    argv = [str(SERVER), "--listen", "127.0.0.1:0", "--workers", str(workers),
+            "--mode", mode, "--spawn", spawn, "--control", str(ctl),
+            "--drain-timeout", "2", *extra]
+    return Server(argv, f"{mode}-{spawn}" if mode == "process" else mode)
+
+
+def load(target, server_pid=None, timeout=None, **opts):
+    """Runs echo-load with --json; returns (exit code, report dict or None)."""
+    argv = [str(LOAD), "--target", target, "--json"]
+    if server_pid:
+        argv += ["--server-pid", str(server_pid)]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v is not None and v is not False:
+            argv += [flag, str(v)]
+    budget = timeout or (float(opts.get("duration") or 10) + 90)
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return None, None
+    try:
+        return p.returncode, json.loads(p.stdout)
+    except json.JSONDecodeError:
+        log(f"echo-load failed: {p.stderr.strip()}")
+        return p.returncode, None
+
+
+@atexit.register
+def _cleanup():
+    for s in list(_started):
+        kill_tree(s.proc.pid)
