@@ -114,7 +114,7 @@ def start_prefork(mode, workers, spawn="fork", extra=()):
     return Server(argv, f"{mode}-{spawn}" if mode == "process" else mode)
 
 
-def load(target, server_pid=None, timeout=None, **opts):
+def load(target, server_pid=None, budget=None, **opts):
     """Runs echo-load with --json; returns (exit code, report dict or None)."""
     argv = [str(LOAD), "--target", target, "--json"]
     if server_pid:
@@ -125,7 +125,8 @@ def load(target, server_pid=None, timeout=None, **opts):
             argv.append(flag)
         elif v is not None and v is not False:
             argv += [flag, str(v)]
-    budget = timeout or (float(opts.get("duration") or 10) + 90)
+    # `budget` bounds the echo-load process itself; echo-load's own --timeout is in opts.
+    budget = budget or (float(opts.get("duration") or 10) + 90)
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:
