@@ -24,6 +24,19 @@ pub struct Cli {
 pub enum Command {
     /// Print a running server's per-worker stats, totals, rates and accept fairness.
     Stats(StatsArgs),
+    /// Reload a running server; returns once the new generation serves, printing its number.
+    Reload(CtlArgs),
+    /// Stop a running server gracefully; returns once it has exited.
+    Stop(CtlArgs),
+    /// Resize a running server's worker pool.
+    Scale {
+        /// New number of workers.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=4096))]
+        workers: u32,
+        /// Which server.
+        #[command(flatten)]
+        ctl: CtlArgs,
+    },
     /// Internal: run one process-mode worker on inherited descriptors (used by --spawn exec).
     #[command(hide = true)]
     Worker(WorkerConfig),
@@ -86,6 +99,31 @@ pub struct ServeArgs {
     /// Log one line of totals and rates every --stats-interval.
     #[arg(long)]
     pub log_stats: bool,
+    /// Seconds without a report after which a worker is killed and replaced; 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
+    pub worker_timeout: f64,
+    /// Settings file re-read on every reload (workers, drain_timeout, max_unsent,
+    /// stats_interval, worker_timeout); its keys override these flags.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write the master's pid here (removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// How a control command finds the server: its control socket (derived from --listen by
+/// default), or its pid file (then only signals are sent).
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The server's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid_file")]
+    pub control: Option<PathBuf>,
+    /// The server's pid file: act by signal (reload sends HUP and does not wait).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// The server's listen address, used only to derive the default control socket path.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7007")]
+    pub listen: String,
 }
 
 /// Options of `prefork-echo stats`.

@@ -26,23 +26,55 @@ use thiserror::Error;
 pub const MAX_REQUEST: usize = 256;
 /// How long a control client may take to send its request and read the answer.
 pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a client may wait for a deferred answer (a reload waits for the new generation).
+pub const DEFERRED_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// The stats snapshot as JSON.
     Stats,
+    /// Reload; answered once the new generation serves (or the reload failed).
+    Reload,
+    /// Graceful stop; answered at once with the pid to wait for.
+    Stop,
+    /// Resize the pool to N workers.
+    Scale(u32),
 }
 
 impl Request {
-    /// Parses one request line (without its newline).
+    /// Parses one request line (without its newline); never panics.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
         let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
-        match text.trim() {
-            "stats" => Ok(Request::Stats),
-            other => Err(format!("unknown request {:?}", truncate(other, 40))),
+        let mut words = text.split_whitespace();
+        let req = match (words.next(), words.next()) {
+            (Some("stats"), None) => Request::Stats,
+            (Some("reload"), None) => Request::Reload,
+            (Some("stop"), None) => Request::Stop,
+            (Some("scale"), Some(n)) => match n.parse::<u32>() {
+                Ok(n) if (1..=4096).contains(&n) => Request::Scale(n),
+                _ => {
+                    return Err(format!(
+                        "scale takes 1 to 4096 workers, not {:?}",
+                        truncate(n, 20)
+                    ));
+                }
+            },
+            _ => return Err(format!("unknown request {:?}", truncate(text.trim(), 40))),
+        };
+        if words.next().is_some() {
+            return Err(format!("unknown request {:?}", truncate(text.trim(), 40)));
         }
+        Ok(req)
     }
+}
+
+/// Names one control client across calls: a slot and a serial, so an answer deferred for a
+/// client that has since gone never reaches a newer client in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientId {
+    key: usize,
+    serial: u64,
 }
 
 fn truncate(s: &str, n: usize) -> &str {
@@ -79,7 +111,10 @@ pub fn default_path(port: u16) -> PathBuf {
 
 struct Client {
     stream: Stream,
+    serial: u64,
     request: Vec<u8>,
+    /// The request was read and its answer is deferred.
+    waiting: bool,
     answer: Vec<u8>,
     written: usize,
     deadline: Instant,
@@ -90,6 +125,7 @@ pub struct ControlServer {
     listener: Listener,
     clients: Slab<Client>,
     base: usize,
+    serial: u64,
 }
 
 impl ControlServer {
@@ -128,6 +164,7 @@ impl ControlServer {
             listener,
             clients: Slab::new(),
             base,
+            serial: 0,
         })
     }
 
@@ -136,12 +173,13 @@ impl ControlServer {
         token.0 >= self.base
     }
 
-    /// Handles readiness of one of its tokens; `answer` turns a request into the JSON line.
+    /// Handles readiness of one of its tokens; `answer` turns a request into the JSON line,
+    /// or `None` to answer later with [`respond`](Self::respond).
     pub fn handle(
         &mut self,
         registry: &Registry,
         token: Token,
-        answer: &mut dyn FnMut(&Request) -> String,
+        answer: &mut dyn FnMut(&Request, ClientId) -> Option<String>,
     ) {
         if token.0 == self.base {
             self.accept(registry);
@@ -153,6 +191,24 @@ impl ControlServer {
                 worker::log!("control client dropped: {why}");
             }
             self.drop_client(registry, key);
+        }
+    }
+
+    /// Sends a deferred answer; a client that has gone meanwhile is skipped.
+    pub fn respond(&mut self, registry: &Registry, id: ClientId, line: String) {
+        match self.clients.get_mut(id.key) {
+            Some(c) if c.serial == id.serial && c.waiting => {
+                c.waiting = false;
+                c.answer = (line + "\n").into_bytes();
+                c.deadline = Instant::now() + CLIENT_DEADLINE;
+            }
+            _ => return,
+        }
+        if let Some(done) = self.progress(id.key, &mut |_, _| None) {
+            if let Some(why) = done {
+                worker::log!("control client dropped: {why}");
+            }
+            self.drop_client(registry, id.key);
         }
     }
 
@@ -193,8 +249,11 @@ impl ControlServer {
                     {
                         continue;
                     }
+                    self.serial += 1;
                     entry.insert(Client {
                         stream,
+                        serial: self.serial,
+                        waiting: false,
                         request: Vec::new(),
                         answer: Vec::new(),
                         written: 0,
@@ -215,9 +274,12 @@ impl ControlServer {
     fn progress(
         &mut self,
         key: usize,
-        answer: &mut dyn FnMut(&Request) -> String,
+        answer: &mut dyn FnMut(&Request, ClientId) -> Option<String>,
     ) -> Option<Option<String>> {
         let c = self.clients.get_mut(key)?;
+        if c.waiting {
+            return None;
+        }
         if c.answer.is_empty() {
             let mut buf = [0u8; MAX_REQUEST];
             loop {
@@ -233,8 +295,19 @@ impl ControlServer {
                 }
             }
             let newline = c.request.iter().position(|&b| b == b'\n')?;
+            let id = ClientId {
+                key,
+                serial: c.serial,
+            };
             let line = match Request::parse(&c.request[..newline]) {
-                Ok(req) => answer(&req),
+                Ok(req) => match answer(&req, id) {
+                    Some(line) => line,
+                    None => {
+                        c.waiting = true;
+                        c.deadline = Instant::now() + DEFERRED_DEADLINE;
+                        return None;
+                    }
+                },
                 Err(why) => {
                     worker::log!("control client sent a bad request: {why}");
                     serde_json::json!({ "error": why }).to_string()
@@ -260,17 +333,43 @@ impl ControlServer {
     }
 }
 
+/// The answer of thread and fork-per-conn modes to requests other than `stats`: `stop` raises
+/// SIGTERM in this process (its loop then drains as for a signal from outside); reloading and
+/// scaling belong to process mode.
+pub fn single_process_answer(req: &Request, drain: Duration) -> String {
+    match req {
+        Request::Stop => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+            serde_json::json!({
+                "ok": true,
+                "pid": std::process::id(),
+                "drain_timeout_secs": drain.as_secs_f64(),
+            })
+            .to_string()
+        }
+        Request::Stats => {
+            serde_json::json!({"error": "stats is answered by the caller"}).to_string()
+        }
+        Request::Reload | Request::Scale(_) => {
+            serde_json::json!({"error": "reload and scale are for --mode process"}).to_string()
+        }
+    }
+}
+
 /// Sends one request line to the server at `path` and returns its one-line answer.
 pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+    request_within(path, line, CLIENT_DEADLINE)
+}
+
+/// Like [`request`], waiting up to `wait` for the answer.
+pub fn request_within(path: &Path, line: &str, wait: Duration) -> Result<String, ControlError> {
     let io_err = |source| ControlError::Io {
         path: path.to_path_buf(),
         source,
     };
     let name = path.to_fs_name::<GenericFilePath>().map_err(io_err)?;
     let stream = Stream::connect(name).map_err(io_err)?;
-    stream
-        .set_recv_timeout(Some(CLIENT_DEADLINE))
-        .map_err(io_err)?;
+    stream.set_recv_timeout(Some(wait)).map_err(io_err)?;
     stream
         .set_send_timeout(Some(CLIENT_DEADLINE))
         .map_err(io_err)?;
@@ -290,6 +389,11 @@ mod tests {
     fn parses_requests_and_refuses_the_rest() {
         assert_eq!(Request::parse(b"stats"), Ok(Request::Stats));
         assert_eq!(Request::parse(b"  stats \r"), Ok(Request::Stats));
+        assert_eq!(Request::parse(b"reload"), Ok(Request::Reload));
+        assert_eq!(Request::parse(b"scale 3"), Ok(Request::Scale(3)));
+        assert!(Request::parse(b"scale 0").is_err());
+        assert!(Request::parse(b"scale").is_err());
+        assert!(Request::parse(b"stop now").is_err());
         assert!(Request::parse(b"STATS please").is_err());
         assert!(Request::parse(&[0xff, 0xfe]).is_err());
     }

@@ -167,10 +167,14 @@ impl ForkServer {
                     REPORTS => self.read_reports(),
                     t => {
                         if let Some(mut c) = self.control.take() {
-                            c.handle(self.poll.registry(), t, &mut |req| match req {
-                                Request::Stats => {
-                                    serde_json::to_string(&self.snapshot()).unwrap_or_default()
-                                }
+                            let drain = self.cfg.drain_timeout;
+                            c.handle(self.poll.registry(), t, &mut |req, _| {
+                                Some(match req {
+                                    Request::Stats => {
+                                        serde_json::to_string(&self.snapshot()).unwrap_or_default()
+                                    }
+                                    other => crate::control::single_process_answer(other, drain),
+                                })
                             });
                             self.control = Some(c);
                         }

@@ -59,6 +59,21 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Socket, ListenError> {
     Ok(socket)
 }
 
+/// Takes over a listening socket someone else bound (systemd socket activation).
+pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Socket> {
+    let socket = Socket::from(fd);
+    if !socket.is_listener()? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "descriptor 3 is not a listening socket",
+        ));
+    }
+    socket.set_nonblocking(true)?;
+    // It arrives without close-on-exec; workers that need it get it explicitly.
+    socket.set_cloexec(true)?;
+    Ok(socket)
+}
+
 /// The address actually bound (the real port when 0 was asked for).
 pub fn local_addr(socket: &Socket) -> std::io::Result<SocketAddr> {
     socket.local_addr()?.as_socket().ok_or_else(|| {

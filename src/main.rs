@@ -3,6 +3,8 @@
 //! line and exit code 1; clap's usage errors exit 2.
 
 mod cli;
+mod client;
+mod config;
 mod control;
 mod fork_per_conn;
 mod listener;
@@ -10,6 +12,7 @@ mod master;
 mod signals;
 mod spawn;
 mod stats;
+mod systemd;
 mod thread_mode;
 
 use std::ffi::CString;
@@ -22,26 +25,28 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use cli::{Cli, Command, Mode, ServeArgs, StatsArgs};
+use cli::{Cli, Command, Mode, ServeArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker(cfg)) => ExitCode::from(worker::run(cfg) as u8),
-        Some(Command::Stats(args)) => match print_stats(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("prefork-echo: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        None => match serve(cli.serve) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("prefork-echo: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Stats(args)) => edge(client::stats(args)),
+        Some(Command::Reload(args)) => edge(client::reload(args)),
+        Some(Command::Stop(args)) => edge(client::stop(args)),
+        Some(Command::Scale { workers, ctl }) => edge(client::scale(workers, ctl)),
+        None => edge(serve(cli.serve)),
+    }
+}
+
+/// Every command's errors end here: one line, exit code 1.
+fn edge(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("prefork-echo: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -49,11 +54,25 @@ fn main() -> ExitCode {
 const MASTER_FDS: u64 = 32;
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let workers = match args.workers {
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    let base = master::Settings {
+        workers: match args.workers {
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        },
+        worker_timeout: (args.worker_timeout > 0.0)
+            .then(|| worker::config::secs(args.worker_timeout)),
+        worker: worker::WorkerConfig {
+            listen_fd: -1,
+            ipc_fd: -1,
+            id: 0,
+            generation: 1,
+            max_unsent: args.max_unsent as usize,
+            drain_timeout: args.drain_timeout,
+            stats_interval: args.stats_interval,
+        },
     };
-    let addr = listener::resolve(&args.listen)?;
+    let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
+    let workers = settings.workers;
     let nofile = raise_nofile_limit();
     if u64::from(workers) + MASTER_FDS > nofile {
         bail!(
@@ -61,45 +80,41 @@ fn serve(args: ServeArgs) -> Result<()> {
             u64::from(workers) + MASTER_FDS
         );
     }
-    let socket = listener::bind(addr, args.backlog)?;
+    let socket = match systemd::listen_fd() {
+        Some(fd) => listener::adopt(fd).context("the socket systemd passed")?,
+        None => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
+    };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
     let control = args
         .control
         .clone()
         .unwrap_or_else(|| control::default_path(addr.port()));
-    let stats_every = worker::config::secs(args.stats_interval);
+    let stats_every = settings.worker.stats_every().unwrap_or_default();
     let log_stats = (args.log_stats && !stats_every.is_zero()).then_some(stats_every);
     worker::log::set_role(match args.mode {
         Mode::Process => "master",
         Mode::Thread => "thread-mode",
         Mode::ForkPerConn => "fork-per-conn",
     });
+    let drain_timeout = settings.worker.drain();
     match args.mode {
         Mode::Process => {
             let exe = std::env::current_exe().context("finding this binary for exec spawning")?;
             let exe = CString::new(exe.as_os_str().as_bytes()).context("binary path")?;
             let cfg = master::MasterConfig {
-                workers,
                 spawn: args.spawn,
                 exe,
-                drain_timeout: worker::config::secs(args.drain_timeout),
-                worker: worker::WorkerConfig {
-                    listen_fd: -1,
-                    ipc_fd: -1,
-                    id: 0,
-                    generation: 1,
-                    max_unsent: args.max_unsent as usize,
-                    drain_timeout: args.drain_timeout,
-                    stats_interval: args.stats_interval,
-                },
                 control,
                 log_stats: log_stats.is_some(),
+                config_file: args.config,
+                pid_file: args.pid_file,
+                base,
             };
-            master::run(cfg, socket, addr)
+            master::run(cfg, settings, socket, addr)
         }
         Mode::ForkPerConn => fork_per_conn::run(
             fork_per_conn::ForkConfig {
-                drain_timeout: worker::config::secs(args.drain_timeout),
+                drain_timeout,
                 control,
                 log_stats,
             },
@@ -109,43 +124,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
                 acceptors: workers,
-                drain_timeout: worker::config::secs(args.drain_timeout),
+                drain_timeout,
                 control,
                 log_stats,
             },
             socket,
             addr,
         ),
-    }
-}
-
-/// `prefork-echo stats`: fetch the snapshot from the control socket and print it.
-fn print_stats(args: StatsArgs) -> Result<()> {
-    let path = match args.control {
-        Some(p) => p,
-        None => control::default_path(listener::resolve(&args.listen)?.port()),
-    };
-    let mut previous: Option<stats::Snapshot> = None;
-    loop {
-        let answer = control::request(&path, "stats")?;
-        let snap: stats::Snapshot = serde_json::from_str(&answer)
-            .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{answer}")?;
-        } else {
-            write!(out, "{}", snap.table(previous.as_ref()))?;
-        }
-        out.flush()?;
-        let Some(every) = args.watch else {
-            return Ok(());
-        };
-        if !args.json {
-            writeln!(out)?;
-        }
-        drop(out);
-        previous = Some(snap);
-        std::thread::sleep(worker::config::secs(every));
     }
 }
 

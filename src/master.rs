@@ -1,15 +1,21 @@
 //! The master: owns the listening socket and the worker pool, and runs the supervision loop.
 //!
 //! The loop: wait (bounded by the next timer) → turn what happened into [`Event`]s (signals
-//! recorded by signal-hook, frames and end-of-file from workers' channels) → handle each →
-//! reap every exited child → enforce deadlines → top the pool back up → announce readiness
-//! once. The master never serves a connection and never starts a thread.
+//! recorded by signal-hook, frames and end-of-file from workers' channels, control requests)
+//! → handle each → reap every exited child → enforce deadlines (drain, hung workers, reload)
+//! → top the pool back up → announce readiness once. The master never serves a connection and
+//! never starts a thread.
+//!
+//! Workers belong to a generation. A reload starts generation N+1 beside N, waits until every
+//! new worker reports ready, and only then asks generation N to drain: the listening socket is
+//! never closed, so no connection is refused on the way.
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -19,6 +25,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use serde_json::json;
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::Socket;
@@ -27,10 +34,12 @@ use worker::ipc::{FrameDecoder, Message};
 use worker::stats::Counters;
 
 use crate::cli::Spawn;
-use crate::control::{ControlServer, Request};
+use crate::config::{ConfigError, FileConfig};
+use crate::control::{ClientId, ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::spawn::spawn_worker;
 use crate::stats::{Snapshot, WorkerRow};
+use crate::systemd;
 
 const SIGNALS: Token = Token(0);
 const FIRST_WORKER: usize = 1;
@@ -42,24 +51,72 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// After an immediate stop is asked of the workers, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a new generation may take to become ready before the reload is abandoned.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the master needs to run a process-mode pool.
 #[derive(Debug)]
 pub struct MasterConfig {
-    /// Pool size.
-    pub workers: u32,
     /// fork or exec.
     pub spawn: Spawn,
     /// The path of this binary, exec'd by exec-mode spawning.
     pub exe: CString,
-    /// Graceful-stop budget for open connections.
-    pub drain_timeout: Duration,
-    /// Template for every worker (descriptors, id and generation are filled in per spawn).
-    pub worker: WorkerConfig,
     /// Where to serve the control socket.
-    pub control: std::path::PathBuf,
+    pub control: PathBuf,
     /// Log a line of totals every stats interval.
     pub log_stats: bool,
+    /// Re-read on every reload; its keys override `base`.
+    pub config_file: Option<PathBuf>,
+    /// Written with the master's pid at start, removed at exit.
+    pub pid_file: Option<PathBuf>,
+    /// The settings the command line gave.
+    pub base: Settings,
+}
+
+/// The settings a reload can change.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pool size.
+    pub workers: u32,
+    /// A worker silent for this long is killed and replaced (`None`: never).
+    pub worker_timeout: Option<Duration>,
+    /// Template for every worker (descriptors, id and generation are filled in per spawn).
+    pub worker: WorkerConfig,
+}
+
+impl Settings {
+    /// These settings with a config file's keys applied.
+    pub fn with_file(&self, file: &FileConfig) -> Settings {
+        let mut s = self.clone();
+        if let Some(n) = file.workers {
+            s.workers = n;
+        }
+        if let Some(d) = file.drain_timeout {
+            s.worker.drain_timeout = d;
+        }
+        if let Some(m) = file.max_unsent {
+            s.worker.max_unsent = m as usize;
+        }
+        if let Some(i) = file.stats_interval {
+            s.worker.stats_interval = i;
+        }
+        if let Some(t) = file.worker_timeout {
+            s.worker_timeout = (t > 0.0).then(|| worker::config::secs(t));
+        }
+        s
+    }
+
+    /// The settings in force: `base`, overridden by the config file if there is one.
+    pub fn resolve(base: &Settings, file: Option<&PathBuf>) -> Result<Settings, ConfigError> {
+        match file {
+            Some(path) => Ok(base.with_file(&FileConfig::load(path)?)),
+            None => Ok(base.clone()),
+        }
+    }
+
+    fn drain(&self) -> Duration {
+        self.worker.drain()
+    }
 }
 
 /// Where the master is in its life cycle; every transition is logged.
@@ -93,8 +150,18 @@ struct WorkerProc {
     decoder: FrameDecoder,
     counters: Counters,
     last_report: Option<Instant>,
-    /// Asked to drain (it is no longer expected to serve new connections).
+    /// Asked (or decided) to drain: no longer counted as serving its slot.
     draining: bool,
+}
+
+/// A reload under way: generation `generation` is starting beside the serving one.
+#[derive(Debug)]
+struct Reload {
+    generation: u32,
+    settings: Settings,
+    started: Instant,
+    /// Control clients waiting for the outcome.
+    waiters: Vec<ClientId>,
 }
 
 /// Respawn policy for one pool slot: a worker that dies soon after it started is respawned
@@ -134,13 +201,22 @@ impl Backoff {
 
 /// Runs the process-mode server on `listener` until it is stopped. `Ok` is a requested stop;
 /// `Err` says why the master gave up.
-pub fn run(cfg: MasterConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
-    let mut master = Master::new(cfg, listener, addr)?;
-    master.run()
+pub fn run(
+    cfg: MasterConfig,
+    settings: Settings,
+    listener: Socket,
+    addr: SocketAddr,
+) -> Result<()> {
+    let mut master = Master::new(cfg, settings, listener, addr)?;
+    let result = master.run();
+    master.remove_pid_file();
+    result
 }
 
 struct Master {
     cfg: MasterConfig,
+    /// The settings in force for the serving generation.
+    settings: Settings,
     listener: Option<Socket>,
     addr: SocketAddr,
     poll: Poll,
@@ -150,7 +226,9 @@ struct Master {
     workers: Slab<WorkerProc>,
     by_pid: HashMap<Pid, usize>,
     slots: Vec<Backoff>,
+    /// The serving generation.
     generation: u32,
+    reload: Option<Reload>,
     phase: Phase,
     announced: bool,
     /// Why the master gave up, if it did; turns the final exit into an error.
@@ -164,21 +242,31 @@ struct Master {
 }
 
 impl Master {
-    fn new(cfg: MasterConfig, listener: Socket, addr: SocketAddr) -> Result<Master> {
+    fn new(
+        cfg: MasterConfig,
+        settings: Settings,
+        listener: Socket,
+        addr: SocketAddr,
+    ) -> Result<Master> {
         let poll = Poll::new().context("creating the master's event loop")?;
         let mut signals = Signals::new(signals::numbers()).context("installing signal handlers")?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .context("watching signals")?;
         let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
-        let slots = vec![Backoff::default(); cfg.workers as usize];
+        if let Some(path) = &cfg.pid_file {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("writing the pid file {}", path.display()))?;
+        }
+        let slots = vec![Backoff::default(); settings.workers as usize];
         let next_stats_log = cfg
             .log_stats
-            .then(|| cfg.worker.stats_every())
+            .then(|| settings.worker.stats_every())
             .flatten()
             .map(|d| Instant::now() + d);
         Ok(Master {
             cfg,
+            settings,
             listener: Some(listener),
             addr,
             poll,
@@ -187,6 +275,7 @@ impl Master {
             by_pid: HashMap::new(),
             slots,
             generation: 1,
+            reload: None,
             phase: Phase::Running,
             announced: false,
             failure: None,
@@ -201,14 +290,20 @@ impl Master {
     fn run(&mut self) -> Result<()> {
         worker::log!(
             "starting {} worker(s) (spawn={:?}) on {}; control socket {}",
-            self.cfg.workers,
+            self.settings.workers,
             self.cfg.spawn,
             self.addr,
             self.cfg.control.display()
         );
+        if self.settings.worker_timeout.is_some() && self.settings.worker.stats_every().is_none() {
+            worker::log!(
+                "--stats-interval 0: workers send no heartbeat, so hung workers go undetected"
+            );
+        }
         let mut events = Events::with_capacity(256);
         loop {
             self.manage_workers();
+            self.check_reload();
             self.announce_when_ready();
             if self.phase != Phase::Running && self.workers.is_empty() {
                 break;
@@ -253,18 +348,32 @@ impl Master {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Signal(sig) => match signals::action(sig) {
-                Some(Action::Reap) => self.reap(),
-                Some(Action::GracefulStop) => match self.phase {
-                    Phase::Running => self.begin_drain(signals::name(sig)),
-                    _ => self.stop_now(&format!("second SIG{}", signals::name(sig))),
-                },
-                Some(Action::StopNow) => self.stop_now(&format!("SIG{}", signals::name(sig))),
-                Some(Action::Reload) => {
-                    worker::log!("SIGHUP: reload is not supported yet; ignored")
+            Event::Signal(sig) => {
+                let name = signals::name(sig);
+                match signals::action(sig) {
+                    Some(Action::Reap) => self.reap(),
+                    Some(Action::GracefulStop) => match self.phase {
+                        Phase::Running => self.begin_drain(&format!("SIG{name}")),
+                        _ => self.stop_now(&format!("second SIG{name}")),
+                    },
+                    Some(Action::StopNow) => self.stop_now(&format!("SIG{name}")),
+                    Some(Action::Reload) => {
+                        if let Err(why) = self.start_reload(None) {
+                            worker::log!("SIGHUP: {why}");
+                        }
+                    }
+                    Some(Action::AddWorker) => {
+                        self.scale(self.settings.workers.saturating_add(1).min(4096))
+                    }
+                    Some(Action::RemoveWorker) => {
+                        self.scale(self.settings.workers.saturating_sub(1).max(1))
+                    }
+                    Some(Action::Upgrade) => {
+                        worker::log!("SIGUSR2: binary upgrade is not supported yet; ignored")
+                    }
+                    None => {}
                 }
-                None => {}
-            },
+            }
             Event::Message { key, msg } => {
                 let Some(w) = self.workers.get_mut(key) else {
                     return;
@@ -272,7 +381,24 @@ impl Master {
                 match msg {
                     Message::Ready => {
                         w.ready = true;
-                        worker::log!("worker {} (pid {}) is accepting", w.id, w.pid);
+                        w.last_report = Some(Instant::now());
+                        worker::log!(
+                            "worker {}/g{} (pid {}) is accepting",
+                            w.id,
+                            w.generation,
+                            w.pid
+                        );
+                    }
+                    Message::Draining => {
+                        if !w.draining {
+                            w.draining = true;
+                            worker::log!(
+                                "worker {}/g{} (pid {}) is draining; replacing it",
+                                w.id,
+                                w.generation,
+                                w.pid
+                            );
+                        }
                     }
                     Message::Report(c) | Message::Final(c) => {
                         w.counters = c;
@@ -360,30 +486,46 @@ impl Master {
             let mut w = self.workers.remove(key);
             if let Some(mut ch) = w.channel.take() {
                 // Its final report may still sit in the socket: read it before letting go.
-                let mut late = Vec::new();
                 let mut buf = [0u8; 1024];
                 while let Ok(n @ 1..) = ch.read(&mut buf) {
                     w.decoder.push(&buf[..n]);
                 }
                 while let Ok(Some(msg)) = w.decoder.next_message() {
-                    late.push(msg);
-                }
-                if let Some(Message::Report(c) | Message::Final(c)) = late.last() {
-                    w.counters = *c;
+                    if let Message::Report(c) | Message::Final(c) = msg {
+                        w.counters = c;
+                    }
                 }
                 let _ = self.poll.registry().deregister(&mut ch);
             }
             let mut gone = w.counters;
             gone.active = 0;
             self.retired.add(&gone);
-            worker::log!("worker {} (pid {pid}) exited: {how}", w.id);
+            worker::log!(
+                "worker {}/g{} (pid {pid}) exited: {how}",
+                w.id,
+                w.generation
+            );
             self.after_death(&w, &how, code);
         }
     }
 
     fn after_death(&mut self, w: &WorkerProc, how: &str, code: Option<i32>) {
-        if self.phase != Phase::Running || w.generation != self.generation {
+        if w.draining || self.phase != Phase::Running {
             return; // it was asked to go
+        }
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == w.generation)
+        {
+            self.abort_reload(format!(
+                "worker {} of generation {} exited while starting ({how})",
+                w.id, w.generation
+            ));
+            return;
+        }
+        if w.generation != self.generation || w.id >= self.settings.workers {
+            return; // an old generation or a slot scaled away
         }
         if code == Some(worker::EXIT_BOOT_FAILURE) {
             self.give_up(format!(
@@ -415,22 +557,27 @@ impl Master {
         }
     }
 
-    /// Fills every empty slot whose backoff has passed.
+    /// Whether a live, serving worker of `generation` holds slot `id`.
+    fn slot_filled(&self, generation: u32, id: u32) -> bool {
+        self.workers
+            .iter()
+            .any(|(_, w)| w.id == id && w.generation == generation && !w.draining)
+    }
+
+    /// Fills every empty slot whose backoff has passed, for the serving generation and for a
+    /// generation being started by a reload.
     fn manage_workers(&mut self) {
         if self.phase != Phase::Running {
             return;
         }
         let now = Instant::now();
-        for id in 0..self.cfg.workers {
-            let filled = self
-                .workers
-                .iter()
-                .any(|(_, w)| w.id == id && w.generation == self.generation);
+        for id in 0..self.settings.workers {
             let slot = &self.slots[id as usize];
-            if filled || slot.not_before.is_some_and(|t| now < t) {
+            if self.slot_filled(self.generation, id) || slot.not_before.is_some_and(|t| now < t) {
                 continue;
             }
-            if let Err(e) = self.spawn(id) {
+            let template = self.settings.worker.clone();
+            if let Err(e) = self.spawn(id, self.generation, template) {
                 worker::log!("cannot start worker {id}: {e:#}");
                 let slot = &mut self.slots[id as usize];
                 match slot.on_death(Duration::ZERO, false) {
@@ -442,17 +589,34 @@ impl Master {
                 }
             }
         }
+        let Some(reload) = &self.reload else { return };
+        let (generation, count, template) = (
+            reload.generation,
+            reload.settings.workers,
+            reload.settings.worker.clone(),
+        );
+        for id in 0..count {
+            let started = self
+                .workers
+                .iter()
+                .any(|(_, w)| w.id == id && w.generation == generation);
+            if !started {
+                if let Err(e) = self.spawn(id, generation, template.clone()) {
+                    self.abort_reload(format!("cannot start worker {id}: {e:#}"));
+                    return;
+                }
+            }
+        }
     }
 
-    fn spawn(&mut self, id: u32) -> Result<()> {
+    fn spawn(&mut self, id: u32, generation: u32, mut cfg: WorkerConfig) -> Result<()> {
         let listener = self
             .listener
             .as_ref()
             .ok_or_else(|| anyhow!("the listener is closed"))?
             .as_raw_fd();
-        let mut cfg = self.cfg.worker.clone();
         cfg.id = id;
-        cfg.generation = self.generation;
+        cfg.generation = generation;
         let signals = &mut self.signals;
         let spawned = spawn_worker(self.cfg.spawn, &self.cfg.exe, listener, cfg, || {
             // In the child: drop the master's signal delivery, which unregisters its actions
@@ -472,7 +636,7 @@ impl Master {
         entry.insert(WorkerProc {
             pid: spawned.pid,
             id,
-            generation: self.generation,
+            generation,
             started: Instant::now(),
             ready: false,
             channel: Some(channel),
@@ -482,7 +646,7 @@ impl Master {
             draining: false,
         });
         self.by_pid.insert(spawned.pid, key);
-        worker::log!("spawned worker {id} (pid {})", spawned.pid);
+        worker::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
         Ok(())
     }
 
@@ -493,24 +657,161 @@ impl Master {
         let ready = self
             .workers
             .iter()
-            .filter(|(_, w)| w.ready && w.generation == self.generation)
+            .filter(|(_, w)| w.ready && w.generation == self.generation && !w.draining)
             .count();
-        if ready == self.cfg.workers as usize {
+        if ready >= self.settings.workers as usize {
             self.announced = true;
-            crate::announce(self.addr, "process", self.cfg.workers);
+            crate::announce(self.addr, "process", self.settings.workers);
+            systemd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         }
     }
 
-    fn begin_drain(&mut self, signal: &str) {
-        let kill_at = Instant::now() + self.cfg.drain_timeout + DRAIN_GRACE;
+    /// Starts a reload; `Err` says why it cannot start (a config error, a stop under way).
+    fn start_reload(&mut self, waiter: Option<ClientId>) -> Result<(), String> {
+        if self.phase != Phase::Running {
+            return Err("the server is stopping; no reload".into());
+        }
+        if let Some(r) = self.reload.as_mut() {
+            worker::log!("reload of generation {} already under way", r.generation);
+            r.waiters.extend(waiter);
+            return Ok(());
+        }
+        let settings =
+            Settings::resolve(&self.cfg.base, self.cfg.config_file.as_ref()).map_err(|e| {
+                format!(
+                    "reload refused, config file: {e}; generation {} keeps serving",
+                    self.generation
+                )
+            })?;
+        systemd::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            systemd::monotonic_usec()
+        ));
+        let generation = self.generation + 1;
+        worker::log!(
+            "reload: starting generation {generation} ({} worker(s)) beside generation {}",
+            settings.workers,
+            self.generation
+        );
+        self.reload = Some(Reload {
+            generation,
+            settings,
+            started: Instant::now(),
+            waiters: waiter.into_iter().collect(),
+        });
+        Ok(())
+    }
+
+    /// Promotes the new generation once every worker of it is ready; gives up on it if it
+    /// takes too long.
+    fn check_reload(&mut self) {
+        let Some(r) = &self.reload else { return };
+        let ready = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == r.generation && w.ready)
+            .count();
+        if ready < r.settings.workers as usize {
+            if r.started.elapsed() > RELOAD_TIMEOUT {
+                self.abort_reload(format!(
+                    "generation {} was not ready within {RELOAD_TIMEOUT:?}",
+                    r.generation
+                ));
+            }
+            return;
+        }
+        let Some(r) = self.reload.take() else { return };
+        let old = self.generation;
+        self.generation = r.generation;
+        self.settings = r.settings;
+        self.slots = vec![Backoff::default(); self.settings.workers as usize];
+        let mut retiring = 0;
+        for (_, w) in self.workers.iter_mut() {
+            if w.generation != self.generation && !w.draining {
+                w.draining = true;
+                retiring += 1;
+                let _ = kill(w.pid, Signal::SIGTERM);
+            }
+        }
+        worker::log!(
+            "reload: generation {} serving ({} worker(s)); draining {retiring} worker(s) of generation {old}",
+            self.generation,
+            self.settings.workers
+        );
+        let line =
+            json!({"ok": true, "generation": self.generation, "workers": self.settings.workers})
+                .to_string();
+        self.answer(r.waiters, line);
+        systemd::notify("READY=1");
+    }
+
+    /// Gives up a reload: the new generation drains away, the old one goes on serving.
+    fn abort_reload(&mut self, why: String) {
+        let Some(r) = self.reload.take() else { return };
+        for (_, w) in self.workers.iter_mut() {
+            if w.generation == r.generation && !w.draining {
+                w.draining = true;
+                let _ = kill(w.pid, Signal::SIGTERM);
+            }
+        }
+        worker::log!(
+            "reload failed: {why}; generation {} keeps serving",
+            self.generation
+        );
+        self.answer(
+            r.waiters,
+            json!({ "error": format!("reload failed: {why}") }).to_string(),
+        );
+        systemd::notify("READY=1");
+    }
+
+    fn answer(&mut self, waiters: Vec<ClientId>, line: String) {
+        if let Some(c) = self.control.as_mut() {
+            for id in waiters {
+                c.respond(self.poll.registry(), id, line.clone());
+            }
+        }
+    }
+
+    /// Resizes the pool: new slots fill on the next turn, surplus workers drain.
+    fn scale(&mut self, workers: u32) {
+        if self.phase != Phase::Running || workers == self.settings.workers {
+            return;
+        }
+        worker::log!(
+            "scaling from {} to {workers} worker(s)",
+            self.settings.workers
+        );
+        self.settings.workers = workers;
+        self.slots.resize(workers as usize, Backoff::default());
+        if let Some(r) = self.reload.as_mut() {
+            r.settings.workers = workers;
+        }
+        for (_, w) in self.workers.iter_mut() {
+            if w.id >= workers && !w.draining {
+                w.draining = true;
+                let _ = kill(w.pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    fn begin_drain(&mut self, why: &str) {
+        let kill_at = Instant::now() + self.settings.drain() + DRAIN_GRACE;
         self.phase = Phase::Draining { kill_at };
+        systemd::notify("STOPPING=1");
+        if let Some(r) = self.reload.take() {
+            self.answer(
+                r.waiters,
+                json!({"error": "the server is stopping"}).to_string(),
+            );
+        }
         // Close our copy of the listener; once the workers close theirs the kernel refuses
         // new connections instead of queueing them for nobody.
         self.listener = None;
         worker::log!(
-            "SIG{signal}: graceful stop; draining {} worker(s) for up to {:?}",
+            "{why}: graceful stop; draining {} worker(s) for up to {:?}",
             self.workers.len(),
-            self.cfg.drain_timeout
+            self.settings.drain()
         );
         for (_, w) in &mut self.workers {
             w.draining = true;
@@ -522,9 +823,16 @@ impl Master {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return;
         }
+        systemd::notify("STOPPING=1");
         self.phase = Phase::Stopping {
             kill_at: Instant::now() + STOP_GRACE,
         };
+        if let Some(r) = self.reload.take() {
+            self.answer(
+                r.waiters,
+                json!({"error": "the server is stopping"}).to_string(),
+            );
+        }
         self.listener = None;
         worker::log!("{why}: stopping now");
         self.signal_all(Signal::SIGQUIT);
@@ -584,14 +892,40 @@ impl Master {
         let Some(mut control) = self.control.take() else {
             return;
         };
-        control.handle(self.poll.registry(), token, &mut |req| match req {
-            Request::Stats => serde_json::to_string(&self.snapshot()).unwrap_or_default(),
-        });
+        let Ok(registry) = self.poll.registry().try_clone() else {
+            self.control = Some(control);
+            return;
+        };
+        control.handle(&registry, token, &mut |req, id| self.on_request(req, id));
         self.control = Some(control);
     }
 
+    /// A control request's answer, or `None` when it comes later (reload).
+    fn on_request(&mut self, req: &Request, id: ClientId) -> Option<String> {
+        match req {
+            Request::Stats => Some(serde_json::to_string(&self.snapshot()).unwrap_or_default()),
+            Request::Reload => match self.start_reload(Some(id)) {
+                Ok(()) => None,
+                Err(why) => Some(json!({ "error": why }).to_string()),
+            },
+            Request::Stop => {
+                if self.phase == Phase::Running {
+                    self.begin_drain("control request");
+                }
+                Some(json!({"ok": true, "pid": std::process::id(), "drain_timeout_secs": self.settings.drain().as_secs_f64()}).to_string())
+            }
+            Request::Scale(n) => {
+                if self.phase != Phase::Running {
+                    return Some(json!({"error": "the server is stopping"}).to_string());
+                }
+                self.scale(*n);
+                Some(json!({"ok": true, "workers": self.settings.workers}).to_string())
+            }
+        }
+    }
+
     fn log_stats_when_due(&mut self) {
-        let Some(every) = self.cfg.worker.stats_every() else {
+        let Some(every) = self.settings.worker.stats_every() else {
             return;
         };
         if self.next_stats_log.is_some_and(|t| Instant::now() >= t) {
@@ -607,6 +941,7 @@ impl Master {
             control.expire(self.poll.registry());
         }
         self.log_stats_when_due();
+        self.kill_hung_workers();
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if Instant::now() >= kill_at && !self.workers.is_empty() {
                 worker::log!(
@@ -622,12 +957,50 @@ impl Master {
         }
     }
 
+    /// A worker whose reports (its heartbeats) stopped for `--worker-timeout` is stuck: an
+    /// infinite loop, a deadlock, SIGSTOP. It cannot be asked to leave, so it is killed, and
+    /// replaced like any worker that died.
+    fn kill_hung_workers(&mut self) {
+        let (Some(limit), Some(_)) = (
+            self.settings.worker_timeout,
+            self.settings.worker.stats_every(),
+        ) else {
+            return;
+        };
+        let now = Instant::now();
+        for (_, w) in &self.workers {
+            let heard = w.last_report.unwrap_or(w.started);
+            if !w.draining && now.duration_since(heard) > limit {
+                worker::log!(
+                    "worker {}/g{} (pid {}) sent no report for {:?}; killing it",
+                    w.id,
+                    w.generation,
+                    w.pid,
+                    now.duration_since(heard)
+                );
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
     fn signal_all(&self, sig: Signal) {
         for (_, w) in &self.workers {
             match kill(w.pid, sig) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => worker::log!("cannot send {sig} to worker {} (pid {}): {e}", w.id, w.pid),
             }
+        }
+    }
+
+    fn remove_pid_file(&self) {
+        let Some(path) = &self.cfg.pid_file else {
+            return;
+        };
+        // Only our own: after an upgrade the file names the new master.
+        let ours =
+            std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

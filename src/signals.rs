@@ -2,7 +2,7 @@
 //! record a signal (signal-hook's self-pipe); the master's loop reads and acts. The README's
 //! signal table is this table.
 
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 
 /// What the master does on a signal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,8 +14,14 @@ pub enum Action {
     StopNow,
     /// Reap exited children and replace workers that died.
     Reap,
-    /// Reload (not supported yet: logged and ignored, instead of the default "terminate").
+    /// Start a new generation of workers (re-reading --config), then retire the old one.
     Reload,
+    /// One worker more.
+    AddWorker,
+    /// One worker fewer (never below one).
+    RemoveWorker,
+    /// Start a new master from the binary on disk, hand it the listener, then retire.
+    Upgrade,
 }
 
 /// One row of the table.
@@ -56,7 +62,27 @@ pub const TABLE: &[Entry] = &[
         name: "HUP",
         action: Action::Reload,
     },
+    Entry {
+        signal: SIGTTIN,
+        name: "TTIN",
+        action: Action::AddWorker,
+    },
+    Entry {
+        signal: SIGTTOU,
+        name: "TTOU",
+        action: Action::RemoveWorker,
+    },
+    Entry {
+        signal: SIGUSR2,
+        name: "USR2",
+        action: Action::Upgrade,
+    },
 ];
+
+/// The first signal that asks for `action` (what `prefork-echo reload --pid-file` sends).
+pub fn signal_for(action: Action) -> Option<i32> {
+    TABLE.iter().find(|e| e.action == action).map(|e| e.signal)
+}
 
 /// The action for a signal number, if the table has one.
 pub fn action(signal: i32) -> Option<Action> {
@@ -88,5 +114,7 @@ mod tests {
         assert_eq!(seen.len(), TABLE.len());
         assert_eq!(action(SIGTERM), Some(Action::GracefulStop));
         assert_eq!(action(signal_hook::consts::SIGUSR1), None);
+        assert_eq!(signal_for(Action::Reload), Some(SIGHUP));
+        assert_eq!(signal_for(Action::GracefulStop), Some(SIGTERM));
     }
 }

@@ -173,9 +173,15 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
         for event in events.iter() {
             if control.owns(event.token()) {
                 let draining = drain_deadline.is_some();
-                control.handle(poll.registry(), event.token(), &mut |req| match req {
-                    Request::Stats => serde_json::to_string(&snapshot(&tallies, started, draining))
-                        .unwrap_or_default(),
+                let drain = cfg.drain_timeout;
+                control.handle(poll.registry(), event.token(), &mut |req, _| {
+                    Some(match req {
+                        Request::Stats => {
+                            serde_json::to_string(&snapshot(&tallies, started, draining))
+                                .unwrap_or_default()
+                        }
+                        other => crate::control::single_process_answer(other, drain),
+                    })
                 });
             }
         }

@@ -369,6 +369,9 @@ impl Worker {
         }
         let deadline = Instant::now() + self.cfg.drain();
         self.phase = Phase::Draining { deadline };
+        // Tell the master at once, so it can start a replacement while we drain (a rolling
+        // restart of one worker leaves no gap). A full channel only delays that until exit.
+        let _ = self.reporter.send(&Message::Draining);
         crate::log!(
             "draining {} connection(s), at most {:?}",
             self.conns.len(),

@@ -25,6 +25,7 @@ pub const MAX_FRAME: usize = 256;
 const KIND_READY: u8 = 1;
 const KIND_REPORT: u8 = 2;
 const KIND_FINAL: u8 = 3;
+const KIND_DRAINING: u8 = 4;
 
 /// A message from a worker to its master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub enum Message {
     Report(Counters),
     /// Last counters, sent as the worker exits.
     Final(Counters),
+    /// The worker stopped accepting (it was sent SIGTERM): its slot needs a replacement.
+    Draining,
 }
 
 /// Why a frame could not be decoded.
@@ -67,6 +70,7 @@ impl Message {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let (kind, counters) = match self {
             Message::Ready => (KIND_READY, None),
+            Message::Draining => (KIND_DRAINING, None),
             Message::Report(c) => (KIND_REPORT, Some(c)),
             Message::Final(c) => (KIND_FINAL, Some(c)),
         };
@@ -105,7 +109,8 @@ impl Message {
         };
         match *kind {
             KIND_READY if payload.is_empty() => Ok(Message::Ready),
-            KIND_READY => Err(DecodeError::Payload {
+            KIND_DRAINING if payload.is_empty() => Ok(Message::Draining),
+            KIND_READY | KIND_DRAINING => Err(DecodeError::Payload {
                 kind: *kind,
                 len: payload.len(),
             }),
@@ -247,6 +252,7 @@ mod tests {
     fn round_trips_every_message_split_at_every_byte() {
         let msgs = [
             Message::Ready,
+            Message::Draining,
             Message::Report(sample()),
             Message::Final(sample()),
         ];

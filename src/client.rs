@@ -1,0 +1,150 @@
+//! The control commands a person runs against a live server: `stats`, `reload`, `stop` and
+//! `scale`. They speak to the control socket; given only a pid file, they send the signal the
+//! signal table names for the action instead.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::cli::{CtlArgs, StatsArgs};
+use crate::signals::{self, Action};
+use crate::{control, listener, stats};
+
+/// How long `reload` waits for the new generation.
+const RELOAD_WAIT: Duration = Duration::from_secs(120);
+/// What `stop` adds to the server's drain timeout before it gives up waiting.
+const STOP_SLACK: Duration = Duration::from_secs(15);
+
+fn control_path(explicit: Option<PathBuf>, listen: &str) -> Result<PathBuf> {
+    Ok(match explicit {
+        Some(p) => p,
+        None => control::default_path(listener::resolve(listen)?.port()),
+    })
+}
+
+/// Sends a request and parses the one-line JSON answer; `{"error": …}` becomes `Err`.
+fn ask(path: &Path, req: &str, wait: Duration) -> Result<Value> {
+    let answer = control::request_within(path, req, wait)?;
+    let v: Value = serde_json::from_str(&answer)
+        .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("{e}");
+    }
+    Ok(v)
+}
+
+fn read_pid(path: &Path) -> Result<Pid> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the pid file {}", path.display()))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("{} does not hold a pid: {:?}", path.display(), text.trim()))?;
+    Ok(Pid::from_raw(pid))
+}
+
+fn signal_action(pid: Pid, action: Action) -> Result<()> {
+    let sig = signals::signal_for(action)
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or_else(|| anyhow!("no signal for {action:?}"))?;
+    kill(pid, sig).with_context(|| format!("sending {sig} to {pid}"))
+}
+
+/// Whether `pid` has exited (a zombie counts as exited: it serves nothing).
+fn gone(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| r.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+fn wait_gone(pid: Pid, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !gone(pid) {
+        if Instant::now() >= deadline {
+            bail!("server {pid} still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `prefork-echo stats`: fetch the snapshot from the control socket and print it.
+pub fn stats(args: StatsArgs) -> Result<()> {
+    let path = control_path(args.control, &args.listen)?;
+    let mut previous: Option<stats::Snapshot> = None;
+    loop {
+        let answer = control::request(&path, "stats")?;
+        let snap: stats::Snapshot = serde_json::from_str(&answer)
+            .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{answer}")?;
+        } else {
+            write!(out, "{}", snap.table(previous.as_ref()))?;
+        }
+        out.flush()?;
+        let Some(every) = args.watch else {
+            return Ok(());
+        };
+        if !args.json {
+            writeln!(out)?;
+        }
+        drop(out);
+        previous = Some(snap);
+        std::thread::sleep(worker::config::secs(every));
+    }
+}
+
+/// `prefork-echo reload`: returns once the new generation serves.
+pub fn reload(args: CtlArgs) -> Result<()> {
+    if let Some(pid_file) = args.pid_file {
+        let pid = read_pid(&pid_file)?;
+        signal_action(pid, Action::Reload)?;
+        println!("sent SIGHUP to {pid}; the server logs when the new generation serves");
+        return Ok(());
+    }
+    let path = control_path(args.control, &args.listen)?;
+    let v = ask(&path, "reload", RELOAD_WAIT)?;
+    println!(
+        "generation {} serving ({} workers)",
+        v["generation"], v["workers"]
+    );
+    Ok(())
+}
+
+/// `prefork-echo stop`: returns once the server has exited.
+pub fn stop(args: CtlArgs) -> Result<()> {
+    let (pid, drain) = if let Some(pid_file) = args.pid_file {
+        let pid = read_pid(&pid_file)?;
+        signal_action(pid, Action::GracefulStop)?;
+        (pid, Duration::from_secs(60))
+    } else {
+        let path = control_path(args.control, &args.listen)?;
+        let v = ask(&path, "stop", control::CLIENT_DEADLINE)?;
+        let pid = v["pid"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("the answer names no pid: {v}"))?;
+        let drain = v["drain_timeout_secs"].as_f64().unwrap_or(60.0);
+        (Pid::from_raw(pid as i32), worker::config::secs(drain))
+    };
+    wait_gone(pid, drain + STOP_SLACK)?;
+    println!("server {pid} stopped");
+    Ok(())
+}
+
+/// `prefork-echo scale N`.
+pub fn scale(workers: u32, args: CtlArgs) -> Result<()> {
+    if args.pid_file.is_some() {
+        bail!("scale needs the control socket (--control), not a pid file: use SIGTTIN/SIGTTOU");
+    }
+    let path = control_path(args.control, &args.listen)?;
+    let v = ask(&path, &format!("scale {workers}"), control::CLIENT_DEADLINE)?;
+    println!("scaling to {} workers", v["workers"]);
+    Ok(())
+}
