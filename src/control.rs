@@ -130,8 +130,14 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Creates the socket at `path` with mode 0600 and registers it under tokens from `base`
-    /// upwards. A stale socket file (nobody answering) is replaced; a live one is an error.
-    pub fn bind(path: &Path, registry: &Registry, base: usize) -> Result<Self, ControlError> {
+    /// upwards. A stale socket file (nobody answering) is replaced; a live one is an error,
+    /// unless `take_over` (a binary upgrade takes its predecessor's path).
+    pub fn bind(
+        path: &Path,
+        registry: &Registry,
+        base: usize,
+        take_over: bool,
+    ) -> Result<Self, ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.to_path_buf(),
             source,
@@ -140,7 +146,7 @@ impl ControlServer {
             if !meta.file_type().is_socket() {
                 return Err(ControlError::NotASocket(path.to_path_buf()));
             }
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if !take_over && std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_path_buf()));
             }
             std::fs::remove_file(path).map_err(io_err)?;
@@ -166,6 +172,12 @@ impl ControlServer {
             base,
             serial: 0,
         })
+    }
+
+    /// Leaves the socket file in place at exit: after an upgrade it names the new master's.
+    pub fn release_name(&mut self) {
+        use interprocess::local_socket::traits::Listener as _;
+        self.listener.do_not_reclaim_name_on_drop();
     }
 
     /// Whether `token` belongs to the control socket.

@@ -25,7 +25,7 @@ use worker::stats::Counters;
 
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
-use crate::spawn::fork_child;
+use crate::spawn::{Lineage, fork_child};
 use crate::stats::{Snapshot, WorkerRow};
 use crate::thread_mode::echo_blocking;
 
@@ -83,7 +83,7 @@ pub fn run(cfg: ForkConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
             Interest::READABLE,
         )
         .context("watching the report pipe")?;
-    let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
+    let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, false)?;
     worker::log!("control socket {}", cfg.control.display());
     let mut server = ForkServer {
         cfg,
@@ -274,6 +274,7 @@ impl ForkServer {
             let signals = &mut self.signals;
             let report_tx = &self.report_tx;
             let forked = fork_child(
+                Lineage::Worker,
                 keep,
                 || drop(signals.take()),
                 || child(std_stream.try_clone(), report_tx),

@@ -65,7 +65,7 @@ pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Socket> {
     if !socket.is_listener()? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "descriptor 3 is not a listening socket",
+            "the inherited descriptor is not a listening socket",
         ));
     }
     socket.set_nonblocking(true)?;

@@ -80,9 +80,21 @@ fn serve(args: ServeArgs) -> Result<()> {
             u64::from(workers) + MASTER_FDS
         );
     }
-    let socket = match systemd::listen_fd() {
-        Some(fd) => listener::adopt(fd).context("the socket systemd passed")?,
-        None => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
+    // A master started by a binary upgrade inherits its predecessor's signal mask (all
+    // blocked across fork/exec); open it before anything else.
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .context("unblocking signals")?;
+    let (inherited, predecessor) = spawn::from_predecessor();
+    let socket = match (inherited, systemd::listen_fd()) {
+        (Some(fd), _) => {
+            listener::adopt(fd).context("the listener handed over by the old master")?
+        }
+        (None, Some(fd)) => listener::adopt(fd).context("the socket systemd passed")?,
+        (None, None) => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
     };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
     let control = args
@@ -109,6 +121,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 config_file: args.config,
                 pid_file: args.pid_file,
                 base,
+                predecessor,
             };
             master::run(cfg, settings, socket, addr)
         }

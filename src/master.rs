@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -37,12 +37,13 @@ use crate::cli::Spawn;
 use crate::config::{ConfigError, FileConfig};
 use crate::control::{ClientId, ControlServer, Request};
 use crate::signals::{self, Action};
-use crate::spawn::spawn_worker;
+use crate::spawn::{spawn_successor, spawn_worker};
 use crate::stats::{Snapshot, WorkerRow};
 use crate::systemd;
 
 const SIGNALS: Token = Token(0);
-const FIRST_WORKER: usize = 1;
+const SUCCESSOR: Token = Token(1);
+const FIRST_WORKER: usize = 2;
 /// Tokens from here up belong to the control socket.
 const CONTROL_BASE: usize = usize::MAX / 2;
 /// Longest the loop sleeps with nothing to do.
@@ -53,6 +54,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a new generation may take to become ready before the reload is abandoned.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new master (binary upgrade) may take to report ready.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the master needs to run a process-mode pool.
 #[derive(Debug)]
@@ -71,6 +74,9 @@ pub struct MasterConfig {
     pub pid_file: Option<PathBuf>,
     /// The settings the command line gave.
     pub base: Settings,
+    /// Set when this master was started by a binary upgrade: it takes over the control
+    /// socket's path and writes `ready` here once it serves.
+    pub predecessor: Option<OwnedFd>,
 }
 
 /// The settings a reload can change.
@@ -154,6 +160,14 @@ struct WorkerProc {
     draining: bool,
 }
 
+/// A binary upgrade under way: a new master started from the binary on disk.
+#[derive(Debug)]
+struct Successor {
+    pid: Pid,
+    started: Instant,
+    ready: io::PipeReader,
+}
+
 /// A reload under way: generation `generation` is starting beside the serving one.
 #[derive(Debug)]
 struct Reload {
@@ -229,6 +243,7 @@ struct Master {
     /// The serving generation.
     generation: u32,
     reload: Option<Reload>,
+    successor: Option<Successor>,
     phase: Phase,
     announced: bool,
     /// Why the master gave up, if it did; turns the final exit into an error.
@@ -253,7 +268,8 @@ impl Master {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .context("watching signals")?;
-        let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
+        let take_over = cfg.predecessor.is_some();
+        let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, take_over)?;
         if let Some(path) = &cfg.pid_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing the pid file {}", path.display()))?;
@@ -276,6 +292,7 @@ impl Master {
             slots,
             generation: 1,
             reload: None,
+            successor: None,
             phase: Phase::Running,
             announced: false,
             failure: None,
@@ -325,6 +342,7 @@ impl Master {
                             happened.extend(s.pending().map(Event::Signal));
                         }
                     }
+                    SUCCESSOR => self.read_successor(),
                     t if t.0 >= CONTROL_BASE => self.serve_control(t),
                     Token(t) => self.read_channel(t - FIRST_WORKER, &mut happened),
                 }
@@ -369,7 +387,9 @@ impl Master {
                         self.scale(self.settings.workers.saturating_sub(1).max(1))
                     }
                     Some(Action::Upgrade) => {
-                        worker::log!("SIGUSR2: binary upgrade is not supported yet; ignored")
+                        if let Err(e) = self.start_upgrade() {
+                            worker::log!("SIGUSR2: no upgrade: {e:#}");
+                        }
                     }
                     None => {}
                 }
@@ -481,6 +501,9 @@ impl Master {
                 _ => continue,
             };
             let Some(key) = self.by_pid.remove(&pid) else {
+                if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
+                    self.upgrade_failed(&format!("the new master exited ({how})"));
+                }
                 continue;
             };
             let mut w = self.workers.remove(key);
@@ -663,6 +686,11 @@ impl Master {
             self.announced = true;
             crate::announce(self.addr, "process", self.settings.workers);
             systemd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+            if let Some(fd) = self.cfg.predecessor.take() {
+                // Tell the master that started us that we serve: it drains and exits.
+                let mut pipe = std::fs::File::from(fd);
+                let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+            }
         }
     }
 
@@ -765,6 +793,89 @@ impl Master {
         systemd::notify("READY=1");
     }
 
+    /// Binary upgrade: start a new master from the binary on disk and hand it the listener.
+    fn start_upgrade(&mut self) -> Result<()> {
+        if self.phase != Phase::Running {
+            anyhow::bail!("the server is stopping");
+        }
+        if self.successor.is_some() {
+            anyhow::bail!("an upgrade is already under way");
+        }
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| anyhow!("the listener is closed"))?
+            .as_raw_fd();
+        let (ready, ready_tx) = io::pipe().context("creating the readiness pipe")?;
+        nix::fcntl::fcntl(
+            &ready,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        let signals = &mut self.signals;
+        let pid = spawn_successor(&self.cfg.exe, listener, ready_tx.as_raw_fd(), || {
+            drop(signals.take());
+        })
+        .context("starting the new master")?;
+        drop(ready_tx);
+        self.poll.registry().register(
+            &mut mio::unix::SourceFd(&ready.as_raw_fd()),
+            SUCCESSOR,
+            Interest::READABLE,
+        )?;
+        worker::log!(
+            "upgrade: started a new master (pid {pid}) from {:?}",
+            self.cfg.exe
+        );
+        self.successor = Some(Successor {
+            pid,
+            started: Instant::now(),
+            ready,
+        });
+        Ok(())
+    }
+
+    fn read_successor(&mut self) {
+        let Some(s) = self.successor.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        match s.ready.read(&mut buf) {
+            Ok(n) if buf[..n].starts_with(b"ready") => {}
+            // End-of-file without "ready": it died; the reap says how.
+            _ => return,
+        }
+        let pid = s.pid;
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
+        self.successor = None;
+        worker::log!("upgrade: new master (pid {pid}) serving; this master retires");
+        if let Some(c) = self.control.as_mut() {
+            c.release_name();
+        }
+        self.begin_drain("binary upgrade");
+    }
+
+    fn upgrade_failed(&mut self, why: &str) {
+        let Some(s) = self.successor.take() else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
+        let _ = kill(s.pid, Signal::SIGKILL);
+        worker::log!(
+            "upgrade failed: {why}; this master (pid {}) keeps serving",
+            std::process::id()
+        );
+        // The new master may have written its pid over ours.
+        if let Some(path) = &self.cfg.pid_file {
+            let _ = std::fs::write(path, format!("{}\n", std::process::id()));
+        }
+    }
+
     fn answer(&mut self, waiters: Vec<ClientId>, line: String) {
         if let Some(c) = self.control.as_mut() {
             for id in waiters {
@@ -850,8 +961,9 @@ impl Master {
             Phase::Running => None,
         };
         let respawn = self.slots.iter().filter_map(|s| s.not_before).min();
+        let upgrade = self.successor.as_ref().map(|s| s.started + UPGRADE_TIMEOUT);
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-        [kill_at, respawn, control, self.next_stats_log]
+        [kill_at, respawn, control, self.next_stats_log, upgrade]
             .into_iter()
             .flatten()
             .min()
@@ -942,6 +1054,15 @@ impl Master {
         }
         self.log_stats_when_due();
         self.kill_hung_workers();
+        if self
+            .successor
+            .as_ref()
+            .is_some_and(|s| s.started.elapsed() > UPGRADE_TIMEOUT)
+        {
+            self.upgrade_failed(&format!(
+                "the new master was not ready within {UPGRADE_TIMEOUT:?}"
+            ));
+        }
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if Instant::now() >= kill_at && !self.workers.is_empty() {
                 worker::log!(

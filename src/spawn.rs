@@ -26,31 +26,56 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
-/// The argv of an exec-mode worker, built before fork so the child need not allocate.
+/// Names the inherited listener of a new master started by a binary upgrade.
+pub const ENV_LISTEN_FD: &str = "PREFORK_ECHO_LISTEN_FD";
+/// Names the pipe on which a new master tells its predecessor it is serving.
+pub const ENV_UPGRADE_FD: &str = "PREFORK_ECHO_UPGRADE_FD";
+
+/// An exec's path, argv and environment, built before fork so the child need not allocate.
 struct ExecPlan {
     path: CString,
-    _args: Vec<CString>,
+    _strings: Vec<CString>,
     argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
 }
 
 impl ExecPlan {
-    fn new(exe: &CString, cfg: &WorkerConfig) -> io::Result<ExecPlan> {
-        let args = std::iter::once("worker".to_string())
-            .chain(cfg.to_args())
-            .map(CString::new)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io::Error::other)?;
-        let args: Vec<CString> = std::iter::once(exe.clone()).chain(args).collect();
-        let argv = args
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+    fn new(exe: &CString, args: Vec<Vec<u8>>, env: Vec<Vec<u8>>) -> io::Result<ExecPlan> {
+        let cstr = |v: Vec<u8>| CString::new(v).map_err(io::Error::other);
+        let args = std::iter::once(Ok(exe.clone()))
+            .chain(args.into_iter().map(cstr))
+            .collect::<io::Result<Vec<_>>>()?;
+        let env = env.into_iter().map(cstr).collect::<io::Result<Vec<_>>>()?;
+        let nul_ended = |v: &[CString]| {
+            v.iter()
+                .map(|a| a.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        let (argv, envp) = (nul_ended(&args), nul_ended(&env));
         Ok(ExecPlan {
             path: exe.clone(),
-            _args: args,
+            _strings: args.into_iter().chain(env).collect(),
             argv,
+            envp,
         })
+    }
+
+    /// The current environment, less `drop`, plus `add` (as `KEY=VALUE`).
+    fn environment(drop: &[&str], add: &[(&str, String)]) -> Vec<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        std::env::vars_os()
+            .filter(|(k, _)| !drop.iter().any(|d| k.as_bytes() == d.as_bytes()))
+            .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
+            .chain(add.iter().map(|(k, v)| format!("{k}={v}").into_bytes()))
+            .collect()
+    }
+
+    /// Replaces this process; returns only if exec failed.
+    fn exec(&self) {
+        // SAFETY: `path`, `argv` and `envp` are NUL-terminated C strings and NULL-terminated
+        // pointer arrays, all built before fork and alive until exec replaces us.
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
     }
 }
 
@@ -69,10 +94,17 @@ pub fn spawn_worker(
     cfg.listen_fd = listener;
     cfg.ipc_fd = child_end.as_raw_fd();
     let plan = match how {
-        Spawn::Exec => Some(ExecPlan::new(exe, &cfg)?),
+        Spawn::Exec => {
+            let args = std::iter::once("worker".to_string())
+                .chain(cfg.to_args())
+                .map(String::into_bytes)
+                .collect();
+            Some(ExecPlan::new(exe, args, ExecPlan::environment(&[], &[]))?)
+        }
         Spawn::Fork => None,
     };
     let pid = fork_child(
+        Lineage::Worker,
         [listener, child_end.as_raw_fd()],
         || {
             if plan.is_none() {
@@ -81,9 +113,7 @@ pub fn spawn_worker(
         },
         || match &plan {
             Some(plan) => {
-                // SAFETY: `path` and `argv` are NUL-terminated C strings and a NULL-terminated
-                // pointer array, all built before fork and alive until exec replaces us.
-                unsafe { libc::execv(plan.path.as_ptr(), plan.argv.as_ptr()) };
+                plan.exec();
                 // exec failed (binary gone, not executable): this worker cannot boot.
                 worker::EXIT_BOOT_FAILURE
             }
@@ -94,6 +124,58 @@ pub fn spawn_worker(
     Ok(Spawned { pid, channel })
 }
 
+/// Starts a new master from the binary on disk with this master's arguments, handing it the
+/// listener and the write end of a readiness pipe by descriptor (named in the environment).
+/// It is not tied to this process's life: it is meant to outlive it.
+pub fn spawn_successor(
+    exe: &CString,
+    listener: RawFd,
+    ready: RawFd,
+    shed: impl FnOnce(),
+) -> io::Result<Pid> {
+    use std::os::unix::ffi::OsStrExt;
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|a| a.as_bytes().to_vec())
+        .collect();
+    let env = ExecPlan::environment(
+        &[ENV_LISTEN_FD, ENV_UPGRADE_FD, "LISTEN_PID", "LISTEN_FDS"],
+        &[
+            (ENV_LISTEN_FD, listener.to_string()),
+            (ENV_UPGRADE_FD, ready.to_string()),
+        ],
+    );
+    let plan = ExecPlan::new(exe, args, env)?;
+    fork_child(Lineage::Successor, [listener, ready], shed, || {
+        plan.exec();
+        127
+    })
+}
+
+/// The descriptors a predecessor master handed to this process in a binary upgrade: the
+/// listener and the readiness pipe. `None`s outside an upgrade.
+pub fn from_predecessor() -> (Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>) {
+    use std::os::fd::FromRawFd;
+    let fd = |name| {
+        let raw: RawFd = std::env::var(name).ok()?.parse().ok()?;
+        // SAFETY: our predecessor set this variable to a descriptor it left open across exec
+        // for this process alone (see `spawn_successor`); it is wrapped exactly once, here,
+        // before anything else could have taken the number.
+        (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+    };
+    (fd(ENV_LISTEN_FD), fd(ENV_UPGRADE_FD))
+}
+
+/// Whether a child dies with its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lineage {
+    /// A worker or connection child: dies with this process (PR_SET_PDEATHSIG), ignores
+    /// SIGINT (the terminal's Ctrl-C is for the master).
+    Worker,
+    /// A new master (binary upgrade): outlives this process.
+    Successor,
+}
+
 /// Forks a child that keeps only stdio and `keep` (close-on-exec cleared on those). In the
 /// child, in order: it arranges to die with this process, ignores SIGINT, runs `shed` (to drop
 /// what the parent owns that must not live on, such as signal registrations), closes every
@@ -102,6 +184,7 @@ pub fn spawn_worker(
 /// signal sent to a brand-new child waits instead of being lost or running the parent's
 /// handler there.
 pub fn fork_child(
+    lineage: Lineage,
     keep: [RawFd; 2],
     shed: impl FnOnce(),
     child: impl FnOnce() -> i32,
@@ -123,7 +206,9 @@ pub fn fork_child(
             Ok(child)
         }
         Ok(ForkResult::Child) => {
-            prepare_child(parent);
+            if lineage == Lineage::Worker {
+                prepare_child(parent);
+            }
             shed();
             close_all_but(keep);
             let code = child();

@@ -113,7 +113,7 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
     poll.registry()
         .register(&mut sigs, SIGNALS, Interest::READABLE)
         .context("watching signals")?;
-    let mut control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE)?;
+    let mut control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, false)?;
     worker::log!("control socket {}", cfg.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();

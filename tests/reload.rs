@@ -322,7 +322,7 @@ fn systemd_socket_activation_and_notifications() {
     drop(listener); // the server holds its own copy
     echo_to_eof(common::client(addr), b"activated");
 
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = notify.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).to_string()
@@ -344,4 +344,71 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         common::kill_tree(self.0);
     }
+}
+
+#[test]
+fn binary_upgrade_under_load_drops_nothing() {
+    let dir = common::scratch_dir();
+    let pid_file = dir.join("echo.pid");
+    let mut server = Server::start(&["--workers", "2", "--pid-file", pid_file.to_str().unwrap()]);
+    let load = churning_load(&server, "200", "5");
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(Signal::SIGUSR2);
+    // The old master hands over, drains and exits 0; the pid file names its successor.
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.stderr()
+    );
+    let new_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _new = KillOnDrop(new_pid);
+    assert_ne!(new_pid, server.pid);
+    assert!(common::alive(new_pid));
+    assert_eq!(
+        server.stats()["master_pid"].as_i64(),
+        Some(i64::from(new_pid))
+    );
+    let r = finish(load);
+    assert_eq!(r["errors"]["total"], 0, "{}", r["errors"]);
+    echo_to_eof(server.connect(), b"served by the new master");
+    assert_eq!(common::children_of(new_pid).len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_master_serving() {
+    let dir = common::scratch_dir();
+    let bin = dir.join("prefork-echo");
+    std::fs::copy(common::BIN, &bin).unwrap();
+    let pid_file = dir.join("echo.pid");
+    let server = Server::try_start(
+        &bin,
+        &["--workers", "2", "--pid-file", pid_file.to_str().unwrap()],
+    )
+    .unwrap();
+    let before = server.workers();
+    let broken = dir.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &bin).unwrap();
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        server.wait_for_log("upgrade failed", Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(server.workers(), before);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, server.pid);
+    echo_to_eof(server.connect(), b"still the old master");
+    let _ = std::fs::remove_dir_all(&dir);
 }
