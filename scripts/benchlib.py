@@ -111,7 +111,9 @@ def start_prefork(mode, workers, spawn="fork", extra=()):
     argv = [str(SERVER), "--listen", "127.0.0.1:0", "--workers", str(workers),
             "--mode", mode, "--spawn", spawn, "--control", str(ctl),
             "--drain-timeout", "2", *extra]
-    return Server(argv, f"{mode}-{spawn}" if mode == "process" else mode)
+    server = Server(argv, f"{mode}-{spawn}" if mode == "process" else mode)
+    server.control = ctl
+    return server
 
 
 def load(target, server_pid=None, budget=None, **opts):

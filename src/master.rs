@@ -924,10 +924,14 @@ impl Master {
             self.workers.len(),
             self.settings.drain()
         );
+        // Only those not yet draining: to a worker, a second SIGTERM means "stop now", and a
+        // worker of a reloaded generation may still be finishing its connections.
         for (_, w) in &mut self.workers {
-            w.draining = true;
+            if !w.draining {
+                w.draining = true;
+                let _ = kill(w.pid, Signal::SIGTERM);
+            }
         }
-        self.signal_all(Signal::SIGTERM);
     }
 
     fn stop_now(&mut self, why: &str) {

@@ -412,3 +412,18 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
     echo_to_eof(server.connect(), b"still the old master");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_stop_right_after_a_reload_lets_the_old_generation_finish_too() {
+    let mut server = Server::start(&["--workers", "1", "--drain-timeout", "30"]);
+    let mut held = server.connect();
+    echo(&mut held, b"held by generation 1");
+    assert!(ctl(&server, &["reload"]).status.success());
+    // Generation 1 is draining `held`; a graceful stop must not cut it short.
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_for_log("graceful stop", Duration::from_secs(10)));
+    echo(&mut held, b"still served while the stop drains");
+    drop(held);
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
