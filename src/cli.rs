@@ -99,6 +99,14 @@ pub struct ServeArgs {
     /// Log one line of totals and rates every --stats-interval.
     #[arg(long)]
     pub log_stats: bool,
+    /// Connections held at most: per worker in process mode, in total in the other modes.
+    /// Beyond it a new connection is reset at once (the client sees ECONNRESET). 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_conns: u64,
+    /// Seconds a connection may go without receiving anything before the server closes it;
+    /// 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = seconds)]
+    pub idle_timeout: f64,
     /// Seconds without a report after which a worker is killed and replaced; 0: never.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
     pub worker_timeout: f64,
@@ -106,6 +114,13 @@ pub struct ServeArgs {
     /// stats_interval, worker_timeout); its keys override these flags.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// When started as root: serve as this user, after binding (the control socket and pid
+    /// file are handed to it).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// With --user: serve with this group instead of the user's own.
+    #[arg(long, value_name = "NAME", requires = "user")]
+    pub group: Option<String>,
     /// Write the master's pid here (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,

@@ -193,4 +193,26 @@ mod tests {
             let _ = FileConfig::parse(&String::from_utf8_lossy(&bytes));
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(5000))]
+
+            #[test]
+            fn config_parsing_never_panics(text in "(?s).{0,400}") {
+                let _ = FileConfig::parse(&text);
+            }
+
+            #[test]
+            fn config_parsing_never_panics_on_near_misses(
+                key in "(workers|drain_timeout|max_unsent|stats_interval|worker_timeout|x)",
+                value in "[-+0-9.eEinfINFaN ]{0,12}",
+            ) {
+                let _ = FileConfig::parse(&format!("{key} = {value}\n"));
+            }
+        }
+    }
 }

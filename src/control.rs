@@ -129,15 +129,10 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Creates the socket at `path` with mode 0600 and registers it under tokens from `base`
-    /// upwards. A stale socket file (nobody answering) is replaced; a live one is an error,
-    /// unless `take_over` (a binary upgrade takes its predecessor's path).
-    pub fn bind(
-        path: &Path,
-        registry: &Registry,
-        base: usize,
-        take_over: bool,
-    ) -> Result<Self, ControlError> {
+    /// Creates the socket at `path` with mode 0600. A stale socket file (nobody answering) is
+    /// replaced; a live one is an error, unless `take_over` (a binary upgrade takes its
+    /// predecessor's path). Created before privileges are dropped, registered after.
+    pub fn bind(path: &Path, take_over: bool) -> Result<Self, ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.to_path_buf(),
             source,
@@ -159,19 +154,22 @@ impl ControlServer {
             .nonblocking(ListenerNonblockingMode::Both)
             .create_sync_as::<Listener>()
             .map_err(io_err)?;
-        registry
-            .register(
-                &mut SourceFd(&listener.as_fd().as_raw_fd()),
-                Token(base),
-                Interest::READABLE,
-            )
-            .map_err(io_err)?;
         Ok(ControlServer {
             listener,
             clients: Slab::new(),
-            base,
+            base: usize::MAX,
             serial: 0,
         })
+    }
+
+    /// Watches the socket from `registry`, under tokens from `base` upwards.
+    pub fn register(&mut self, registry: &Registry, base: usize) -> io::Result<()> {
+        self.base = base;
+        registry.register(
+            &mut SourceFd(&self.listener.as_fd().as_raw_fd()),
+            Token(base),
+            Interest::READABLE,
+        )
     }
 
     /// Leaves the socket file in place at exit: after an upgrade it names the new master's.
@@ -417,5 +415,25 @@ mod tests {
                 .to_string_lossy()
                 .ends_with("prefork-echo-7007.sock")
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(5000))]
+
+            #[test]
+            fn request_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = Request::parse(&bytes);
+            }
+
+            #[test]
+            fn scale_accepts_exactly_one_to_4096(n in any::<i64>()) {
+                let parsed = Request::parse(format!("scale {n}").as_bytes());
+                prop_assert_eq!(parsed.is_ok(), (1..=4096).contains(&n));
+            }
+        }
     }
 }

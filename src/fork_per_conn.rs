@@ -27,14 +27,14 @@ use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child};
 use crate::stats::{Snapshot, WorkerRow};
-use crate::thread_mode::echo_blocking;
+use crate::thread_mode::{End, Limits, echo_blocking, reset};
 
 const SIGNALS: Token = Token(0);
 const LISTENER: Token = Token(1);
 const REPORTS: Token = Token(2);
 const CONTROL_BASE: usize = 3;
-/// bytes in, bytes out, error flag: three little-endian u64s.
-const RECORD: usize = 24;
+/// bytes in, bytes out, error flag, idle-closed flag: four little-endian u64s.
+const RECORD: usize = 32;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -47,6 +47,8 @@ pub struct ForkConfig {
     pub control: std::path::PathBuf,
     /// Log a line of totals this often.
     pub log_stats: Option<Duration>,
+    /// Connection limits (`max_conns` counts children).
+    pub limits: Limits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +59,12 @@ enum Phase {
 }
 
 /// Serves until stopped; `Ok` is a requested stop.
-pub fn run(cfg: ForkConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
+pub fn run(
+    cfg: ForkConfig,
+    listener: Socket,
+    addr: SocketAddr,
+    mut control: ControlServer,
+) -> Result<()> {
     worker::log::set_role("fork-per-conn");
     let poll = Poll::new().context("creating the event loop")?;
     let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
@@ -83,7 +90,9 @@ pub fn run(cfg: ForkConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
             Interest::READABLE,
         )
         .context("watching the report pipe")?;
-    let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, false)?;
+    control
+        .register(poll.registry(), CONTROL_BASE)
+        .context("watching the control socket")?;
     worker::log!("control socket {}", cfg.control.display());
     let mut server = ForkServer {
         cfg,
@@ -270,6 +279,12 @@ impl ForkServer {
             };
             self.counters.accepted += 1;
             let std_stream = std::net::TcpStream::from(OwnedFd::from(stream));
+            if self.cfg.limits.full(self.children.len() as u64) {
+                self.counters.closed_by_limit += 1;
+                reset(std_stream);
+                continue;
+            }
+            let idle = self.cfg.limits.idle;
             let keep = [std_stream.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
             let signals = &mut self.signals;
             let report_tx = &self.report_tx;
@@ -277,7 +292,7 @@ impl ForkServer {
                 Lineage::Worker,
                 keep,
                 || drop(signals.take()),
-                || child(std_stream.try_clone(), report_tx),
+                || child(std_stream.try_clone(), idle, report_tx),
             );
             match forked {
                 Ok(pid) => {
@@ -313,6 +328,7 @@ impl ForkServer {
             self.counters.bytes_in += field(0);
             self.counters.bytes_out += field(1);
             self.counters.io_errors += field(2).min(1);
+            self.counters.closed_by_limit += field(3).min(1);
         }
         self.partial.drain(..whole);
     }
@@ -366,7 +382,11 @@ impl ForkServer {
 
 /// A connection's child: default signal dispositions (it has no graceful state to keep), echo,
 /// report, exit.
-fn child(stream: io::Result<std::net::TcpStream>, report: &io::PipeWriter) -> i32 {
+fn child(
+    stream: io::Result<std::net::TcpStream>,
+    idle: Option<Duration>,
+    report: &io::PipeWriter,
+) -> i32 {
     for sig in [Signal::SIGTERM, Signal::SIGQUIT] {
         // SAFETY: restoring the default disposition runs no handler code; the parent's
         // signal actions were dropped by `shed`.
@@ -375,14 +395,15 @@ fn child(stream: io::Result<std::net::TcpStream>, report: &io::PipeWriter) -> i3
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let Ok(stream) = stream else { return 1 };
     let (mut read, mut written) = (0u64, 0u64);
-    let failed = echo_blocking(stream, |r, w| {
+    let end = echo_blocking(stream, idle, |r, w| {
         read += r;
         written += w;
     });
     let mut rec = [0u8; RECORD];
     rec[..8].copy_from_slice(&read.to_le_bytes());
     rec[8..16].copy_from_slice(&written.to_le_bytes());
-    rec[16..].copy_from_slice(&u64::from(failed).to_le_bytes());
+    rec[16..24].copy_from_slice(&u64::from(end == End::Error).to_le_bytes());
+    rec[24..].copy_from_slice(&u64::from(end == End::Idle).to_le_bytes());
     let _ = (&*report).write_all(&rec);
     0
 }

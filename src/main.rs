@@ -9,6 +9,7 @@ mod control;
 mod fork_per_conn;
 mod listener;
 mod master;
+mod privileges;
 mod signals;
 mod spawn;
 mod stats;
@@ -69,6 +70,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_unsent: args.max_unsent as usize,
             drain_timeout: args.drain_timeout,
             stats_interval: args.stats_interval,
+            max_conns: args.max_conns,
+            idle_timeout: args.idle_timeout,
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -101,6 +104,59 @@ fn serve(args: ServeArgs) -> Result<()> {
         .control
         .clone()
         .unwrap_or_else(|| control::default_path(addr.port()));
+    let control_server = control::ControlServer::bind(&control, predecessor.is_some())?;
+    let pid_file = args.pid_file.clone();
+    if let Some(path) = &pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing the pid file {}", path.display()))?;
+    }
+    // Everything that needs root is done: sockets bound, files created.
+    match &args.user {
+        Some(user) => {
+            let owned: Vec<&std::path::Path> = std::iter::once(control.as_path())
+                .chain(pid_file.as_deref())
+                .collect();
+            let (uid, gid) = privileges::drop_to(user, args.group.as_deref(), &owned)
+                .context("dropping privileges")?;
+            worker::log!("serving as {user} (uid {uid}, gid {gid})");
+        }
+        None if nix::unistd::Uid::effective().is_root() => {
+            worker::log!("serving as root: pass --user NAME to drop privileges after binding");
+        }
+        None => {}
+    }
+    let result = run_mode(
+        args,
+        settings,
+        base,
+        socket,
+        addr,
+        control,
+        control_server,
+        predecessor,
+    );
+    if let Some(path) = &pid_file {
+        // Only our own: after an upgrade the file names the new master.
+        if std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+/// Hands the bound socket and control socket to the chosen serving mode.
+#[allow(clippy::too_many_arguments)]
+fn run_mode(
+    args: ServeArgs,
+    settings: master::Settings,
+    base: master::Settings,
+    socket: socket2::Socket,
+    addr: std::net::SocketAddr,
+    control: std::path::PathBuf,
+    control_server: control::ControlServer,
+    predecessor: Option<std::os::fd::OwnedFd>,
+) -> Result<()> {
+    let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();
     let log_stats = (args.log_stats && !stats_every.is_zero()).then_some(stats_every);
     worker::log::set_role(match args.mode {
@@ -123,16 +179,18 @@ fn serve(args: ServeArgs) -> Result<()> {
                 base,
                 predecessor,
             };
-            master::run(cfg, settings, socket, addr)
+            master::run(cfg, settings, socket, addr, control_server)
         }
         Mode::ForkPerConn => fork_per_conn::run(
             fork_per_conn::ForkConfig {
                 drain_timeout,
                 control,
                 log_stats,
+                limits: thread_mode::Limits::of(&settings.worker),
             },
             socket,
             addr,
+            control_server,
         ),
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
@@ -140,9 +198,11 @@ fn serve(args: ServeArgs) -> Result<()> {
                 drain_timeout,
                 control,
                 log_stats,
+                limits: thread_mode::Limits::of(&settings.worker),
             },
             socket,
             addr,
+            control_server,
         ),
     }
 }

@@ -220,11 +220,9 @@ pub fn run(
     settings: Settings,
     listener: Socket,
     addr: SocketAddr,
+    control: ControlServer,
 ) -> Result<()> {
-    let mut master = Master::new(cfg, settings, listener, addr)?;
-    let result = master.run();
-    master.remove_pid_file();
-    result
+    Master::new(cfg, settings, listener, addr, control)?.run()
 }
 
 struct Master {
@@ -262,18 +260,16 @@ impl Master {
         settings: Settings,
         listener: Socket,
         addr: SocketAddr,
+        mut control: ControlServer,
     ) -> Result<Master> {
         let poll = Poll::new().context("creating the master's event loop")?;
         let mut signals = Signals::new(signals::numbers()).context("installing signal handlers")?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .context("watching signals")?;
-        let take_over = cfg.predecessor.is_some();
-        let control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, take_over)?;
-        if let Some(path) = &cfg.pid_file {
-            std::fs::write(path, format!("{}\n", std::process::id()))
-                .with_context(|| format!("writing the pid file {}", path.display()))?;
-        }
+        control
+            .register(poll.registry(), CONTROL_BASE)
+            .context("watching the control socket")?;
         let slots = vec![Backoff::default(); settings.workers as usize];
         let next_stats_log = cfg
             .log_stats
@@ -1114,18 +1110,6 @@ impl Master {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => worker::log!("cannot send {sig} to worker {} (pid {}): {e}", w.id, w.pid),
             }
-        }
-    }
-
-    fn remove_pid_file(&self) {
-        let Some(path) = &self.cfg.pid_file else {
-            return;
-        };
-        // Only our own: after an upgrade the file names the new master.
-        let ours =
-            std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
-        if ours {
-            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -40,6 +40,50 @@ pub struct ThreadConfig {
     pub control: std::path::PathBuf,
     /// Log a line of totals every `stats_interval`.
     pub log_stats: Option<Duration>,
+    /// Connection limits.
+    pub limits: Limits,
+}
+
+/// Limits on connections, shared by thread and fork-per-conn modes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections held at most (0: no limit).
+    pub max_conns: u64,
+    /// Close a connection that received nothing for this long.
+    pub idle: Option<Duration>,
+}
+
+impl Limits {
+    /// The limits a worker config names.
+    pub fn of(cfg: &worker::WorkerConfig) -> Limits {
+        Limits {
+            max_conns: cfg.max_conns,
+            idle: cfg.idle(),
+        }
+    }
+
+    /// Whether `held` connections leave room for one more.
+    pub fn full(&self, held: u64) -> bool {
+        self.max_conns > 0 && held >= self.max_conns
+    }
+}
+
+/// Resets a connection at once (SO_LINGER 0 makes close send RST): the answer to a client
+/// beyond `--max-conns`, which it sees promptly instead of waiting in the backlog.
+pub(crate) fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// How a blocking echo ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client half-closed and got everything back.
+    Eof,
+    /// Reset, broken pipe, ...
+    Error,
+    /// Nothing received for the idle timeout.
+    Idle,
 }
 
 struct Shared {
@@ -57,6 +101,7 @@ struct Tally {
     bytes_out: AtomicU64,
     accept_errors: AtomicU64,
     io_errors: AtomicU64,
+    closed_by_limit: AtomicU64,
 }
 
 impl Tally {
@@ -72,7 +117,7 @@ impl Tally {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             accept_errors: self.accept_errors.load(Ordering::Relaxed),
             io_errors: self.io_errors.load(Ordering::Relaxed),
-            closed_by_limit: 0,
+            closed_by_limit: self.closed_by_limit.load(Ordering::Relaxed),
         }
     }
 }
@@ -100,7 +145,12 @@ fn snapshot(tallies: &[Arc<Tally>], started: Instant, draining: bool) -> Snapsho
 }
 
 /// Serves until stopped; `Ok` is a requested stop.
-pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> {
+pub fn run(
+    cfg: ThreadConfig,
+    listener: Socket,
+    addr: SocketAddr,
+    mut control: ControlServer,
+) -> Result<()> {
     worker::log::set_role("thread-mode");
     let listener = Arc::new(TcpListener::from(std::os::fd::OwnedFd::from(listener)));
     let shared = Arc::new(Shared {
@@ -113,7 +163,9 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
     poll.registry()
         .register(&mut sigs, SIGNALS, Interest::READABLE)
         .context("watching signals")?;
-    let mut control = ControlServer::bind(&cfg.control, poll.registry(), CONTROL_BASE, false)?;
+    control
+        .register(poll.registry(), CONTROL_BASE)
+        .context("watching the control socket")?;
     worker::log!("control socket {}", cfg.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
@@ -126,7 +178,7 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
         );
         let handle = thread::Builder::new()
             .name(format!("acceptor-{i}"))
-            .spawn(move || accept_loop(&l, &s, &t))
+            .spawn(move || accept_loop(&l, &s, &t, cfg.limits))
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
@@ -215,7 +267,7 @@ pub fn run(cfg: ThreadConfig, listener: Socket, addr: SocketAddr) -> Result<()> 
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>) {
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>, limits: Limits) {
     let mut last_error_log: Option<Instant> = None;
     while shared.accepting.load(Ordering::SeqCst) {
         // The listener is non-blocking (shared with the other acceptors): wait for it with a
@@ -229,7 +281,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>)
         match listener.accept() {
             Ok((stream, _)) => {
                 Tally::bump(&tally.accepted, 1);
-                start_connection(stream, shared, tally);
+                if limits.full(shared.active.load(Ordering::SeqCst) as u64) {
+                    Tally::bump(&tally.closed_by_limit, 1);
+                    reset(stream);
+                } else {
+                    start_connection(stream, shared, tally, limits.idle);
+                }
             }
             Err(e)
                 if matches!(
@@ -250,7 +307,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>)
     }
 }
 
-fn start_connection(stream: TcpStream, shared: &Arc<Shared>, tally: &Arc<Tally>) {
+fn start_connection(
+    stream: TcpStream,
+    shared: &Arc<Shared>,
+    tally: &Arc<Tally>,
+    idle: Option<Duration>,
+) {
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
     let tally = Arc::clone(tally);
     let spawned = thread::Builder::new()
@@ -258,12 +320,14 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>, tally: &Arc<Tally>)
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
-            let failed = echo_blocking(stream, |read, written| {
+            let end = echo_blocking(stream, idle, |read, written| {
                 Tally::bump(&tally.bytes_in, read);
                 Tally::bump(&tally.bytes_out, written);
             });
-            if failed {
-                Tally::bump(&tally.io_errors, 1);
+            match end {
+                End::Error => Tally::bump(&tally.io_errors, 1),
+                End::Idle => Tally::bump(&tally.closed_by_limit, 1),
+                End::Eof => {}
             }
         });
     if let Err(e) = spawned {
@@ -290,13 +354,17 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Blocking echo: read, write it all back, until the client half-closes or fails. `moved`
-/// hears of every chunk (bytes read, bytes written back). Returns whether it ended in an I/O
-/// error rather than the client's end-of-file. Shared by thread mode and fork-per-connection.
-pub(crate) fn echo_blocking(mut stream: TcpStream, mut moved: impl FnMut(u64, u64)) -> bool {
+/// Blocking echo: read, write it all back, until the client half-closes, fails, or sends
+/// nothing for `idle`. `moved` hears of every chunk (bytes read, bytes written back). Shared
+/// by thread mode and fork-per-connection.
+pub(crate) fn echo_blocking(
+    mut stream: TcpStream,
+    idle: Option<Duration>,
+    mut moved: impl FnMut(u64, u64),
+) -> End {
     // Accepted sockets do not inherit O_NONBLOCK on Linux, but say what this loop needs.
-    if stream.set_nonblocking(false).is_err() {
-        return true;
+    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(idle).is_err() {
+        return End::Error;
     }
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; CONN_BUF];
@@ -304,17 +372,25 @@ pub(crate) fn echo_blocking(mut stream: TcpStream, mut moved: impl FnMut(u64, u6
         match stream.read(&mut buf) {
             Ok(0) => {
                 let _ = stream.shutdown(Shutdown::Write);
-                return false;
+                return End::Eof;
             }
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {
                     moved(n as u64, 0);
-                    return true;
+                    return End::Error;
                 }
                 moved(n as u64, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return End::Idle;
+            }
+            Err(_) => return End::Error,
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct WorkerConfig {
     /// Seconds between stats reports; 0 sends only the final one.
     #[arg(long)]
     pub stats_interval: f64,
+    /// Connections this worker holds at most; 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_conns: u64,
+    /// Seconds a connection may stay idle before it is closed; 0: never.
+    #[arg(long, default_value_t = 0.0)]
+    pub idle_timeout: f64,
 }
 
 impl WorkerConfig {
@@ -41,6 +47,8 @@ impl WorkerConfig {
             ("--max-unsent", self.max_unsent.to_string()),
             ("--drain-timeout", self.drain_timeout.to_string()),
             ("--stats-interval", self.stats_interval.to_string()),
+            ("--max-conns", self.max_conns.to_string()),
+            ("--idle-timeout", self.idle_timeout.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -50,6 +58,11 @@ impl WorkerConfig {
     /// The drain timeout as a duration (negative or NaN counts as zero).
     pub fn drain(&self) -> Duration {
         secs(self.drain_timeout)
+    }
+
+    /// The idle timeout, or `None` when idle connections are kept.
+    pub fn idle(&self) -> Option<Duration> {
+        (self.idle_timeout > 0.0).then(|| secs(self.idle_timeout))
     }
 
     /// The stats interval, or `None` when periodic reports are off.
@@ -84,6 +97,8 @@ mod tests {
             max_unsent: 65536,
             drain_timeout: 1.5,
             stats_interval: 0.0,
+            max_conns: 10,
+            idle_timeout: 2.5,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -28,6 +29,8 @@ pub struct Connection {
     owed: Vec<u8>,
     /// The client shut down its sending side (read returned 0).
     read_closed: bool,
+    /// When bytes last moved either way (for the idle timeout).
+    last_active: Instant,
 }
 
 /// Reads per [`Connection::drive`] call before yielding, so one fast client cannot starve the
@@ -41,7 +44,13 @@ impl Connection {
             stream,
             owed: Vec::new(),
             read_closed: false,
+            last_active: Instant::now(),
         }
+    }
+
+    /// When bytes last moved on this connection.
+    pub fn last_active(&self) -> Instant {
+        self.last_active
     }
 
     /// The socket, for (de)registration.
@@ -100,6 +109,7 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             counters.bytes_in += n as u64;
+            self.last_active = Instant::now();
             let data = &scratch[..n];
             // Echo straight from the scratch buffer; copy only what the socket refuses.
             let sent = if self.owed.is_empty() {

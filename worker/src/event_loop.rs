@@ -115,6 +115,8 @@ struct Worker {
     again: Vec<usize>,
     /// A full accept batch was taken: the queue may hold more, accept again next turn.
     accept_again: bool,
+    /// Next sweep for idle connections.
+    next_idle_sweep: Option<Instant>,
 }
 
 impl Worker {
@@ -179,7 +181,9 @@ impl Worker {
             next_report,
             again: Vec::new(),
             accept_again: false,
+            next_idle_sweep: None,
         };
+        worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker
             .reporter
             .send(&Message::Ready)
@@ -236,14 +240,45 @@ impl Worker {
             Phase::Draining { deadline } => Some(deadline),
             Phase::Serving => None,
         };
-        [self.accept_paused_until, self.next_report, deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.accept_paused_until,
+            self.next_report,
+            deadline,
+            self.next_idle_sweep,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// How often to look for idle connections: a quarter of the timeout, at least every
+    /// 100 ms and at most every second, so one is closed within 25% of its timeout.
+    fn idle_sweep_every(&self) -> Option<Duration> {
+        self.cfg
+            .idle()
+            .map(|t| (t / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)))
+    }
+
+    fn close_idle(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.idle() else { return };
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_active()) >= limit && c.owed() == 0)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.counters.closed_by_limit += 1;
+            self.close(key);
+        }
     }
 
     fn on_timers(&mut self) -> Option<Stop> {
         let now = Instant::now();
+        if self.next_idle_sweep.is_some_and(|t| now >= t) {
+            self.next_idle_sweep = self.idle_sweep_every().map(|d| now + d);
+            self.close_idle(now);
+        }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.accept_all();
@@ -304,6 +339,21 @@ impl Worker {
     }
 
     fn add_connection(&mut self, mut stream: TcpStream) {
+        self.counters.accepted += 1;
+        if self.cfg.max_conns > 0 && self.conns.len() as u64 >= self.cfg.max_conns {
+            // At the limit: reset at once (SO_LINGER 0 makes close send RST), so the client
+            // learns promptly instead of waiting in the backlog for a slot.
+            let _ = nix::sys::socket::setsockopt(
+                &stream,
+                sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+            self.counters.closed_by_limit += 1;
+            return;
+        }
         // Echo is request/response shaped: don't let Nagle hold back a small reply.
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
@@ -318,7 +368,6 @@ impl Worker {
             return;
         }
         entry.insert(Connection::new(stream));
-        self.counters.accepted += 1;
         self.counters.active += 1;
     }
 

@@ -330,4 +330,39 @@ mod tests {
         }
         assert!(last.is_some());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever a broken or hostile peer sends, in whatever pieces, decoding ends in
+            /// messages, "need more", or a typed error: never a panic, never unbounded growth.
+            #[test]
+            fn the_decoder_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+                let mut d = FrameDecoder::default();
+                for chunk in chunks {
+                    d.push(&chunk);
+                    loop {
+                        match d.next_message() {
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn reports_round_trip(a in any::<[u64; 7]>()) {
+                let msg = Message::Report(Counters::from_array(a));
+                let mut wire = Vec::new();
+                msg.encode(&mut wire);
+                let mut d = FrameDecoder::default();
+                d.push(&wire);
+                prop_assert_eq!(d.next_message(), Ok(Some(msg)));
+            }
+        }
+    }
 }

@@ -1,0 +1,301 @@
+//! Hostile clients and exhausted limits: the server keeps serving everyone else, loses nothing
+//! it accepted, says what happened in its stats, and stays within its memory and CPU.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, client, echo, echo_to_eof, wait_until};
+
+/// Whether the server reset or closed this connection (a read fails or returns EOF).
+fn refused_promptly(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"x");
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}
+
+fn total(server: &Server, key: &str) -> u64 {
+    server.stats()["totals"][key].as_u64().unwrap()
+}
+
+#[test]
+fn connections_beyond_max_conns_are_reset_promptly_and_counted() {
+    for args in [
+        &["--workers", "1"][..],
+        &["--workers", "2", "--mode", "thread"],
+        &["--mode", "fork-per-conn"],
+    ] {
+        let server =
+            Server::start(&[args, &["--max-conns", "10", "--stats-interval", "0.1"]].concat());
+        let mut held: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
+        for s in &mut held {
+            echo(s, b"in");
+        }
+        let t0 = Instant::now();
+        let mut over = server.connect();
+        assert!(refused_promptly(&mut over), "{args:?}: the 11th was served");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(wait_until(Duration::from_secs(5), || total(
+            &server,
+            "closed_by_limit"
+        ) >= 1));
+        // Everyone held is still served, and a freed slot is taken again.
+        for s in &mut held {
+            echo(s, b"still");
+        }
+        drop(held.pop());
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let mut s = server.connect();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                s.write_all(b"ok").is_ok() && {
+                    let mut b = [0u8; 2];
+                    s.read_exact(&mut b).is_ok()
+                }
+            }),
+            "{args:?}: a freed slot was not reused"
+        );
+    }
+}
+
+#[test]
+fn idle_connections_are_closed_and_busy_ones_kept() {
+    for args in [
+        &["--workers", "1"][..],
+        &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
+    ] {
+        let server =
+            Server::start(&[args, &["--idle-timeout", "0.5", "--stats-interval", "0.1"]].concat());
+        let mut idle = server.connect();
+        echo(&mut idle, b"then silence");
+        let mut busy = server.connect();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(1500) {
+            echo(&mut busy, b"tick");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut b = [0u8; 1];
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(
+            matches!(idle.read(&mut b), Ok(0) | Err(_)),
+            "{args:?}: the idle connection is still open"
+        );
+        echo(&mut busy, b"busy is kept");
+        assert!(
+            wait_until(Duration::from_secs(5), || total(&server, "closed_by_limit")
+                >= 1),
+            "{args:?}"
+        );
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<f64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+#[test]
+fn descriptor_exhaustion_backs_off_and_recovers() {
+    // 64 descriptors for the whole server: the worker runs out after ~50 connections.
+    let dir = common::scratch_dir();
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 64 && exec {} --listen 127.0.0.1:0 --workers 1 --control {}",
+                common::BIN,
+                dir.join("c.sock").display()
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut line = String::new();
+    let mut out = child.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while !line.ends_with('\n') && out.read(&mut byte).unwrap_or(0) == 1 {
+        line.push(byte[0] as char);
+    }
+    let addr: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let worker = common::children_of(child.id() as i32)[0];
+
+    // 90 clients: the kernel completes every handshake, the worker accepts what it can.
+    let mut conns: Vec<TcpStream> = (0..90).map(|_| client(addr)).collect();
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.write_all(b"hi").unwrap();
+    }
+    let served: Vec<usize> = (0..conns.len())
+        .filter(|&i| {
+            let mut b = [0u8; 2];
+            conns[i].read_exact(&mut b).is_ok()
+        })
+        .collect();
+    assert!(
+        served.len() >= 30 && served.len() < 90,
+        "served {}",
+        served.len()
+    );
+    // Out of descriptors, the worker must not spin: measure its CPU over a second.
+    let before = cpu_secs(worker);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_secs(worker) - before;
+    assert!(
+        used < 0.3,
+        "the worker burned {used:.2} s of CPU in 1 s while out of descriptors"
+    );
+    assert!(common::alive(worker));
+    // Free descriptors: the waiting clients are served, in full.
+    for &i in served.iter().rev() {
+        drop(conns.remove(i));
+    }
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b)
+            .expect("a waiting client was served once descriptors freed up");
+        assert_eq!(&b, b"hi");
+    }
+    common::kill_tree(child.id() as i32);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resets_mid_write_and_vanishing_clients_are_counted_not_fatal() {
+    let server = Server::start(&["--workers", "2", "--stats-interval", "0.1"]);
+    let workers = server.workers();
+    for _ in 0..50 {
+        let mut s = server.connect();
+        let _ = s.write_all(&vec![7u8; 1 << 20]);
+        // RST instead of FIN, with the echo still owed.
+        socket_linger_zero(&s);
+        drop(s);
+    }
+    for _ in 0..50 {
+        let mut s = server.connect();
+        let _ = s.write_all(b"half a conversation");
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    assert!(wait_until(Duration::from_secs(10), || total(
+        &server,
+        "io_errors"
+    ) >= 1));
+    assert_eq!(server.workers(), workers, "no worker died");
+    echo_to_eof(server.connect(), b"others are served");
+}
+
+fn socket_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsFd;
+    let _ = nix::sys::socket::setsockopt(
+        &s.as_fd(),
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
+#[test]
+fn slow_loris_clients_do_not_starve_the_others() {
+    common::raise_nofile();
+    let server = Server::start(&["--workers", "2"]);
+    let mut slow: Vec<TcpStream> = (0..1000).map(|_| server.connect()).collect();
+    let mut fast = server.connect();
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut round = 0u8;
+    while t0.elapsed() < Duration::from_secs(2) {
+        for s in &mut slow {
+            let _ = s.write_all(&[round]);
+        }
+        round = round.wrapping_add(1);
+        for _ in 0..20 {
+            let t = Instant::now();
+            echo(&mut fast, b"quick question");
+            worst = worst.max(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        worst < Duration::from_secs(1),
+        "a fast client waited {worst:?}"
+    );
+    // The slow ones were served too, byte by byte.
+    let mut b = [0u8; 1];
+    slow[0].read_exact(&mut b).unwrap();
+    assert_eq!(b[0], 0);
+}
+
+/// Private memory (PSS) of a process, in bytes.
+fn pss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
+    const FLOODERS: usize = 1000;
+    const BOUND: u64 = 16 * 1024;
+    common::raise_nofile();
+    let server = Server::start(&["--workers", "1", "--max-unsent", &BOUND.to_string()]);
+    let worker = server.workers()[0];
+    let base = pss(worker);
+    let mut flooders = Vec::new();
+    for _ in 0..FLOODERS {
+        let s = server.connect();
+        s.set_nonblocking(true).unwrap();
+        flooders.push(s);
+    }
+    // Each writes until its socket is full in both directions, and never reads.
+    let chunk = vec![1u8; 64 * 1024];
+    for _ in 0..20 {
+        for s in &mut flooders {
+            let _ = s.write(&chunk);
+        }
+    }
+    let grown = pss(worker).saturating_sub(base);
+    assert!(
+        grown <= BOUND * FLOODERS as u64 * 3 / 2 + (8 << 20),
+        "the worker grew {grown} bytes for {FLOODERS} flooders (bound {BOUND} each)"
+    );
+    // And a client that does read is still answered at once.
+    let t = Instant::now();
+    echo_to_eof(server.connect(), b"I read my echo");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        common::kill_tree(self.0);
+    }
+}
