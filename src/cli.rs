@@ -114,6 +114,9 @@ pub struct ServeArgs {
     /// stats_interval, worker_timeout); its keys override these flags.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also echo UDP datagrams (RFC 862 over UDP) on the same address and port.
+    #[arg(long)]
+    pub udp: bool,
     /// When started as root: serve as this user, after binding (the control socket and pid
     /// file are handed to it).
     #[arg(long, value_name = "NAME")]

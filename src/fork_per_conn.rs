@@ -285,7 +285,11 @@ impl ForkServer {
                 continue;
             }
             let idle = self.cfg.limits.idle;
-            let keep = [std_stream.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            let keep = [
+                std_stream.as_raw_fd(),
+                self.report_tx.as_fd().as_raw_fd(),
+                -1,
+            ];
             let signals = &mut self.signals;
             let report_tx = &self.report_tx;
             let forked = fork_child(

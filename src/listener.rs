@@ -59,6 +59,25 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Socket, ListenError> {
     Ok(socket)
 }
 
+/// Binds the UDP echo socket on the TCP listener's address (same port), non-blocking and
+/// close-on-exec: one socket every worker shares.
+pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, ListenError> {
+    let fail = |source| ListenError::Bind { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    Ok(socket.into())
+}
+
+/// Adopts an inherited UDP socket (binary upgrade).
+pub fn adopt_udp(fd: std::os::fd::OwnedFd) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::from(fd);
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    Ok(socket.into())
+}
+
 /// Takes over a listening socket someone else bound (systemd socket activation).
 pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Socket> {
     let socket = Socket::from(fd);

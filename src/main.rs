@@ -65,6 +65,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         worker: worker::WorkerConfig {
             listen_fd: -1,
             ipc_fd: -1,
+            udp_fd: -1,
             id: 0,
             generation: 1,
             max_unsent: args.max_unsent as usize,
@@ -91,7 +92,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         None,
     )
     .context("unblocking signals")?;
-    let (inherited, predecessor) = spawn::from_predecessor();
+    let spawn::Inherited {
+        listener: inherited,
+        ready: predecessor,
+        udp: inherited_udp,
+    } = spawn::from_predecessor();
+    if args.udp && args.mode == Mode::ForkPerConn {
+        bail!("--udp is served in process and thread modes, not fork-per-conn");
+    }
     let socket = match (inherited, systemd::listen_fd()) {
         (Some(fd), _) => {
             listener::adopt(fd).context("the listener handed over by the old master")?
@@ -100,6 +108,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         (None, None) => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
     };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
+    let udp = match (args.udp, inherited_udp) {
+        (true, Some(fd)) => Some(listener::adopt_udp(fd).context("the UDP socket handed over")?),
+        (true, None) => Some(listener::bind_udp(addr)?),
+        (false, _) => None,
+    };
     let control = args
         .control
         .clone()
@@ -129,7 +142,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args,
         settings,
         base,
-        socket,
+        (socket, udp),
         addr,
         control,
         control_server,
@@ -150,7 +163,7 @@ fn run_mode(
     args: ServeArgs,
     settings: master::Settings,
     base: master::Settings,
-    socket: socket2::Socket,
+    (socket, udp): (socket2::Socket, Option<std::net::UdpSocket>),
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     control_server: control::ControlServer,
@@ -178,6 +191,7 @@ fn run_mode(
                 pid_file: args.pid_file,
                 base,
                 predecessor,
+                udp,
             };
             master::run(cfg, settings, socket, addr, control_server)
         }
@@ -195,6 +209,7 @@ fn run_mode(
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
                 acceptors: workers,
+                udp,
                 drain_timeout,
                 control,
                 log_stats,

@@ -77,6 +77,8 @@ pub struct MasterConfig {
     /// Set when this master was started by a binary upgrade: it takes over the control
     /// socket's path and writes `ready` here once it serves.
     pub predecessor: Option<OwnedFd>,
+    /// The UDP socket every worker shares, with `--udp`.
+    pub udp: Option<std::net::UdpSocket>,
 }
 
 /// The settings a reload can change.
@@ -637,7 +639,8 @@ impl Master {
         cfg.id = id;
         cfg.generation = generation;
         let signals = &mut self.signals;
-        let spawned = spawn_worker(self.cfg.spawn, &self.cfg.exe, listener, cfg, || {
+        let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
+        let spawned = spawn_worker(self.cfg.spawn, &self.cfg.exe, listener, udp, cfg, || {
             // In the child: drop the master's signal delivery, which unregisters its actions
             // so they cannot write into a descriptor number the worker reuses.
             drop(signals.take());
@@ -808,7 +811,8 @@ impl Master {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
         let signals = &mut self.signals;
-        let pid = spawn_successor(&self.cfg.exe, listener, ready_tx.as_raw_fd(), || {
+        let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
+        let pid = spawn_successor(&self.cfg.exe, listener, udp, ready_tx.as_raw_fd(), || {
             drop(signals.take());
         })
         .context("starting the new master")?;
@@ -915,6 +919,7 @@ impl Master {
         // Close our copy of the listener; once the workers close theirs the kernel refuses
         // new connections instead of queueing them for nobody.
         self.listener = None;
+        self.cfg.udp = None;
         worker::log!(
             "{why}: graceful stop; draining {} worker(s) for up to {:?}",
             self.workers.len(),

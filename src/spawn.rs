@@ -30,6 +30,8 @@ pub struct Spawned {
 pub const ENV_LISTEN_FD: &str = "PREFORK_ECHO_LISTEN_FD";
 /// Names the pipe on which a new master tells its predecessor it is serving.
 pub const ENV_UPGRADE_FD: &str = "PREFORK_ECHO_UPGRADE_FD";
+/// Names the inherited UDP socket of a new master (with `--udp`).
+pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 
 /// An exec's path, argv and environment, built before fork so the child need not allocate.
 struct ExecPlan {
@@ -87,12 +89,14 @@ pub fn spawn_worker(
     how: Spawn,
     exe: &CString,
     listener: RawFd,
+    udp: Option<RawFd>,
     mut cfg: WorkerConfig,
     become_worker: impl FnOnce(),
 ) -> io::Result<Spawned> {
     let (channel, child_end) = UnixStream::pair()?;
     cfg.listen_fd = listener;
     cfg.ipc_fd = child_end.as_raw_fd();
+    cfg.udp_fd = udp.unwrap_or(-1);
     let plan = match how {
         Spawn::Exec => {
             let args = std::iter::once("worker".to_string())
@@ -105,7 +109,7 @@ pub fn spawn_worker(
     };
     let pid = fork_child(
         Lineage::Worker,
-        [listener, child_end.as_raw_fd()],
+        [listener, child_end.as_raw_fd(), cfg.udp_fd],
         || {
             if plan.is_none() {
                 become_worker();
@@ -130,6 +134,7 @@ pub fn spawn_worker(
 pub fn spawn_successor(
     exe: &CString,
     listener: RawFd,
+    udp: Option<RawFd>,
     ready: RawFd,
     shed: impl FnOnce(),
 ) -> io::Result<Pid> {
@@ -139,22 +144,40 @@ pub fn spawn_successor(
         .map(|a| a.as_bytes().to_vec())
         .collect();
     let env = ExecPlan::environment(
-        &[ENV_LISTEN_FD, ENV_UPGRADE_FD, "LISTEN_PID", "LISTEN_FDS"],
+        &[
+            ENV_LISTEN_FD,
+            ENV_UPGRADE_FD,
+            ENV_UDP_FD,
+            "LISTEN_PID",
+            "LISTEN_FDS",
+        ],
         &[
             (ENV_LISTEN_FD, listener.to_string()),
             (ENV_UPGRADE_FD, ready.to_string()),
+            (ENV_UDP_FD, udp.unwrap_or(-1).to_string()),
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    fork_child(Lineage::Successor, [listener, ready], shed, || {
+    let keep = [listener, ready, udp.unwrap_or(-1)];
+    fork_child(Lineage::Successor, keep, shed, || {
         plan.exec();
         127
     })
 }
 
-/// The descriptors a predecessor master handed to this process in a binary upgrade: the
-/// listener and the readiness pipe. `None`s outside an upgrade.
-pub fn from_predecessor() -> (Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>) {
+/// The descriptors a predecessor master handed to this process in a binary upgrade.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// The TCP listener.
+    pub listener: Option<std::os::fd::OwnedFd>,
+    /// The pipe to write `ready` on.
+    pub ready: Option<std::os::fd::OwnedFd>,
+    /// The UDP socket, if the server echoes UDP.
+    pub udp: Option<std::os::fd::OwnedFd>,
+}
+
+/// What a predecessor master handed to this process (all `None` outside an upgrade).
+pub fn from_predecessor() -> Inherited {
     use std::os::fd::FromRawFd;
     let fd = |name| {
         let raw: RawFd = std::env::var(name).ok()?.parse().ok()?;
@@ -163,7 +186,11 @@ pub fn from_predecessor() -> (Option<std::os::fd::OwnedFd>, Option<std::os::fd::
         // before anything else could have taken the number.
         (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
     };
-    (fd(ENV_LISTEN_FD), fd(ENV_UPGRADE_FD))
+    Inherited {
+        listener: fd(ENV_LISTEN_FD),
+        ready: fd(ENV_UPGRADE_FD),
+        udp: fd(ENV_UDP_FD),
+    }
 }
 
 /// Whether a child dies with its parent.
@@ -185,7 +212,7 @@ pub enum Lineage {
 /// handler there.
 pub fn fork_child(
     lineage: Lineage,
-    keep: [RawFd; 2],
+    keep: [RawFd; 3],
     shed: impl FnOnce(),
     child: impl FnOnce() -> i32,
 ) -> io::Result<Pid> {
@@ -238,13 +265,14 @@ fn prepare_child(master: Pid) {
     let _ = unsafe { nix::sys::signal::signal(Signal::SIGINT, SigHandler::SigIgn) };
 }
 
-/// Closes every descriptor above stderr except `keep`, and clears close-on-exec on `keep`:
+/// Closes every descriptor above stderr except `keep` (negative entries stand for none), and
+/// clears close-on-exec on `keep`:
 /// a worker holds the listener and its own channel, never its siblings' channels (which would
 /// hide their end-of-file from the master) or the master's event loop.
-fn close_all_but(mut keep: [RawFd; 2]) {
+fn close_all_but(mut keep: [RawFd; 3]) {
     keep.sort_unstable();
     let mut next: u32 = 3;
-    for &fd in &keep {
+    for &fd in keep.iter().filter(|&&fd| fd >= 0) {
         let fd = fd as u32;
         if fd > next {
             close_range(next, fd - 1);

@@ -34,6 +34,8 @@ const ACCEPT_TICK: u16 = 100;
 pub struct ThreadConfig {
     /// Acceptor threads sharing the listener.
     pub acceptors: u32,
+    /// The UDP socket, with `--udp`: as many echo threads as acceptors share it.
+    pub udp: Option<std::net::UdpSocket>,
     /// Graceful-stop budget for open connections.
     pub drain_timeout: Duration,
     /// Where to serve the control socket.
@@ -102,6 +104,8 @@ struct Tally {
     accept_errors: AtomicU64,
     io_errors: AtomicU64,
     closed_by_limit: AtomicU64,
+    datagrams_in: AtomicU64,
+    datagrams_out: AtomicU64,
 }
 
 impl Tally {
@@ -118,6 +122,8 @@ impl Tally {
             accept_errors: self.accept_errors.load(Ordering::Relaxed),
             io_errors: self.io_errors.load(Ordering::Relaxed),
             closed_by_limit: self.closed_by_limit.load(Ordering::Relaxed),
+            datagrams_in: self.datagrams_in.load(Ordering::Relaxed),
+            datagrams_out: self.datagrams_out.load(Ordering::Relaxed),
         }
     }
 }
@@ -184,8 +190,28 @@ pub fn run(
     }
     // Only the acceptors hold the listener from here on, so joining them closes it.
     drop(listener);
+    if let Some(udp) = cfg.udp.as_ref() {
+        udp.set_nonblocking(false)
+            .context("making the UDP socket blocking")?;
+        udp.set_read_timeout(Some(Duration::from_millis(u64::from(ACCEPT_TICK))))
+            .context("setting the UDP socket's timeout")?;
+        for (i, tally) in tallies.iter().enumerate() {
+            let (u, s, t) = (
+                udp.try_clone().context("sharing the UDP socket")?,
+                Arc::clone(&shared),
+                Arc::clone(tally),
+            );
+            acceptors.push(
+                thread::Builder::new()
+                    .name(format!("udp-{i}"))
+                    .spawn(move || udp_loop(&u, &s, &t))
+                    .context("starting a UDP thread")?,
+            );
+        }
+    }
     crate::announce(addr, "thread", cfg.acceptors);
 
+    let mut udp_main = cfg.udp;
     let mut events = Events::with_capacity(64);
     let mut drain_deadline: Option<Instant> = None;
     let mut next_log = cfg.log_stats.map(|d| Instant::now() + d);
@@ -241,6 +267,7 @@ pub fn run(
             match (signals::action(sig), drain_deadline) {
                 (Some(Action::GracefulStop), None) => {
                     shared.accepting.store(false, Ordering::SeqCst);
+                    drop(udp_main.take());
                     // Joining the acceptors drops their listener handles: new connections
                     // are then refused rather than queued for nobody.
                     for a in acceptors.drain(..) {
@@ -303,6 +330,30 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>,
                 }
                 thread::sleep(Duration::from_millis(100));
             }
+        }
+    }
+}
+
+/// Echoes datagrams with blocking I/O until the server stops accepting.
+fn udp_loop(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally) {
+    let mut buf = vec![0u8; 65_536];
+    while shared.accepting.load(Ordering::SeqCst) {
+        match udp.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                Tally::bump(&tally.datagrams_in, 1);
+                match udp.send_to(&buf[..n], peer) {
+                    Ok(_) => Tally::bump(&tally.datagrams_out, 1),
+                    Err(_) => Tally::bump(&tally.io_errors, 1),
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => Tally::bump(&tally.io_errors, 1),
         }
     }
 }

@@ -299,3 +299,100 @@ impl Drop for KillOnDrop {
         common::kill_tree(self.0);
     }
 }
+
+#[test]
+fn root_drops_to_the_named_user_after_binding() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: --user cannot be tested here; skipping");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("no user named nobody; skipping");
+        return;
+    };
+    let uid_of = |pid: i32| -> Option<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let server = Server::start(&["--workers", "2", "--user", "nobody"]);
+    for pid in std::iter::once(server.pid).chain(server.workers()) {
+        assert_eq!(
+            uid_of(pid),
+            Some(nobody.uid.as_raw()),
+            "pid {pid} still privileged"
+        );
+    }
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&server.control).unwrap();
+    assert_eq!(
+        meta.uid(),
+        nobody.uid.as_raw(),
+        "the control socket belongs to the serving user"
+    );
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    echo_to_eof(server.connect(), b"served by nobody");
+    assert!(
+        server.stats()["workers"].is_array(),
+        "stats still readable by root"
+    );
+
+    // Without --user, root is warned once; with an unknown user, start-up fails cleanly.
+    let plain = Server::start(&["--workers", "1"]);
+    assert_eq!(plain.stderr().matches("serving as root").count(), 1);
+    let bad = Server::try_start(common::BIN, &["--user", "no-such-user-here"])
+        .err()
+        .unwrap();
+    assert_eq!(bad.status.and_then(|s| s.code()), Some(1));
+    assert!(bad.stderr.contains("no user named"), "{}", bad.stderr);
+}
+
+#[test]
+fn udp_datagrams_are_echoed_in_process_and_thread_modes() {
+    use std::net::UdpSocket;
+    for mode in ["process", "thread"] {
+        let server = Server::start(&[
+            "--workers",
+            "2",
+            "--udp",
+            "--mode",
+            mode,
+            "--stats-interval",
+            "0.1",
+        ]);
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rng = common::Rng::new(77);
+        let mut sizes = vec![1, 65_507];
+        sizes.extend((0..300).map(|_| rng.range(1, 9000)));
+        let mut buf = vec![0u8; 70_000];
+        for &n in &sizes {
+            let d = rng.bytes(n);
+            sock.send_to(&d, server.addr).unwrap();
+            let (got, from) = sock
+                .recv_from(&mut buf)
+                .expect("an echo for every datagram");
+            assert_eq!(from, server.addr);
+            assert!(
+                buf[..got] == d[..],
+                "{mode}: a {n}-byte datagram came back different"
+            );
+        }
+        let want = sizes.len() as u64;
+        assert!(
+            wait_until(Duration::from_secs(5), || total(&server, "datagrams_in")
+                == want
+                && total(&server, "datagrams_out") == want),
+            "{mode}: stats count {} in, {} out",
+            total(&server, "datagrams_in"),
+            total(&server, "datagrams_out")
+        );
+        // TCP is served on the same port all along.
+        echo_to_eof(server.connect(), b"tcp too");
+    }
+}

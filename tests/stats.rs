@@ -173,6 +173,8 @@ fn stats_json_matches_the_documented_schema() {
             "accept_errors",
             "io_errors",
             "closed_by_limit",
+            "datagrams_in",
+            "datagrams_out",
         ];
         for c in counters {
             assert!(v["totals"][c].is_u64(), "totals.{c}");

@@ -13,6 +13,9 @@ pub struct WorkerConfig {
     /// Inherited descriptor of this worker's end of the IPC socket pair.
     #[arg(long)]
     pub ipc_fd: RawFd,
+    /// Inherited descriptor of the shared UDP socket; -1: no UDP.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub udp_fd: RawFd,
     /// Slot number in the pool, 0-based.
     #[arg(long)]
     pub id: u32,
@@ -42,6 +45,7 @@ impl WorkerConfig {
         [
             ("--listen-fd", self.listen_fd.to_string()),
             ("--ipc-fd", self.ipc_fd.to_string()),
+            ("--udp-fd", self.udp_fd.to_string()),
             ("--id", self.id.to_string()),
             ("--generation", self.generation.to_string()),
             ("--max-unsent", self.max_unsent.to_string()),
@@ -92,6 +96,7 @@ mod tests {
         let cfg = WorkerConfig {
             listen_fd: 3,
             ipc_fd: 7,
+            udp_fd: -1,
             id: 2,
             generation: 5,
             max_unsent: 65536,

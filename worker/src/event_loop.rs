@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
@@ -33,7 +33,10 @@ pub const EXIT_BOOT_FAILURE: i32 = 3;
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const MASTER: Token = Token(2);
-const FIRST_CONN: usize = 3;
+const UDP: Token = Token(3);
+const FIRST_CONN: usize = 4;
+/// Datagrams echoed per loop turn before the connections get their turn again.
+const DATAGRAMS_PER_TURN: usize = 64;
 
 /// Size of the one read buffer all connections share.
 const SCRATCH: usize = 64 * 1024;
@@ -117,6 +120,10 @@ struct Worker {
     accept_again: bool,
     /// Next sweep for idle connections.
     next_idle_sweep: Option<Instant>,
+    /// The shared UDP socket, with `--udp`.
+    udp: Option<UdpSocket>,
+    /// The UDP turn's budget ran out: more datagrams may be waiting.
+    udp_again: bool,
 }
 
 impl Worker {
@@ -142,6 +149,17 @@ impl Worker {
             .map_err(io_ctx("making the listener non-blocking"))?;
         let mut listener = TcpListener::from_std(std_listener);
         let reporter = Reporter::new(ipc_fd).map_err(io_ctx("opening the IPC channel"))?;
+        let mut udp = if cfg.udp_fd >= 0 {
+            // SAFETY: as above: inherited from the master for this process alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(cfg.udp_fd) };
+            let std_udp = std::net::UdpSocket::from(fd);
+            std_udp
+                .set_nonblocking(true)
+                .map_err(io_ctx("making the UDP socket non-blocking"))?;
+            Some(UdpSocket::from_std(std_udp))
+        } else {
+            None
+        };
 
         let poll = Poll::new().map_err(io_ctx("creating the event loop"))?;
         let mut signals =
@@ -160,6 +178,11 @@ impl Worker {
                 Interest::READABLE,
             )
             .map_err(io_ctx("watching the master"))?;
+        if let Some(u) = udp.as_mut() {
+            registry
+                .register(u, UDP, Interest::READABLE)
+                .map_err(io_ctx("watching the UDP socket"))?;
+        }
         // The master blocked every signal across fork/exec so none could arrive before the
         // handlers above existed; from here on they are recorded and acted on by the loop.
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
@@ -182,6 +205,8 @@ impl Worker {
             again: Vec::new(),
             accept_again: false,
             next_idle_sweep: None,
+            udp,
+            udp_again: false,
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker
@@ -194,7 +219,7 @@ impl Worker {
     fn serve(&mut self) -> Stop {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.again.is_empty() && !self.accept_again {
+            let timeout = if self.again.is_empty() && !self.accept_again && !self.udp_again {
                 self.next_timer()
                     .map(|t| t.saturating_duration_since(Instant::now()))
                     .map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
@@ -215,6 +240,7 @@ impl Worker {
                             return stop;
                         }
                     }
+                    UDP => self.echo_datagrams(),
                     MASTER => {
                         if self.master_gone() {
                             return Stop::Now("the master is gone");
@@ -228,6 +254,9 @@ impl Worker {
             }
             if std::mem::take(&mut self.accept_again) {
                 self.accept_all();
+            }
+            if std::mem::take(&mut self.udp_again) {
+                self.echo_datagrams();
             }
             if let Some(stop) = self.on_timers() {
                 return stop;
@@ -338,6 +367,29 @@ impl Worker {
         }
     }
 
+    /// Echoes each waiting datagram to its sender. UDP promises no delivery: a datagram whose
+    /// echo finds the send buffer full is dropped (and not counted as echoed).
+    fn echo_datagrams(&mut self) {
+        let Some(udp) = &self.udp else { return };
+        for _ in 0..DATAGRAMS_PER_TURN {
+            match udp.recv_from(&mut self.scratch) {
+                Ok((n, peer)) => {
+                    self.counters.datagrams_in += 1;
+                    match udp.send_to(&self.scratch[..n], peer) {
+                        Ok(_) => self.counters.datagrams_out += 1,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => self.counters.io_errors += 1,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // An ICMP error from an earlier send (port unreachable): not fatal.
+                Err(_) => self.counters.io_errors += 1,
+            }
+        }
+        self.udp_again = true;
+    }
+
     fn add_connection(&mut self, mut stream: TcpStream) {
         self.counters.accepted += 1;
         if self.cfg.max_conns > 0 && self.conns.len() as u64 >= self.cfg.max_conns {
@@ -415,6 +467,9 @@ impl Worker {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
             // Dropping closes only this process's copy; the others keep accepting.
+        }
+        if let Some(mut udp) = self.udp.take() {
+            let _ = self.poll.registry().deregister(&mut udp);
         }
         let deadline = Instant::now() + self.cfg.drain();
         self.phase = Phase::Draining { deadline };

@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::stats::Counters;
 
 /// Protocol version; a frame of another version is refused, never guessed at.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest body accepted; anything longer is a broken or hostile peer.
 pub const MAX_FRAME: usize = 256;
 
@@ -245,6 +245,8 @@ mod tests {
             accept_errors: 5,
             io_errors: 6,
             closed_by_limit: 7,
+            datagrams_in: 8,
+            datagrams_out: 9,
         }
     }
 
@@ -355,7 +357,7 @@ mod tests {
             }
 
             #[test]
-            fn reports_round_trip(a in any::<[u64; 7]>()) {
+            fn reports_round_trip(a in any::<[u64; 9]>()) {
                 let msg = Message::Report(Counters::from_array(a));
                 let mut wire = Vec::new();
                 msg.encode(&mut wire);

@@ -20,11 +20,15 @@ pub struct Counters {
     pub io_errors: u64,
     /// Connections the server closed because a limit was reached (drain timeout, ...).
     pub closed_by_limit: u64,
+    /// UDP datagrams received.
+    pub datagrams_in: u64,
+    /// UDP datagrams echoed back.
+    pub datagrams_out: u64,
 }
 
 impl Counters {
     /// Number of `u64` fields in the wire form.
-    pub const FIELDS: usize = 7;
+    pub const FIELDS: usize = 9;
 
     /// The counters in wire order.
     pub fn to_array(&self) -> [u64; Self::FIELDS] {
@@ -36,6 +40,8 @@ impl Counters {
             self.accept_errors,
             self.io_errors,
             self.closed_by_limit,
+            self.datagrams_in,
+            self.datagrams_out,
         ]
     }
 
@@ -58,6 +64,8 @@ impl Counters {
             accept_errors: a[4],
             io_errors: a[5],
             closed_by_limit: a[6],
+            datagrams_in: a[7],
+            datagrams_out: a[8],
         }
     }
 }
