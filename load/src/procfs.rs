@@ -7,7 +7,8 @@ use std::fs;
 /// One sample of a process tree.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TreeSample {
-    /// User + system CPU seconds: live processes, plus children already reaped (cutime).
+    /// CPU seconds: every live thread's on-CPU time (schedstat, in nanoseconds), plus the
+    /// root's reaped children (cutime + cstime, in clock ticks).
     pub cpu_secs: f64,
     /// Voluntary + involuntary context switches of the live threads.
     pub context_switches: u64,
@@ -60,7 +61,9 @@ pub fn sample(pid: i32) -> TreeSample {
         s.processes += 1;
         // Fields after the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
         let num = |k: usize| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        s.cpu_secs += (num(11) + num(12)) / ticks;
+        // Not utime/stime: they are whole clock ticks per process, so a thousand short-lived
+        // children of 2 ms each would add up to nothing.
+        s.cpu_secs += on_cpu_ns(p) as f64 / 1e9;
         if i == 0 {
             // Reaped children (fork-per-connection servers) are charged to the root.
             s.cpu_secs += (num(13) + num(14)) / ticks;
@@ -69,6 +72,18 @@ pub fn sample(pid: i32) -> TreeSample {
         s.context_switches += context_switches(p);
     }
     s
+}
+
+/// Nanoseconds on CPU of every live thread of `pid` (first field of each schedstat).
+fn on_cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn pss(pid: i32) -> u64 {
