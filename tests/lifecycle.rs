@@ -211,20 +211,14 @@ fn workers_die_with_a_sigkilled_master() {
 fn a_worker_that_keeps_dying_makes_the_master_give_up() {
     // A bad deploy: exec-mode workers run the binary on disk, and it has been replaced by one
     // that exits at once. The master must back off, then stop with a reason, not loop forever.
-    let dir = common::scratch_dir();
-    let bin = dir.join("prefork-echo");
-    std::fs::copy(common::BIN, &bin).unwrap();
-    let mut server = Server::try_start(&bin, &["--workers", "1", "--spawn", "exec"]).unwrap();
-    let broken = dir.join("broken");
-    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&broken, &bin).unwrap();
+    let bin = common::BinaryCopy::new();
+    let mut server = Server::try_start(&bin.path, &["--workers", "1", "--spawn", "exec"]).unwrap();
+    bin.break_it();
 
     let worker = server.workers()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGKILL).unwrap();
     let status = server.wait_exit(Duration::from_secs(60));
     let log = server.stderr();
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
     assert!(log.contains("giving up"), "{log}");
     assert!(log.contains("respawning in"), "no backoff seen:\n{log}");

@@ -140,18 +140,13 @@ fn sighup_reloads_and_the_config_file_is_reread() {
 
 #[test]
 fn a_new_generation_that_cannot_start_leaves_the_old_one_serving() {
-    let dir = common::scratch_dir();
-    let bin = dir.join("prefork-echo");
-    std::fs::copy(common::BIN, &bin).unwrap();
-    let server = Server::try_start(&bin, &["--workers", "2", "--spawn", "exec"]).unwrap();
+    let bin = common::BinaryCopy::new();
+    let server = Server::try_start(&bin.path, &["--workers", "2", "--spawn", "exec"]).unwrap();
     let before = server.workers();
     let mut held = server.connect();
     echo(&mut held, b"before");
     // A bad deploy: the binary on disk now exits at once.
-    let broken = dir.join("broken");
-    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&broken, &bin).unwrap();
+    bin.break_it();
 
     let out = ctl(&server, &["reload"]);
     assert_eq!(out.status.code(), Some(1));
@@ -161,7 +156,6 @@ fn a_new_generation_that_cannot_start_leaves_the_old_one_serving() {
     assert_eq!(server.workers(), before, "the old generation is untouched");
     echo(&mut held, b"after");
     echo_to_eof(server.connect(), b"new clients too");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -382,20 +376,15 @@ fn binary_upgrade_under_load_drops_nothing() {
 
 #[test]
 fn a_failed_upgrade_leaves_the_old_master_serving() {
-    let dir = common::scratch_dir();
-    let bin = dir.join("prefork-echo");
-    std::fs::copy(common::BIN, &bin).unwrap();
-    let pid_file = dir.join("echo.pid");
+    let bin = common::BinaryCopy::new();
+    let pid_file = bin.dir.join("echo.pid");
     let server = Server::try_start(
-        &bin,
+        &bin.path,
         &["--workers", "2", "--pid-file", pid_file.to_str().unwrap()],
     )
     .unwrap();
     let before = server.workers();
-    let broken = dir.join("broken");
-    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&broken, &bin).unwrap();
+    bin.break_it();
     server.signal(Signal::SIGUSR2);
     assert!(
         server.wait_for_log("upgrade failed", Duration::from_secs(10)),
@@ -410,7 +399,6 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
         .unwrap();
     assert_eq!(pid, server.pid);
     echo_to_eof(server.connect(), b"still the old master");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

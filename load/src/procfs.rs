@@ -7,8 +7,10 @@ use std::fs;
 /// One sample of a process tree.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TreeSample {
-    /// CPU seconds: every live thread's on-CPU time (schedstat, in nanoseconds), plus the
-    /// root's reaped children (cutime + cstime, in clock ticks).
+    /// CPU seconds of the tree: per process, the larger of utime + stime (whole clock ticks,
+    /// but including threads that have exited) and its live threads' schedstat (nanoseconds:
+    /// exact for the many tiny children of a fork-per-connection server, which ticks round
+    /// to nothing); plus the root's reaped children (cutime + cstime).
     pub cpu_secs: f64,
     /// Voluntary + involuntary context switches of the live threads.
     pub context_switches: u64,
@@ -61,9 +63,7 @@ pub fn sample(pid: i32) -> TreeSample {
         s.processes += 1;
         // Fields after the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
         let num = |k: usize| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // Not utime/stime: they are whole clock ticks per process, so a thousand short-lived
-        // children of 2 ms each would add up to nothing.
-        s.cpu_secs += on_cpu_ns(p) as f64 / 1e9;
+        s.cpu_secs += ((num(11) + num(12)) / ticks).max(on_cpu_ns(p) as f64 / 1e9);
         if i == 0 {
             // Reaped children (fork-per-connection servers) are charged to the root.
             s.cpu_secs += (num(13) + num(14)) / ticks;

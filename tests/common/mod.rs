@@ -190,6 +190,40 @@ impl Drop for Server {
     }
 }
 
+/// A copy of the server binary in a directory of its own, so a test can play "bad deploy"
+/// (exec spawning and upgrades run whatever binary is at that path now).
+pub struct BinaryCopy {
+    /// The directory (removed on drop).
+    pub dir: PathBuf,
+    /// The copy.
+    pub path: PathBuf,
+}
+
+impl BinaryCopy {
+    pub fn new() -> BinaryCopy {
+        let dir = scratch_dir();
+        let path = dir.join("prefork-echo");
+        std::fs::copy(BIN, &path).expect("copying the binary");
+        BinaryCopy { dir, path }
+    }
+
+    /// Replaces the binary, atomically (running processes keep the old one), with a
+    /// program that exits 1 at once.
+    pub fn break_it(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let broken = self.dir.join("broken");
+        std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&broken, &self.path).unwrap();
+    }
+}
+
+impl Drop for BinaryCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A fresh directory for one server's files (removed when the server is dropped).
 pub fn scratch_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
