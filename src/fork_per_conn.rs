@@ -216,7 +216,7 @@ impl ForkServer {
                 self.stop_now();
             }
             (Some(Action::Reload), _) => {
-                worker::log!("SIGHUP: reload is not supported yet; ignored")
+                worker::log!("SIGHUP: reloading is for --mode process; ignored")
             }
             _ => {}
         }

@@ -286,7 +286,7 @@ pub fn run(
                     return Ok(());
                 }
                 (Some(Action::Reload), _) => {
-                    worker::log!("SIGHUP: reload is not supported yet; ignored")
+                    worker::log!("SIGHUP: reloading is for --mode process; ignored")
                 }
                 _ => {}
             }
