@@ -347,12 +347,7 @@ mod tests {
                 let mut d = FrameDecoder::default();
                 for chunk in chunks {
                     d.push(&chunk);
-                    loop {
-                        match d.next_message() {
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
+                    while let Ok(Some(_)) = d.next_message() {}
                 }
             }
 
