@@ -15,9 +15,7 @@ use anyhow::{Context, Result};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::errno::Errno;
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigprocmask};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
@@ -25,7 +23,7 @@ use worker::stats::Counters;
 
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
-use crate::spawn::{Lineage, fork_child};
+use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
 use crate::thread_mode::{End, Limits, echo_blocking, reset};
 
@@ -338,20 +336,8 @@ impl ForkServer {
     }
 
     fn reap(&mut self) {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    worker::log!("waitpid failed: {e}");
-                    return;
-                }
-                Ok(status) => {
-                    if let Some(pid) = status.pid() {
-                        self.children.remove(&pid);
-                    }
-                }
-            }
+        for gone in reap_exited() {
+            self.children.remove(&gone.pid);
         }
     }
 

@@ -23,7 +23,6 @@ use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde_json::json;
 use signal_hook_mio::v1_0::Signals;
@@ -37,7 +36,7 @@ use crate::cli::Spawn;
 use crate::config::{ConfigError, FileConfig};
 use crate::control::{ClientId, ControlServer, Request};
 use crate::signals::{self, Action};
-use crate::spawn::{spawn_successor, spawn_worker};
+use crate::spawn::{reap_exited, spawn_successor, spawn_worker};
 use crate::stats::{Snapshot, WorkerRow};
 use crate::systemd;
 
@@ -483,21 +482,8 @@ impl Master {
 
     /// Collects every exited child (never leaving a zombie) and decides about its slot.
     fn reap(&mut self) {
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    worker::log!("waitpid failed: {e}");
-                    return;
-                }
-                Ok(s) => s,
-            };
-            let (pid, how, code) = match status {
-                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}"), Some(code)),
-                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}"), None),
-                _ => continue,
-            };
+        for gone in reap_exited() {
+            let (pid, how, code) = (gone.pid, gone.how, gone.code);
             let Some(key) = self.by_pid.remove(&pid) else {
                 if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
                     self.upgrade_failed(&format!("the new master exited ({how})"));

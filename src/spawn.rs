@@ -193,6 +193,46 @@ pub fn from_predecessor() -> Inherited {
     }
 }
 
+/// A child that has exited, as `waitpid` reported it.
+#[derive(Debug)]
+pub struct Exited {
+    /// Its pid.
+    pub pid: Pid,
+    /// How it ended, for log lines: `exit code N` or `signal SIGX`.
+    pub how: String,
+    /// Its exit code, if it exited rather than being killed by a signal.
+    pub code: Option<i32>,
+}
+
+/// Collects every child that has exited, without blocking, so none is left a zombie.
+/// SIGCHLD coalesces (many exits, one signal): callers reap on every loop turn.
+pub fn reap_exited() -> Vec<Exited> {
+    use nix::errno::Errno;
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let mut out = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return out,
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                worker::log!("waitpid failed: {e}");
+                return out;
+            }
+            Ok(WaitStatus::Exited(pid, code)) => out.push(Exited {
+                pid,
+                how: format!("exit code {code}"),
+                code: Some(code),
+            }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => out.push(Exited {
+                pid,
+                how: format!("signal {sig}"),
+                code: None,
+            }),
+            Ok(_) => {} // stopped or continued: still a child, not gone
+        }
+    }
+}
+
 /// Whether a child dies with its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lineage {

@@ -238,11 +238,7 @@ fn stop_returns_once_the_server_is_gone_and_the_pid_file_goes_with_it() {
         let pid_file = dir.join("echo.pid");
         let mut server =
             Server::start(&["--workers", "2", "--pid-file", pid_file.to_str().unwrap()]);
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid: i32 = common::read_pid(&pid_file);
         assert_eq!(pid, server.pid);
         let out = if by == "control" {
             ctl(&server, &["stop"])
@@ -355,11 +351,7 @@ fn binary_upgrade_under_load_drops_nothing() {
         "{status:?}\n{}",
         server.stderr()
     );
-    let new_pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let new_pid: i32 = common::read_pid(&pid_file);
     let _new = KillOnDrop(new_pid);
     assert_ne!(new_pid, server.pid);
     assert!(common::alive(new_pid));
@@ -392,11 +384,7 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
         server.stderr()
     );
     assert_eq!(server.workers(), before);
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = common::read_pid(&pid_file);
     assert_eq!(pid, server.pid);
     echo_to_eof(server.connect(), b"still the old master");
 }

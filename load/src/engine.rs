@@ -79,6 +79,15 @@ pub struct Shared {
     pub release: AtomicBool,
 }
 
+/// What a load thread's connections share while it runs: where sockets are registered, the
+/// plan, the tally, and the counters the progress line reads.
+struct LoadThread<'a> {
+    registry: mio::Registry,
+    plan: Plan,
+    out: Outcome,
+    shared: &'a Shared,
+}
+
 fn header(id: u64, seq: u64) -> [u8; 16] {
     let mix = |mut z: u64| {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -162,11 +171,20 @@ pub fn run(
         connections_opened: 0,
         first_error: None,
     };
-    let Ok(mut poll) = Poll::new() else {
+    let Some((mut poll, registry)) = Poll::new()
+        .ok()
+        .and_then(|p| p.registry().try_clone().ok().map(|r| (p, r)))
+    else {
         out.errors[OTHER] += slots as u64;
         barrier.wait();
         let _ = done.send(out);
         return;
+    };
+    let mut t = LoadThread {
+        registry,
+        plan: plan.clone(),
+        out,
+        shared,
     };
     let mut conns: Vec<Conn> = Vec::with_capacity(slots);
     let mut rng_template = first_id.wrapping_mul(6364136223846793005) | 1;
@@ -206,7 +224,7 @@ pub fn run(
     // it starts, and time to first echo then includes the connect.
     if !plan.burst {
         for c in conns.iter_mut() {
-            connect(c, &poll, plan, &mut out);
+            t.connect(c);
         }
     }
     barrier.wait();
@@ -215,6 +233,7 @@ pub fn run(
         deadline: start + plan.duration.unwrap_or(Duration::from_secs(86_400 * 365)),
         ..plan.clone()
     };
+    t.plan = plan.clone();
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 256 * 1024];
     for slot in 0..conns.len() {
@@ -223,20 +242,16 @@ pub fn run(
             conns[slot].last_progress = start;
             continue;
         }
-        connect(&mut conns[slot], &poll, plan, &mut out);
+        t.connect(&mut conns[slot]);
         // On loopback the handshake runs inside connect(): after every few, look at what is
         // ready, so an early echo is stamped when it arrives, not after the last connect.
         if slot % 4 == 3 && poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
             for ev in events.iter() {
                 let k = ev.token().0;
-                on_ready(
+                t.on_ready(
                     &mut conns[k],
-                    &poll,
-                    plan,
                     &mut budget[k],
-                    &mut out,
                     &mut scratch,
-                    shared,
                     interval.is_none(),
                 );
             }
@@ -274,14 +289,10 @@ pub fn run(
         let now = Instant::now();
         for ev in events.iter() {
             let slot = ev.token().0;
-            on_ready(
+            t.on_ready(
                 &mut conns[slot],
-                &poll,
-                plan,
                 &mut budget[slot],
-                &mut out,
                 &mut scratch,
-                shared,
                 interval.is_none(),
             );
         }
@@ -290,16 +301,7 @@ pub fn run(
             for (slot, c) in conns.iter_mut().enumerate() {
                 if c.state == State::Open && c.inflight.is_empty() && c.out_pos == c.out.len() {
                     fill_pipeline(c, plan, &mut budget[slot], now);
-                    drive(
-                        c,
-                        &poll,
-                        plan,
-                        &mut budget[slot],
-                        &mut out,
-                        &mut scratch,
-                        now,
-                        shared,
-                    );
+                    t.drive(c, &mut budget[slot], &mut scratch, now);
                 }
             }
         }
@@ -318,16 +320,7 @@ pub fn run(
                 if let Some(b) = budget[slot].as_mut() {
                     *b -= 1;
                 }
-                drive(
-                    c,
-                    &poll,
-                    plan,
-                    &mut budget[slot],
-                    &mut out,
-                    &mut scratch,
-                    now,
-                    shared,
-                );
+                t.drive(c, &mut budget[slot], &mut scratch, now);
             }
             if let Some(every) = interval {
                 schedule.push(Reverse((due + every, slot)));
@@ -342,13 +335,7 @@ pub fn run(
                     && waiting
                     && now.duration_since(c.last_progress.max(c.connect_started)) > plan.timeout
                 {
-                    fail(
-                        c,
-                        &poll,
-                        &mut out,
-                        TIMEOUT,
-                        "no progress within the timeout",
-                    );
+                    t.fail(c, TIMEOUT, "no progress within the timeout");
                     continue;
                 }
                 let finished = c.state == State::Open
@@ -360,7 +347,7 @@ pub fn run(
             }
         }
     }
-    let _ = done.send(out);
+    let _ = done.send(t.out);
     // Hold the connections open until the main thread has sampled the server.
     while !shared.release.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
@@ -368,110 +355,230 @@ pub fn run(
     drop(conns);
 }
 
-/// A connection's socket is ready: finish connecting, then move bytes.
-#[allow(clippy::too_many_arguments)]
-fn on_ready(
-    c: &mut Conn,
-    poll: &Poll,
-    plan: &Plan,
-    budget: &mut Option<u64>,
-    out: &mut Outcome,
-    scratch: &mut [u8],
-    shared: &Shared,
-    closed_loop: bool,
-) {
-    let now = Instant::now();
-    if c.state == State::Connecting {
-        match c.stream.as_ref().map(|s| s.peer_addr()) {
-            Some(Ok(_)) => {
-                c.state = State::Open;
-                c.last_progress = now;
-                if closed_loop {
-                    fill_pipeline(c, plan, budget, now);
+impl LoadThread<'_> {
+    /// A connection's socket is ready: finish connecting, then move bytes.
+    fn on_ready(
+        &mut self,
+        c: &mut Conn,
+        budget: &mut Option<u64>,
+        scratch: &mut [u8],
+        closed_loop: bool,
+    ) {
+        let now = Instant::now();
+        if c.state == State::Connecting {
+            match c.stream.as_ref().map(|s| s.peer_addr()) {
+                Some(Ok(_)) => {
+                    c.state = State::Open;
+                    c.last_progress = now;
+                    if closed_loop {
+                        fill_pipeline(c, &self.plan, budget, now);
+                    }
                 }
-            }
-            Some(Err(e)) if e.kind() == io::ErrorKind::NotConnected => {
-                // Still connecting, or failed: the socket error tells which.
-                let err = c
-                    .stream
-                    .as_ref()
-                    .and_then(|s| s.take_error().ok().flatten());
-                if let Some(err) = err {
-                    fail(c, poll, out, REFUSED, &err.to_string());
+                Some(Err(e)) if e.kind() == io::ErrorKind::NotConnected => {
+                    // Still connecting, or failed: the socket error tells which.
+                    let err = c
+                        .stream
+                        .as_ref()
+                        .and_then(|s| s.take_error().ok().flatten());
+                    if let Some(err) = err {
+                        self.fail(c, REFUSED, &err.to_string());
+                    }
+                    return;
                 }
-                return;
+                Some(Err(e)) => return self.fail(c, REFUSED, &e.to_string()),
+                None => return,
             }
-            Some(Err(e)) => return fail(c, poll, out, REFUSED, &e.to_string()),
-            None => return,
+        }
+        if c.state == State::Open {
+            self.drive(c, budget, scratch, now);
         }
     }
-    if c.state == State::Open {
-        drive(c, poll, plan, budget, out, scratch, now, shared);
-    }
-}
 
-fn connect(c: &mut Conn, poll: &Poll, plan: &Plan, out: &mut Outcome) {
-    c.connect_started = Instant::now();
-    c.last_progress = c.connect_started;
-    c.got_first_echo = false;
-    c.since_connect = 0;
-    out.connections_opened += 1;
-    let stream = if plan.burst {
-        TcpStream::connect(plan.target)
-    } else {
-        std::net::TcpStream::connect_timeout(&plan.target, plan.timeout).and_then(|s| {
-            s.set_nonblocking(true)?;
-            Ok(TcpStream::from_std(s))
-        })
-    };
-    match stream {
-        Ok(mut s) => {
-            let _ = s.set_nodelay(true);
-            if poll
-                .registry()
-                .register(
-                    &mut s,
-                    Token(c.slot),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
-            {
-                out.errors[OTHER] += 1;
+    fn connect(&mut self, c: &mut Conn) {
+        c.connect_started = Instant::now();
+        c.last_progress = c.connect_started;
+        c.got_first_echo = false;
+        c.since_connect = 0;
+        self.out.connections_opened += 1;
+        let stream = if self.plan.burst {
+            TcpStream::connect(self.plan.target)
+        } else {
+            std::net::TcpStream::connect_timeout(&self.plan.target, self.plan.timeout).and_then(
+                |s| {
+                    s.set_nonblocking(true)?;
+                    Ok(TcpStream::from_std(s))
+                },
+            )
+        };
+        match stream {
+            Ok(mut s) => {
+                let _ = s.set_nodelay(true);
+                if self
+                    .registry
+                    .register(
+                        &mut s,
+                        Token(c.slot),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .is_err()
+                {
+                    self.out.errors[OTHER] += 1;
+                    c.state = State::Dead;
+                    return;
+                }
+                c.stream = Some(s);
+                c.state = if self.plan.burst {
+                    State::Connecting
+                } else {
+                    State::Open
+                };
+            }
+            Err(e) => {
+                let kind = if e.kind() == io::ErrorKind::TimedOut {
+                    TIMEOUT
+                } else {
+                    REFUSED
+                };
+                self.note(kind, &format!("connect: {e}"));
                 c.state = State::Dead;
+            }
+        }
+    }
+
+    fn note(&mut self, kind: usize, msg: &str) {
+        self.out.errors[kind] += 1;
+        self.out
+            .first_error
+            .get_or_insert_with(|| format!("{}: {msg}", ERROR_KINDS[kind]));
+    }
+
+    fn fail(&mut self, c: &mut Conn, kind: usize, msg: &str) {
+        self.note(kind, msg);
+        if let Some(mut s) = c.stream.take() {
+            let _ = self.registry.deregister(&mut s);
+        }
+        c.state = State::Dead;
+        c.inflight.clear();
+    }
+
+    fn drive(&mut self, c: &mut Conn, budget: &mut Option<u64>, scratch: &mut [u8], now: Instant) {
+        loop {
+            let mut progressed = false;
+            // Write what is queued.
+            while c.out_pos < c.out.len() {
+                let Some(s) = c.stream.as_mut() else { return };
+                match s.write(&c.out[c.out_pos..]) {
+                    Ok(n) => {
+                        c.out_pos += n;
+                        self.out.bytes_out += n as u64;
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return self.fail(c, RESET, &e.to_string()),
+                }
+            }
+            // Read and verify.
+            let Some(s) = c.stream.as_mut() else { return };
+            match s.read(scratch) {
+                Ok(0) => {
+                    if c.inflight.is_empty() {
+                        return self.fail(c, SHORT, "server closed an idle connection");
+                    }
+                    return self.fail(c, SHORT, "server closed before the whole echo");
+                }
+                Ok(n) => {
+                    self.out.bytes_in += n as u64;
+                    c.last_progress = now;
+                    progressed = true;
+                    let mut data = &scratch[..n];
+                    while !data.is_empty() {
+                        if c.inflight.is_empty() {
+                            return self.fail(c, WRONG, "bytes nobody sent");
+                        }
+                        if c.recv_off == 0 {
+                            c.recv_header = header(c.id, c.recv_seq);
+                        }
+                        let want = self.plan.size - c.recv_off;
+                        let take = want.min(data.len());
+                        let ok = data[..take].iter().enumerate().all(|(i, &b)| {
+                            let off = c.recv_off + i;
+                            b == if off < 16 {
+                                c.recv_header[off]
+                            } else {
+                                c.template[off]
+                            }
+                        });
+                        if !ok {
+                            return self.fail(c, WRONG, "echo differs from what was sent");
+                        }
+                        c.recv_off += take;
+                        data = &data[take..];
+                        if c.recv_off == self.plan.size {
+                            c.recv_off = 0;
+                            c.recv_seq += 1;
+                            // Fresh clock: the echo may complete within the call that sent it.
+                            let now = Instant::now();
+                            let sent = c.inflight.pop_front().unwrap_or(now);
+                            let us = now.saturating_duration_since(sent).as_micros() as u64;
+                            self.out.latency.saturating_record(us.max(1));
+                            if !c.got_first_echo {
+                                c.got_first_echo = true;
+                                let t = now.saturating_duration_since(c.connect_started);
+                                self.out
+                                    .first_echo
+                                    .saturating_record((t.as_micros() as u64).max(1));
+                            }
+                            self.out.per_conn[c.slot] += 1;
+                            c.since_connect += 1;
+                            self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) => {
+                    let kind = match e.kind() {
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => RESET,
+                        io::ErrorKind::ConnectionRefused => REFUSED,
+                        _ => OTHER,
+                    };
+                    return self.fail(c, kind, &e.to_string());
+                }
+            }
+            // Churn: a connection that did its share closes and a new one takes its place.
+            if self
+                .plan
+                .reconnect_every
+                .is_some_and(|k| c.since_connect >= k)
+                && c.inflight.is_empty()
+                && now < self.plan.deadline
+                && *budget != Some(0)
+            {
+                if let Some(mut s) = c.stream.take() {
+                    let _ = self.registry.deregister(&mut s);
+                }
+                c.out.clear();
+                c.out_pos = 0;
+                self.connect(c);
+                if c.state != State::Open {
+                    return;
+                }
+                if self.plan.rate_per_conn.is_none() {
+                    fill_pipeline(c, &self.plan, budget, now);
+                }
+                continue;
+            }
+            if self.plan.rate_per_conn.is_none() {
+                let before = c.inflight.len();
+                fill_pipeline(c, &self.plan, budget, now);
+                progressed |= c.inflight.len() != before;
+            }
+            if !progressed {
                 return;
             }
-            c.stream = Some(s);
-            c.state = if plan.burst {
-                State::Connecting
-            } else {
-                State::Open
-            };
-        }
-        Err(e) => {
-            let kind = if e.kind() == io::ErrorKind::TimedOut {
-                TIMEOUT
-            } else {
-                REFUSED
-            };
-            note(out, kind, &format!("connect: {e}"));
-            c.state = State::Dead;
         }
     }
-}
-
-fn note(out: &mut Outcome, kind: usize, msg: &str) {
-    out.errors[kind] += 1;
-    out.first_error
-        .get_or_insert_with(|| format!("{}: {msg}", ERROR_KINDS[kind]));
-}
-
-fn fail(c: &mut Conn, poll: &Poll, out: &mut Outcome, kind: usize, msg: &str) {
-    note(out, kind, msg);
-    if let Some(mut s) = c.stream.take() {
-        let _ = poll.registry().deregister(&mut s);
-    }
-    c.state = State::Dead;
-    c.inflight.clear();
 }
 
 fn fill_pipeline(c: &mut Conn, plan: &Plan, budget: &mut Option<u64>, now: Instant) {
@@ -480,131 +587,6 @@ fn fill_pipeline(c: &mut Conn, plan: &Plan, budget: &mut Option<u64>, now: Insta
         c.queue_message(Instant::now());
         if let Some(b) = budget.as_mut() {
             *b -= 1;
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn drive(
-    c: &mut Conn,
-    poll: &Poll,
-    plan: &Plan,
-    budget: &mut Option<u64>,
-    out: &mut Outcome,
-    scratch: &mut [u8],
-    now: Instant,
-    shared: &Shared,
-) {
-    loop {
-        let mut progressed = false;
-        // Write what is queued.
-        while c.out_pos < c.out.len() {
-            let Some(s) = c.stream.as_mut() else { return };
-            match s.write(&c.out[c.out_pos..]) {
-                Ok(n) => {
-                    c.out_pos += n;
-                    out.bytes_out += n as u64;
-                    progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return fail(c, poll, out, RESET, &e.to_string()),
-            }
-        }
-        // Read and verify.
-        let Some(s) = c.stream.as_mut() else { return };
-        match s.read(scratch) {
-            Ok(0) => {
-                if c.inflight.is_empty() {
-                    return fail(c, poll, out, SHORT, "server closed an idle connection");
-                }
-                return fail(c, poll, out, SHORT, "server closed before the whole echo");
-            }
-            Ok(n) => {
-                out.bytes_in += n as u64;
-                c.last_progress = now;
-                progressed = true;
-                let mut data = &scratch[..n];
-                while !data.is_empty() {
-                    if c.inflight.is_empty() {
-                        return fail(c, poll, out, WRONG, "bytes nobody sent");
-                    }
-                    if c.recv_off == 0 {
-                        c.recv_header = header(c.id, c.recv_seq);
-                    }
-                    let want = plan.size - c.recv_off;
-                    let take = want.min(data.len());
-                    let ok = data[..take].iter().enumerate().all(|(i, &b)| {
-                        let off = c.recv_off + i;
-                        b == if off < 16 {
-                            c.recv_header[off]
-                        } else {
-                            c.template[off]
-                        }
-                    });
-                    if !ok {
-                        return fail(c, poll, out, WRONG, "echo differs from what was sent");
-                    }
-                    c.recv_off += take;
-                    data = &data[take..];
-                    if c.recv_off == plan.size {
-                        c.recv_off = 0;
-                        c.recv_seq += 1;
-                        // Fresh clock: the echo may complete within the call that sent it.
-                        let now = Instant::now();
-                        let sent = c.inflight.pop_front().unwrap_or(now);
-                        let us = now.saturating_duration_since(sent).as_micros() as u64;
-                        out.latency.saturating_record(us.max(1));
-                        if !c.got_first_echo {
-                            c.got_first_echo = true;
-                            let t = now.saturating_duration_since(c.connect_started);
-                            out.first_echo
-                                .saturating_record((t.as_micros() as u64).max(1));
-                        }
-                        out.per_conn[c.slot] += 1;
-                        c.since_connect += 1;
-                        shared.round_trips.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-            Err(e) => {
-                let kind = match e.kind() {
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => RESET,
-                    io::ErrorKind::ConnectionRefused => REFUSED,
-                    _ => OTHER,
-                };
-                return fail(c, poll, out, kind, &e.to_string());
-            }
-        }
-        // Churn: a connection that did its share closes and a new one takes its place.
-        if plan.reconnect_every.is_some_and(|k| c.since_connect >= k)
-            && c.inflight.is_empty()
-            && now < plan.deadline
-            && *budget != Some(0)
-        {
-            if let Some(mut s) = c.stream.take() {
-                let _ = poll.registry().deregister(&mut s);
-            }
-            c.out.clear();
-            c.out_pos = 0;
-            connect(c, poll, plan, out);
-            if c.state != State::Open {
-                return;
-            }
-            if plan.rate_per_conn.is_none() {
-                fill_pipeline(c, plan, budget, now);
-            }
-            continue;
-        }
-        if plan.rate_per_conn.is_none() {
-            let before = c.inflight.len();
-            fill_pipeline(c, plan, budget, now);
-            progressed |= c.inflight.len() != before;
-        }
-        if !progressed {
-            return;
         }
     }
 }

@@ -224,6 +224,15 @@ impl Drop for BinaryCopy {
     }
 }
 
+/// The pid a pid file names.
+pub fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .expect("reading the pid file")
+        .trim()
+        .parse()
+        .expect("a pid in the pid file")
+}
+
 /// A fresh directory for one server's files (removed when the server is dropped).
 pub fn scratch_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
