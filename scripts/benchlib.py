@@ -19,6 +19,14 @@ RELEASE = ROOT / "target" / "release"
 SERVER = RELEASE / "prefork-echo"
 LOAD = RELEASE / "echo-load"
 _started = []
+# CPU lists for `taskset`, set by a script's --pin-server / --pin-load (None: no pinning).
+PIN = {"server": None, "load": None}
+
+
+def pinned(role, argv):
+    """argv, run under `taskset -c CPUS` when the role is pinned."""
+    cpus = PIN.get(role)
+    return ["taskset", "-c", cpus, *argv] if cpus else list(argv)
 
 
 def log(msg):
@@ -69,7 +77,7 @@ class Server:
 
     def __init__(self, argv, name, startup=60):
         self.name = name
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(pinned("server", argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, text=True)
         _started.append(self)
         deadline = time.time() + startup
@@ -118,7 +126,7 @@ def start_prefork(mode, workers, spawn="fork", extra=()):
 
 def load(target, server_pid=None, budget=None, **opts):
     """Runs echo-load with --json; returns (exit code, report dict or None)."""
-    argv = [str(LOAD), "--target", target, "--json"]
+    argv = pinned("load", [str(LOAD), "--target", target, "--json"])
     if server_pid:
         argv += ["--server-pid", str(server_pid)]
     for k, v in opts.items():

@@ -31,6 +31,9 @@ pub struct Connection {
     read_closed: bool,
     /// When bytes last moved either way (for the idle timeout).
     last_active: Instant,
+    /// epoll reported the peer's FIN (EPOLLRDHUP): read to end-of-file from now on, since no
+    /// further edge will announce it.
+    peer_closed: bool,
 }
 
 /// Reads per [`Connection::drive`] call before yielding, so one fast client cannot starve the
@@ -45,7 +48,13 @@ impl Connection {
             owed: Vec::new(),
             read_closed: false,
             last_active: Instant::now(),
+            peer_closed: false,
         }
+    }
+
+    /// Records that an event reported the peer's FIN.
+    pub fn note_peer_closed(&mut self) {
+        self.peer_closed = true;
     }
 
     /// When bytes last moved on this connection.
@@ -110,6 +119,10 @@ impl Connection {
             };
             counters.bytes_in += n as u64;
             self.last_active = Instant::now();
+            // A short read emptied the socket's queue; with edge-triggered epoll, new bytes
+            // bring a new edge, so the read that would only confirm EAGAIN is skipped (one
+            // syscall per round trip). Not once the peer's FIN is known: no edge follows it.
+            let drained = n < room && !self.peer_closed;
             let data = &scratch[..n];
             // Echo straight from the scratch buffer; copy only what the socket refuses.
             let sent = if self.owed.is_empty() {
@@ -119,6 +132,10 @@ impl Connection {
             };
             counters.bytes_out += sent as u64;
             self.owed.extend_from_slice(&data[sent..]);
+            if drained {
+                // Anything still owed is flushed on the writable edge.
+                return Ok(Drive::Waiting);
+            }
         }
         Ok(Drive::Yielded)
     }

@@ -246,7 +246,7 @@ impl Worker {
                             return Stop::Now("the master is gone");
                         }
                     }
-                    Token(t) => self.drive(t - FIRST_CONN),
+                    Token(t) => self.on_connection_event(t - FIRST_CONN, event),
                 }
             }
             for key in std::mem::take(&mut self.again) {
@@ -421,6 +421,22 @@ impl Worker {
         }
         entry.insert(Connection::new(stream));
         self.counters.active += 1;
+    }
+
+    fn on_connection_event(&mut self, key: usize, event: &mio::event::Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // a stale event for a connection already closed this turn
+        };
+        if event.is_read_closed() {
+            conn.note_peer_closed();
+        }
+        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        // On loopback every echo's ACK makes a writable edge; with nothing owed there is
+        // nothing to do, and reading would only hear EAGAIN.
+        if !readable && conn.owed() == 0 {
+            return;
+        }
+        self.drive(key);
     }
 
     fn drive(&mut self, key: usize) {
