@@ -21,11 +21,11 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 use worker::stats::Counters;
 
+use crate::blocking::{End, SingleProcessConfig, echo_blocking, reset};
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
-use crate::thread_mode::{End, Limits, echo_blocking, reset};
 
 const SIGNALS: Token = Token(0);
 const LISTENER: Token = Token(1);
@@ -36,19 +36,6 @@ const RECORD: usize = 32;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// Settings of fork-per-connection mode.
-#[derive(Debug)]
-pub struct ForkConfig {
-    /// Graceful-stop budget for open connections.
-    pub drain_timeout: Duration,
-    /// Where to serve the control socket.
-    pub control: std::path::PathBuf,
-    /// Log a line of totals this often.
-    pub log_stats: Option<Duration>,
-    /// Connection limits (`max_conns` counts children).
-    pub limits: Limits,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -58,7 +45,7 @@ enum Phase {
 
 /// Serves until stopped; `Ok` is a requested stop.
 pub fn run(
-    cfg: ForkConfig,
+    cfg: SingleProcessConfig,
     listener: Socket,
     addr: SocketAddr,
     mut control: ControlServer,
@@ -114,7 +101,7 @@ pub fn run(
 }
 
 struct ForkServer {
-    cfg: ForkConfig,
+    cfg: SingleProcessConfig,
     poll: Poll,
     signals: Option<Signals>,
     listener: Option<TcpListener>,

@@ -2,6 +2,7 @@
 //! and hands over to the master (process mode) or the thread server. Errors end here as one
 //! line and exit code 1; clap's usage errors exit 2.
 
+mod blocking;
 mod cli;
 mod client;
 mod config;
@@ -178,6 +179,13 @@ fn run_mode(
         Mode::ForkPerConn => "fork-per-conn",
     });
     let drain_timeout = settings.worker.drain();
+    let limits = blocking::Limits::of(&settings.worker);
+    let single_process = || blocking::SingleProcessConfig {
+        drain_timeout,
+        control: control.clone(),
+        log_stats,
+        limits,
+    };
     match args.mode {
         Mode::Process => {
             let exe = std::env::current_exe().context("finding this binary for exec spawning")?;
@@ -195,25 +203,12 @@ fn run_mode(
             };
             master::run(cfg, settings, socket, addr, control_server)
         }
-        Mode::ForkPerConn => fork_per_conn::run(
-            fork_per_conn::ForkConfig {
-                drain_timeout,
-                control,
-                log_stats,
-                limits: thread_mode::Limits::of(&settings.worker),
-            },
-            socket,
-            addr,
-            control_server,
-        ),
+        Mode::ForkPerConn => fork_per_conn::run(single_process(), socket, addr, control_server),
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
                 acceptors: workers,
                 udp,
-                drain_timeout,
-                control,
-                log_stats,
-                limits: thread_mode::Limits::of(&settings.worker),
+                base: single_process(),
             },
             socket,
             addr,

@@ -2,8 +2,8 @@
 //! acceptor threads share the listener; each accepted connection gets its own OS thread doing
 //! blocking reads and writes. The main thread only waits for signals and deadlines.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +17,7 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 use worker::stats::Counters;
 
+use crate::blocking::{End, Limits, SingleProcessConfig, echo_blocking, reset};
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
@@ -24,8 +25,6 @@ use crate::stats::{Snapshot, WorkerRow};
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
 /// and keeps thousands of threads' reserved address space modest (the default is 2 MiB).
 const CONN_STACK: usize = 64 * 1024;
-/// Read buffer of a connection thread.
-const CONN_BUF: usize = 16 * 1024;
 /// How often an acceptor looks up from `poll` to see whether it should stop accepting.
 const ACCEPT_TICK: u16 = 100;
 
@@ -36,56 +35,8 @@ pub struct ThreadConfig {
     pub acceptors: u32,
     /// The UDP socket, with `--udp`: as many echo threads as acceptors share it.
     pub udp: Option<std::net::UdpSocket>,
-    /// Graceful-stop budget for open connections.
-    pub drain_timeout: Duration,
-    /// Where to serve the control socket.
-    pub control: std::path::PathBuf,
-    /// Log a line of totals every `stats_interval`.
-    pub log_stats: Option<Duration>,
-    /// Connection limits.
-    pub limits: Limits,
-}
-
-/// Limits on connections, shared by thread and fork-per-conn modes.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections held at most (0: no limit).
-    pub max_conns: u64,
-    /// Close a connection that received nothing for this long.
-    pub idle: Option<Duration>,
-}
-
-impl Limits {
-    /// The limits a worker config names.
-    pub fn of(cfg: &worker::WorkerConfig) -> Limits {
-        Limits {
-            max_conns: cfg.max_conns,
-            idle: cfg.idle(),
-        }
-    }
-
-    /// Whether `held` connections leave room for one more.
-    pub fn full(&self, held: u64) -> bool {
-        self.max_conns > 0 && held >= self.max_conns
-    }
-}
-
-/// Resets a connection at once (SO_LINGER 0 makes close send RST): the answer to a client
-/// beyond `--max-conns`, which it sees promptly instead of waiting in the backlog.
-pub(crate) fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-}
-
-/// How a blocking echo ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The client half-closed and got everything back.
-    Eof,
-    /// Reset, broken pipe, ...
-    Error,
-    /// Nothing received for the idle timeout.
-    Idle,
+    /// What thread mode shares with fork-per-conn mode.
+    pub base: SingleProcessConfig,
 }
 
 struct Shared {
@@ -172,7 +123,7 @@ pub fn run(
     control
         .register(poll.registry(), CONTROL_BASE)
         .context("watching the control socket")?;
-    worker::log!("control socket {}", cfg.control.display());
+    worker::log!("control socket {}", cfg.base.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
@@ -184,7 +135,7 @@ pub fn run(
         );
         let handle = thread::Builder::new()
             .name(format!("acceptor-{i}"))
-            .spawn(move || accept_loop(&l, &s, &t, cfg.limits))
+            .spawn(move || accept_loop(&l, &s, &t, cfg.base.limits))
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
@@ -214,10 +165,10 @@ pub fn run(
     let mut udp_main = cfg.udp;
     let mut events = Events::with_capacity(64);
     let mut drain_deadline: Option<Instant> = None;
-    let mut next_log = cfg.log_stats.map(|d| Instant::now() + d);
+    let mut next_log = cfg.base.log_stats.map(|d| Instant::now() + d);
     let mut last_logged: Option<Snapshot> = None;
     loop {
-        if let (Some(t), Some(every)) = (next_log, cfg.log_stats) {
+        if let (Some(t), Some(every)) = (next_log, cfg.base.log_stats) {
             if Instant::now() >= t {
                 next_log = Some(Instant::now() + every);
                 let snap = snapshot(&tallies, started, drain_deadline.is_some());
@@ -230,12 +181,12 @@ pub fn run(
             let active = shared.active.load(Ordering::SeqCst);
             if active == 0 {
                 worker::log!("drained; exiting");
-                log_final(&tallies, started, cfg.log_stats);
+                log_final(&tallies, started, cfg.base.log_stats);
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 worker::log!("drain timeout; closing {active} connection(s)");
-                log_final(&tallies, started, cfg.log_stats);
+                log_final(&tallies, started, cfg.base.log_stats);
                 return Ok(());
             }
         }
@@ -251,7 +202,7 @@ pub fn run(
         for event in events.iter() {
             if control.owns(event.token()) {
                 let draining = drain_deadline.is_some();
-                let drain = cfg.drain_timeout;
+                let drain = cfg.base.drain_timeout;
                 control.handle(poll.registry(), event.token(), &mut |req, _| {
                     Some(match req {
                         Request::Stats => {
@@ -277,9 +228,9 @@ pub fn run(
                     worker::log!(
                         "SIG{}: graceful stop; draining {active} connection(s) for up to {:?}",
                         signals::name(sig),
-                        cfg.drain_timeout
+                        cfg.base.drain_timeout
                     );
-                    drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+                    drain_deadline = Some(Instant::now() + cfg.base.drain_timeout);
                 }
                 (Some(Action::GracefulStop), Some(_)) | (Some(Action::StopNow), _) => {
                     worker::log!("SIG{}: stopping now", signals::name(sig));
@@ -402,47 +353,6 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         self.1.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Blocking echo: read, write it all back, until the client half-closes, fails, or sends
-/// nothing for `idle`. `moved` hears of every chunk (bytes read, bytes written back). Shared
-/// by thread mode and fork-per-connection.
-pub(crate) fn echo_blocking(
-    mut stream: TcpStream,
-    idle: Option<Duration>,
-    mut moved: impl FnMut(u64, u64),
-) -> End {
-    // Accepted sockets do not inherit O_NONBLOCK on Linux, but say what this loop needs.
-    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(idle).is_err() {
-        return End::Error;
-    }
-    let _ = stream.set_nodelay(true);
-    let mut buf = vec![0u8; CONN_BUF];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => {
-                let _ = stream.shutdown(Shutdown::Write);
-                return End::Eof;
-            }
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    moved(n as u64, 0);
-                    return End::Error;
-                }
-                moved(n as u64, n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return End::Idle;
-            }
-            Err(_) => return End::Error,
-        }
     }
 }
 

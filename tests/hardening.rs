@@ -129,13 +129,8 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let _guard = KillOnDrop(child.id() as i32);
-    let mut line = String::new();
-    let mut out = child.stdout.take().unwrap();
-    let mut byte = [0u8; 1];
-    while !line.ends_with('\n') && out.read(&mut byte).unwrap_or(0) == 1 {
-        line.push(byte[0] as char);
-    }
+    let _guard = common::KillOnDrop(child.id() as i32);
+    let line = common::read_announce(&mut child);
     let addr: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     let worker = common::children_of(child.id() as i32)[0];
 
@@ -290,14 +285,6 @@ fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
     let t = Instant::now();
     echo_to_eof(server.connect(), b"I read my echo");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-}
-
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        common::kill_tree(self.0);
-    }
 }
 
 #[test]

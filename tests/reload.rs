@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
@@ -298,13 +297,8 @@ fn systemd_socket_activation_and_notifications() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let guard = KillOnDrop(child.id() as i32);
-    let mut line = String::new();
-    let mut out = child.stdout.take().unwrap();
-    let mut byte = [0u8; 1];
-    while !line.ends_with('\n') && out.read(&mut byte).unwrap_or(0) == 1 {
-        line.push(byte[0] as char);
-    }
+    let guard = common::KillOnDrop(child.id() as i32);
+    let line = common::read_announce(&mut child);
     assert!(
         line.starts_with(&format!("listening on {addr} ")),
         "{line:?}"
@@ -328,14 +322,6 @@ fn systemd_socket_activation_and_notifications() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        common::kill_tree(self.0);
-    }
-}
-
 #[test]
 fn binary_upgrade_under_load_drops_nothing() {
     let dir = common::scratch_dir();
@@ -352,7 +338,7 @@ fn binary_upgrade_under_load_drops_nothing() {
         server.stderr()
     );
     let new_pid: i32 = common::read_pid(&pid_file);
-    let _new = KillOnDrop(new_pid);
+    let _new = common::KillOnDrop(new_pid);
     assert_ne!(new_pid, server.pid);
     assert!(common::alive(new_pid));
     assert_eq!(

@@ -55,8 +55,12 @@ pub fn tree(pid: i32) -> Vec<i32> {
 
 /// Samples the tree rooted at `pid`.
 pub fn sample(pid: i32) -> TreeSample {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    use nix::unistd::{SysconfVar, sysconf};
+    let ticks = sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     let mut s = TreeSample::default();
     for (i, p) in tree(pid).into_iter().enumerate() {
         let Some(f) = stat_fields(p) else { continue };

@@ -269,6 +269,32 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Kills a process tree when dropped, pass or fail: for tests that start the binary by hand
+/// (under `sh`, with inherited descriptors) rather than through [`Server`].
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_tree(self.0);
+    }
+}
+
+/// The announce line of a server started by hand, waiting at most [`STARTUP`]: a server that
+/// never announces fails the test instead of hanging it. Its stdout stays drained afterwards.
+pub fn read_announce(child: &mut Child) -> String {
+    let out = child.stdout.take().expect("the server's stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+        if let Some(first) = lines.next() {
+            let _ = tx.send(first);
+        }
+        lines.for_each(drop);
+    });
+    rx.recv_timeout(STARTUP)
+        .expect("the server did not announce itself in time")
+}
+
 /// SIGKILLs `pid` and every descendant (found before killing, so none escapes reparenting).
 pub fn kill_tree(pid: i32) {
     let mut all = descendants(pid);
