@@ -5,6 +5,7 @@ Every server a script starts is registered and killed at exit, even on Ctrl-C or
 Traffic goes to loopback only."""
 
 import atexit
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +20,14 @@ RELEASE = ROOT / "target" / "release"
 SERVER = RELEASE / "prefork-echo"
 LOAD = RELEASE / "echo-load"
 _started = []
+
+# Become the reaper of orphans below this process (PR_SET_CHILD_SUBREAPER = 36): a server's
+# workers outlive a SIGKILLed master and would otherwise end as zombies of PID 1, which in a
+# container may never reap them. kill_tree() reaps the pids it kills.
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
 # CPU lists for `taskset`, set by a script's --pin-server / --pin-load (None: no pinning).
 PIN = {"server": None, "load": None}
 
@@ -64,12 +73,29 @@ def descendants(pid):
     return out
 
 
+def reap(pids, timeout=2.0):
+    """Waits (bounded) for each of `pids` that is, or has become, a child of this process."""
+    left, deadline = set(pids), time.time() + timeout
+    while left and time.time() < deadline:
+        for p in list(left):
+            try:
+                if os.waitpid(p, os.WNOHANG)[0] == p:
+                    left.discard(p)
+            except ChildProcessError:
+                left.discard(p)
+        if left:
+            time.sleep(0.01)
+
+
 def kill_tree(pid, sig=signal.SIGKILL):
-    for p in descendants(pid):
+    tree = descendants(pid)
+    for p in tree:
         try:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+    if sig == signal.SIGKILL:
+        reap(tree)
 
 
 class Server:
@@ -110,6 +136,7 @@ class Server:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+            reap([p for p in tree if p != self.proc.pid])
         if self in _started:
             _started.remove(self)
 

@@ -129,7 +129,7 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let _guard = common::KillOnDrop(child.id() as i32);
+    let _guard = common::KillOnDrop::new(child.id() as i32);
     let line = common::read_announce(&mut child);
     let addr: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     let worker = common::children_of(child.id() as i32)[0];

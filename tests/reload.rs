@@ -297,7 +297,7 @@ fn systemd_socket_activation_and_notifications() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let guard = common::KillOnDrop(child.id() as i32);
+    let guard = common::KillOnDrop::new(child.id() as i32);
     let line = common::read_announce(&mut child);
     assert!(
         line.starts_with(&format!("listening on {addr} ")),
@@ -338,7 +338,7 @@ fn binary_upgrade_under_load_drops_nothing() {
         server.stderr()
     );
     let new_pid: i32 = common::read_pid(&pid_file);
-    let _new = common::KillOnDrop(new_pid);
+    let _new = common::KillOnDrop::new(new_pid);
     assert_ne!(new_pid, server.pid);
     assert!(common::alive(new_pid));
     assert_eq!(

@@ -60,6 +60,7 @@ impl Server {
 
     /// Like [`start`](Self::start) with another binary path (a copy of the binary).
     pub fn try_start(bin: impl AsRef<Path>, args: &[&str]) -> Result<Server, StartFailure> {
+        adopt_orphans();
         let mut cmd = Command::new(bin.as_ref());
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -273,9 +274,27 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 /// (under `sh`, with inherited descriptors) rather than through [`Server`].
 pub struct KillOnDrop(pub i32);
 
+impl KillOnDrop {
+    /// Guards the tree rooted at `pid` (and adopts its orphans, see [`adopt_orphans`]).
+    pub fn new(pid: i32) -> KillOnDrop {
+        adopt_orphans();
+        KillOnDrop(pid)
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         kill_tree(self.0);
+        // The root too, if it is ours and nobody waited for it (a new master after an
+        // upgrade is adopted by this process, with no `Child` to wait on it).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+            match waitpid(Pid::from_raw(self.0), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(5)),
+                _ => return,
+            }
+        }
     }
 }
 
@@ -297,11 +316,38 @@ pub fn read_announce(child: &mut Child) -> String {
 
 /// SIGKILLs `pid` and every descendant (found before killing, so none escapes reparenting).
 pub fn kill_tree(pid: i32) {
-    let mut all = descendants(pid);
-    all.push(pid);
-    for p in all {
+    let below = descendants(pid);
+    for &p in below.iter().chain(std::iter::once(&pid)) {
         let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
     }
+    // The descendants were orphaned by the kill and, this process being a subreaper (see
+    // `adopt_orphans`), are now its children: reap them, so no zombie is left behind. Only
+    // these pids: `waitpid(-1)` could take a child another test is waiting for. The root is
+    // reaped by whoever holds its `Child`.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = below;
+    while !left.is_empty() && Instant::now() < deadline {
+        left.retain(|&p| {
+            use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+            !matches!(
+                waitpid(Pid::from_raw(p), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+            )
+        });
+        if !left.is_empty() {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Makes this test process the reaper of orphans below it (PR_SET_CHILD_SUBREAPER): a
+/// server's workers, or a new master after an upgrade, outlive the process that started them,
+/// and would otherwise end as zombies of PID 1, which in a container may never reap them.
+pub fn adopt_orphans() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    });
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
