@@ -40,6 +40,9 @@ pub struct Server {
     stderr: Arc<Mutex<String>>,
     watchdog: Option<mpsc::Sender<()>>,
     exited: Option<ExitStatus>,
+    /// Every worker pid seen: a worker whose master died first is reparented to this
+    /// (subreaper) process and must be reaped here.
+    seen: Mutex<HashSet<i32>>,
 }
 
 /// A server that failed to start: its exit status and what it wrote to stderr.
@@ -124,6 +127,7 @@ impl Server {
             stderr,
             watchdog: Some(watchdog),
             exited: None,
+            seen: Mutex::new(HashSet::new()),
         })
     }
 
@@ -146,6 +150,7 @@ impl Server {
     pub fn workers(&self) -> Vec<i32> {
         let mut w = children_of(self.pid);
         w.sort_unstable();
+        self.seen.lock().unwrap().extend(w.iter().copied());
         w
     }
 
@@ -187,6 +192,8 @@ impl Drop for Server {
         }
         kill_tree(self.pid);
         let _ = self.child.wait();
+        let seen: Vec<i32> = self.seen.lock().unwrap().iter().copied().collect();
+        reap_pids(seen);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -324,8 +331,13 @@ pub fn kill_tree(pid: i32) {
     // `adopt_orphans`), are now its children: reap them, so no zombie is left behind. Only
     // these pids: `waitpid(-1)` could take a child another test is waiting for. The root is
     // reaped by whoever holds its `Child`.
+    reap_pids(below);
+}
+
+/// Reaps each of `pids` that is, or becomes within 2 s, a child of this process (a pid that
+/// is not ours is skipped at once).
+fn reap_pids(mut left: Vec<i32>) {
     let deadline = Instant::now() + Duration::from_secs(2);
-    let mut left = below;
     while !left.is_empty() && Instant::now() < deadline {
         left.retain(|&p| {
             use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
