@@ -6,10 +6,26 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use worker::WorkerConfig;
 
+/// Shown after the options in `--help`.
+const AFTER_HELP: &str = "\
+Signals to the master: TERM/INT graceful stop (a second one stops at once), QUIT stop now,
+HUP reload (new generation, then the old drains), TTIN/TTOU one worker more/fewer,
+USR2 binary upgrade; USR1 and ALRM are logged and ignored. Workers ignore INT.
+
+Exit codes: 0 after a requested stop; 2 on a usage error; 1 on an error at start-up
+(address in use, unsafe pid-file or control directory, ...) or when no worker can be kept
+running. The README has the full signal table, the stats schema and the security model.";
+
 /// A multiprocess prefork TCP echo server (RFC 862) for learning and load-testing
 /// concurrency models.
 #[derive(Debug, Parser)]
-#[command(name = "prefork-echo", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "prefork-echo",
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true,
+    after_help = AFTER_HELP
+)]
 pub struct Cli {
     /// A command to run instead of serving.
     #[command(subcommand)]
@@ -25,10 +41,10 @@ pub enum Command {
     /// Print a running server's per-worker stats, totals, rates and accept fairness.
     Stats(StatsArgs),
     /// Reload a running server; returns once the new generation serves, printing its number.
-    Reload(CtlArgs),
+    Reload(ReloadArgs),
     /// Stop a running server gracefully; returns once it has exited.
-    Stop(CtlArgs),
-    /// Resize a running server's worker pool.
+    Stop(StopArgs),
+    /// Resize a running server's worker pool (through its control socket).
     Scale {
         /// New number of workers.
         #[arg(value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -36,6 +52,11 @@ pub enum Command {
         /// Which server.
         #[command(flatten)]
         ctl: CtlArgs,
+    },
+    /// Print this message, or the help of the given command.
+    Help {
+        /// The command to explain.
+        command: Option<String>,
     },
     /// Internal: run one process-mode worker on inherited descriptors (used by --spawn exec).
     #[command(hide = true)]
@@ -92,15 +113,16 @@ pub struct ServeArgs {
     /// Seconds between workers' stats reports to the master; 0 turns periodic reports off.
     #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
     pub stats_interval: f64,
-    /// Control socket (mode 0600) that `prefork-echo stats` reads; default:
-    /// $XDG_RUNTIME_DIR/prefork-echo-PORT.sock, or /tmp/prefork-echo-PORT.sock.
+    /// Control socket (mode 0600) that `prefork-echo stats` reads; default: ADDRESS-PORT.sock
+    /// in $XDG_RUNTIME_DIR/prefork-echo, /run/prefork-echo (root) or /tmp/prefork-echo-UID.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Log one line of totals and rates every --stats-interval.
     #[arg(long)]
     pub log_stats: bool,
-    /// Connections held at most: per worker in process mode, in total in the other modes.
-    /// Beyond it a new connection is reset at once (the client sees ECONNRESET). 0: no limit.
+    /// Connections held at most, PER WORKER in process mode (--workers 2 --max-conns 100
+    /// holds up to 200, but one busy worker may reset at 100 while another idles), in total in
+    /// the other modes. Beyond it a new connection is reset at once (ECONNRESET). 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_conns: u64,
     /// Seconds a connection may go without receiving anything before the server closes it;
@@ -129,30 +151,47 @@ pub struct ServeArgs {
     pub pid_file: Option<PathBuf>,
 }
 
-/// How a control command finds the server: its control socket (derived from --listen by
-/// default), or its pid file (then only signals are sent).
+/// How a control command finds the server: its control socket.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The server's control socket.
-    #[arg(long, value_name = "PATH", conflicts_with = "pid_file")]
-    pub control: Option<PathBuf>,
-    /// The server's pid file: act by signal (reload sends HUP and does not wait).
+    /// The server's control socket; default: derived from --listen as the server does.
     #[arg(long, value_name = "PATH")]
-    pub pid_file: Option<PathBuf>,
+    pub control: Option<PathBuf>,
     /// The server's listen address, used only to derive the default control socket path.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7007")]
     pub listen: String,
 }
 
+/// Options of `prefork-echo reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Which server, through its control socket.
+    #[command(flatten)]
+    pub ctl: CtlArgs,
+    /// Act by signal instead: send SIGHUP to the master this pid file names (verified by the
+    /// start time it records) and return at once; the server logs the outcome.
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Options of `prefork-echo stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Which server, through its control socket.
+    #[command(flatten)]
+    pub ctl: CtlArgs,
+    /// Act by signal instead: send SIGTERM to the master this pid file names (verified by the
+    /// start time it records) and wait until it has exited.
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub pid_file: Option<PathBuf>,
+}
+
 /// Options of `prefork-echo stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// The server's control socket; default: derived from --listen's port as the server does.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// The server's listen address, used only to derive the default control socket path.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7007")]
-    pub listen: String,
+    /// Which server.
+    #[command(flatten)]
+    pub ctl: CtlArgs,
     /// Print the snapshot as JSON (one object per line with --watch); schema in the README.
     #[arg(long)]
     pub json: bool,
@@ -161,14 +200,26 @@ pub struct StatsArgs {
     pub watch: Option<f64>,
 }
 
-/// A non-negative, finite number of seconds.
-fn seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a number of seconds (e.g. 0, 1.5, 30)"
-        )),
+/// Checks what the parser alone cannot: the listen address resolves, and the options fit the
+/// mode. A failure is a usage error (exit 2), like any other bad flag.
+pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+    if let Err(e) = crate::listener::resolve(&args.listen) {
+        return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--listen: {e}")));
     }
+    if args.udp && args.mode == Mode::ForkPerConn {
+        return Err(Cli::command().error(
+            ErrorKind::ArgumentConflict,
+            "--udp is served in process and thread modes, not fork-per-conn",
+        ));
+    }
+    Ok(())
+}
+
+/// A number of seconds from 0 to one year (see [`worker::config::MAX_SECS`]).
+fn seconds(s: &str) -> Result<f64, String> {
+    worker::config::parse_secs(s)
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -189,6 +240,24 @@ mod tests {
     }
 
     #[test]
+    fn usage_errors_beyond_the_parser_exit_2() {
+        for bad in [
+            &["prefork-echo", "--listen", "nonsense"][..],
+            &["prefork-echo", "--listen", "127.0.0.1"],
+            &["prefork-echo", "--mode", "fork-per-conn", "--udp"],
+        ] {
+            let cli = Cli::try_parse_from(bad).unwrap();
+            let err = validate(&cli.serve).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+        let ok = Cli::try_parse_from(["prefork-echo", "--listen", "[::1]:0", "--udp"]).unwrap();
+        assert!(validate(&ok.serve).is_ok());
+        // scale acts through the control socket only: a pid file is a usage error.
+        let e = Cli::try_parse_from(["prefork-echo", "scale", "4", "--pid-file", "x"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
     fn defaults_and_errors() {
         let cli = Cli::try_parse_from(["prefork-echo"]).unwrap();
         assert_eq!(cli.serve.listen, "127.0.0.1:7007");
@@ -198,6 +267,11 @@ mod tests {
             &["prefork-echo", "--workers", "0"][..],
             &["prefork-echo", "--mode", "fiber"],
             &["prefork-echo", "--drain-timeout", "-1"],
+            &["prefork-echo", "--drain-timeout", "1e19"],
+            &["prefork-echo", "--drain-timeout", "1e20"],
+            &["prefork-echo", "--idle-timeout", "1e19"],
+            &["prefork-echo", "--worker-timeout", "1e300"],
+            &["prefork-echo", "--stats-interval", "1e19"],
             &["prefork-echo", "--bogus"],
         ] {
             let err = Cli::try_parse_from(bad).unwrap_err();

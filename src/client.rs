@@ -2,7 +2,7 @@
 //! `scale`. They speak to the control socket; given only a pid file, they send the signal the
 //! signal table names for the action instead.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::cli::{CtlArgs, StatsArgs};
+use crate::cli::{CtlArgs, ReloadArgs, StatsArgs, StopArgs};
 use crate::signals::{self, Action};
 use crate::{control, listener, stats};
 
@@ -20,10 +20,10 @@ const RELOAD_WAIT: Duration = Duration::from_secs(120);
 /// What `stop` adds to the server's drain timeout before it gives up waiting.
 const STOP_SLACK: Duration = Duration::from_secs(15);
 
-fn control_path(explicit: Option<PathBuf>, listen: &str) -> Result<PathBuf> {
-    Ok(match explicit {
+fn control_path(args: CtlArgs) -> Result<PathBuf> {
+    Ok(match args.control {
         Some(p) => p,
-        None => control::default_path(listener::resolve(listen)?.port()),
+        None => control::default_path(listener::resolve(&args.listen)?)?,
     })
 }
 
@@ -39,13 +39,7 @@ fn ask(path: &Path, req: &str, wait: Duration) -> Result<Value> {
 }
 
 fn read_pid(path: &Path) -> Result<Pid> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the pid file {}", path.display()))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .map_err(|_| anyhow!("{} does not hold a pid: {:?}", path.display(), text.trim()))?;
-    Ok(Pid::from_raw(pid))
+    Ok(crate::runtime_files::verified_pid(path)?)
 }
 
 fn signal_action(pid: Pid, action: Action) -> Result<()> {
@@ -76,8 +70,10 @@ fn wait_gone(pid: Pid, within: Duration) -> Result<()> {
 
 /// `prefork-echo stats`: fetch the snapshot from the control socket and print it.
 pub fn stats(args: StatsArgs) -> Result<()> {
-    let path = control_path(args.control, &args.listen)?;
+    let path = control_path(args.ctl)?;
     let mut previous: Option<stats::Snapshot> = None;
+    // On a terminal, --watch redraws in place (clear screen, cursor home); piped, it appends.
+    let redraw = args.watch.is_some() && !args.json && std::io::stdout().is_terminal();
     loop {
         let answer = control::request(&path, "stats")?;
         let snap: stats::Snapshot = serde_json::from_str(&answer)
@@ -86,13 +82,16 @@ pub fn stats(args: StatsArgs) -> Result<()> {
         if args.json {
             writeln!(out, "{answer}")?;
         } else {
+            if redraw {
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
             write!(out, "{}", snap.table(previous.as_ref()))?;
         }
         out.flush()?;
         let Some(every) = args.watch else {
             return Ok(());
         };
-        if !args.json {
+        if !args.json && !redraw {
             writeln!(out)?;
         }
         drop(out);
@@ -102,30 +101,31 @@ pub fn stats(args: StatsArgs) -> Result<()> {
 }
 
 /// `prefork-echo reload`: returns once the new generation serves.
-pub fn reload(args: CtlArgs) -> Result<()> {
+pub fn reload(args: ReloadArgs) -> Result<()> {
     if let Some(pid_file) = args.pid_file {
         let pid = read_pid(&pid_file)?;
         signal_action(pid, Action::Reload)?;
         println!("sent SIGHUP to {pid}; the server logs when the new generation serves");
         return Ok(());
     }
-    let path = control_path(args.control, &args.listen)?;
+    let path = control_path(args.ctl)?;
     let v = ask(&path, "reload", RELOAD_WAIT)?;
     println!(
-        "generation {} serving ({} workers)",
-        v["generation"], v["workers"]
+        "generation {} serving ({})",
+        v["generation"],
+        plural(v["workers"].as_u64().unwrap_or(0), "worker")
     );
     Ok(())
 }
 
 /// `prefork-echo stop`: returns once the server has exited.
-pub fn stop(args: CtlArgs) -> Result<()> {
+pub fn stop(args: StopArgs) -> Result<()> {
     let (pid, drain) = if let Some(pid_file) = args.pid_file {
         let pid = read_pid(&pid_file)?;
         signal_action(pid, Action::GracefulStop)?;
         (pid, Duration::from_secs(60))
     } else {
-        let path = control_path(args.control, &args.listen)?;
+        let path = control_path(args.ctl)?;
         let v = ask(&path, "stop", control::CLIENT_DEADLINE)?;
         let pid = v["pid"]
             .as_i64()
@@ -140,11 +140,20 @@ pub fn stop(args: CtlArgs) -> Result<()> {
 
 /// `prefork-echo scale N`.
 pub fn scale(workers: u32, args: CtlArgs) -> Result<()> {
-    if args.pid_file.is_some() {
-        bail!("scale needs the control socket (--control), not a pid file: use SIGTTIN/SIGTTOU");
-    }
-    let path = control_path(args.control, &args.listen)?;
+    let path = control_path(args)?;
     let v = ask(&path, &format!("scale {workers}"), control::CLIENT_DEADLINE)?;
-    println!("scaling to {} workers", v["workers"]);
+    println!(
+        "scaling to {}",
+        plural(v["workers"].as_u64().unwrap_or(0), "worker")
+    );
     Ok(())
+}
+
+/// `1 worker`, `3 workers`.
+pub fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }

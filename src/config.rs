@@ -4,7 +4,14 @@
 //! Format: one `key = value` per line; `#` starts a comment; blank lines are ignored.
 //! Keys: `workers`, `drain_timeout`, `max_unsent`, `stats_interval`, `worker_timeout`.
 //! A key in the file overrides the command line's value; a key absent from the file keeps it.
+//! A key given twice is refused: which of the two was meant cannot be guessed.
+//!
+//! The file is read from the master's loop on every reload, so it must never be able to stall
+//! or swamp it: only a regular file is read (a FIFO would block, `/dev/zero` never ends), it
+//! is opened without blocking, and at most [`MAX_SIZE`] bytes are accepted.
 
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use thiserror::Error;
@@ -24,16 +31,37 @@ pub struct FileConfig {
     pub worker_timeout: Option<f64>,
 }
 
+/// The largest config file accepted.
+pub const MAX_SIZE: u64 = 64 * 1024;
+
 /// Why a config file was refused.
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
-    /// The file could not be read.
+    /// The file could not be read, is not a regular file, or is too large.
     #[error("cannot read {path}: {reason}")]
     Read {
         /// The file.
         path: String,
         /// The OS's reason.
         reason: String,
+    },
+    /// The file was read but its contents are refused.
+    #[error("{path}: {source}")]
+    In {
+        /// The file.
+        path: String,
+        /// What is wrong in it.
+        source: Box<ConfigError>,
+    },
+    /// A key appears twice.
+    #[error("line {line}: {key} is already set on line {first}")]
+    Repeated {
+        /// 1-based line number of the repeat.
+        line: usize,
+        /// The key.
+        key: String,
+        /// Where it was first set.
+        first: usize,
     },
     /// A line is not `key = value`.
     #[error("line {line}: expected `key = value`")]
@@ -64,18 +92,48 @@ pub enum ConfigError {
 }
 
 impl FileConfig {
-    /// Reads and parses a config file.
+    /// Reads and parses a config file: a regular file of at most [`MAX_SIZE`] bytes.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        FileConfig::parse(&text)
+        let shown = path.display().to_string();
+        let refuse = |reason: String| ConfigError::Read {
+            path: shown.clone(),
+            reason,
+        };
+        // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| refuse(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        if meta.len() > MAX_SIZE {
+            return Err(refuse(format!(
+                "{} bytes; a config file may hold at most {MAX_SIZE}",
+                meta.len()
+            )));
+        }
+        let mut bytes = Vec::new();
+        // The size was checked, but the file may grow meanwhile: read one byte past the cap.
+        file.take(MAX_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| refuse(e.to_string()))?;
+        if bytes.len() as u64 > MAX_SIZE {
+            return Err(refuse(format!("grew past {MAX_SIZE} bytes while read")));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| refuse("not UTF-8 text".into()))?;
+        FileConfig::parse(&text).map_err(|e| ConfigError::In {
+            path: shown,
+            source: Box::new(e),
+        })
     }
 
     /// Parses config text; never panics, whatever the input.
     pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
         let mut cfg = FileConfig::default();
+        let mut seen: Vec<(&str, usize)> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let content = raw.split('#').next().unwrap_or("").trim();
@@ -86,15 +144,23 @@ impl FileConfig {
                 return Err(ConfigError::Syntax { line });
             };
             let (key, value) = (key.trim(), value.trim());
+            if let Some(&(_, first)) = seen.iter().find(|(k, _)| *k == key) {
+                return Err(ConfigError::Repeated {
+                    line,
+                    key: key.to_string(),
+                    first,
+                });
+            }
+            seen.push((key, line));
             let bad = |why| ConfigError::Value {
                 line,
                 key: key.to_string(),
                 value: value.to_string(),
                 why,
             };
-            let secs = || match value.parse::<f64>() {
-                Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-                _ => Err(bad("a number of seconds, 0 or more")),
+            let secs = || {
+                worker::config::parse_secs(value)
+                    .map_err(|_| bad("a number of seconds from 0 to 31536000 (one year)"))
             };
             match key {
                 "workers" => {
@@ -158,6 +224,8 @@ mod tests {
             "workers = 0",
             "workers = -1",
             "drain_timeout = NaN",
+            "drain_timeout = 1e19",
+            "worker_timeout = 1e20",
             "max_unsent = x",
         ] {
             assert!(
@@ -165,6 +233,44 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_with_both_lines() {
+        let e = FileConfig::parse("workers = 2\n# more\nworkers = 3\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 3: workers is already set on line 1",
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("prefork-echo-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A FIFO with no writer: opening it without O_NONBLOCK would hang this test.
+        let e = FileConfig::load(&fifo).unwrap_err().to_string();
+        assert!(
+            e.contains("not a regular file") && e.contains("fifo"),
+            "{e}"
+        );
+        let e = FileConfig::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.join("big.conf");
+        std::fs::write(&big, "#".repeat(MAX_SIZE as usize + 1)).unwrap();
+        let e = FileConfig::load(&big).unwrap_err().to_string();
+        assert!(e.contains("at most 65536"), "{e}");
+        let bad = dir.join("bad.conf");
+        std::fs::write(&bad, "workers = four\n").unwrap();
+        let e = FileConfig::load(&bad).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: line 1", bad.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! finished within [`CLIENT_DEADLINE`] is dropped.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use nix::unistd::{Gid, Uid};
 
 use interprocess::local_socket::traits::{Listener as _, Stream as _};
 use interprocess::local_socket::{
@@ -90,6 +93,20 @@ pub enum ControlError {
     /// Something that is not a socket is at the path.
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
+    /// The path's directory or an existing file there is not safe to use.
+    #[error(transparent)]
+    Unsafe(#[from] crate::runtime_files::FileError),
+    /// The peer at the path is not a server this user may believe.
+    #[error(
+        "control socket {path} answered as uid {uid}, which is neither you nor root nor the \
+         socket's owner in a directory only root or you can write: not trusting it"
+    )]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// The peer's uid.
+        uid: u32,
+    },
     /// A system call failed.
     #[error("control socket {path}")]
     Io {
@@ -100,13 +117,39 @@ pub enum ControlError {
     },
 }
 
-/// The default control socket path for a server on `port`: in `$XDG_RUNTIME_DIR` if set,
-/// else /tmp.
-pub fn default_path(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    dir.join(format!("prefork-echo-{port}.sock"))
+/// The default control socket path for a server on `addr`: `ADDRESS-PORT.sock` in this
+/// user's private runtime directory (see [`crate::runtime_files::private_dir`]), keyed by
+/// address and port so servers on `127.0.0.1:7007` and `[::1]:7007` do not collide.
+pub fn default_path(addr: SocketAddr) -> Result<PathBuf, ControlError> {
+    let dir = crate::runtime_files::private_dir()?;
+    Ok(dir.join(format!("{}-{}.sock", addr.ip(), addr.port())))
+}
+
+/// The socket file this process created (or inherited) at a path, as (device, inode): it is
+/// unlinked at exit only if the path still names that very file and this process still owns
+/// the name — never a file another live server now serves there.
+#[derive(Debug)]
+struct Name {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+    owned: bool,
+}
+
+impl Name {
+    fn identify(path: &Path) -> Option<(u64, u64)> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        meta.file_type()
+            .is_socket()
+            .then(|| (meta.dev(), meta.ino()))
+    }
+}
+
+impl Drop for Name {
+    fn drop(&mut self) {
+        if self.owned && self.id.is_some() && Name::identify(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 struct Client {
@@ -126,22 +169,25 @@ pub struct ControlServer {
     clients: Slab<Client>,
     base: usize,
     serial: u64,
+    name: Name,
 }
 
 impl ControlServer {
-    /// Creates the socket at `path` with mode 0600. A stale socket file (nobody answering) is
-    /// replaced; a live one is an error, unless `take_over` (a binary upgrade takes its
-    /// predecessor's path). Created before privileges are dropped, registered after.
-    pub fn bind(path: &Path, take_over: bool) -> Result<Self, ControlError> {
+    /// Creates the socket at `path` with mode 0600, owned by `owner` if given (the serving
+    /// user). The directory must be safe (see `runtime_files::check_dir`); a stale socket file
+    /// (nobody answering) is replaced; a live one is an error. Created before privileges are
+    /// dropped, registered after.
+    pub fn bind(path: &Path, owner: Option<(Uid, Gid)>) -> Result<Self, ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.to_path_buf(),
             source,
         };
+        crate::runtime_files::check_dir(path, owner.map(|(u, _)| u))?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(ControlError::NotASocket(path.to_path_buf()));
             }
-            if !take_over && std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_path_buf()));
             }
             std::fs::remove_file(path).map_err(io_err)?;
@@ -152,14 +198,80 @@ impl ControlServer {
             // fchmod before bind: the socket is never reachable with looser permissions.
             .mode(0o600)
             .nonblocking(ListenerNonblockingMode::Both)
+            // Unlinking is `Name`'s job: only while the path is still ours.
+            .reclaim_name(false)
             .create_sync_as::<Listener>()
             .map_err(io_err)?;
+        let id = Name::identify(path);
+        if let Some((uid, gid)) = owner {
+            // bind(2) never follows a symlink, but the file could be swapped before this
+            // chown: so not chown(2), which would follow one, but lchown, on a path checked
+            // to be the socket just bound.
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                path,
+                Some(uid),
+                Some(gid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_err(e.into()))?;
+            if id.is_none() || Name::identify(path) != id {
+                return Err(io_err(io::Error::other(
+                    "the socket file was replaced while it was being set up",
+                )));
+            }
+        }
         Ok(ControlServer {
             listener,
             clients: Slab::new(),
             base: usize::MAX,
             serial: 0,
+            name: Name {
+                path: path.to_path_buf(),
+                id,
+                owned: true,
+            },
         })
+    }
+
+    /// Takes over the listener a predecessor master handed over in a binary upgrade. The name
+    /// stays the predecessor's until [`claim_name`](Self::claim_name): a successor that fails
+    /// before it serves must leave the path working for the old master.
+    pub fn adopt(fd: OwnedFd, path: &Path) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = Listener::from(fd);
+        listener
+            .set_nonblocking(ListenerNonblockingMode::Both)
+            .map_err(io_err)?;
+        nix::fcntl::fcntl(
+            &listener,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| io_err(e.into()))?;
+        Ok(ControlServer {
+            listener,
+            clients: Slab::new(),
+            base: usize::MAX,
+            serial: 0,
+            name: Name {
+                path: path.to_path_buf(),
+                id: Name::identify(path),
+                owned: false,
+            },
+        })
+    }
+
+    /// The listening descriptor, to hand to a successor.
+    pub fn raw_fd(&self) -> RawFd {
+        self.listener.as_fd().as_raw_fd()
+    }
+
+    /// Makes the path this server's own (a successor, once it serves): removed at its exit.
+    pub fn claim_name(&mut self) {
+        self.name.owned = true;
     }
 
     /// Watches the socket from `registry`, under tokens from `base` upwards.
@@ -174,8 +286,7 @@ impl ControlServer {
 
     /// Leaves the socket file in place at exit: after an upgrade it names the new master's.
     pub fn release_name(&mut self) {
-        use interprocess::local_socket::traits::Listener as _;
-        self.listener.do_not_reclaim_name_on_drop();
+        self.name.owned = false;
     }
 
     /// Whether `token` belongs to the control socket.
@@ -291,20 +402,31 @@ impl ControlServer {
             return None;
         }
         if c.answer.is_empty() {
+            // Read up to the first newline. Bytes after it are ignored, and a client that
+            // half-closes right after its request (`nc -N`) is still answered.
             let mut buf = [0u8; MAX_REQUEST];
-            loop {
+            let mut closed = false;
+            while !c.request.contains(&b'\n') {
                 match (&c.stream).read(&mut buf) {
-                    Ok(0) => return Some(Some("closed before sending a request".into())),
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
                     Ok(n) => c.request.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Some(Some(e.to_string())),
                 }
-                if c.request.len() > MAX_REQUEST {
+                if c.request.len() > MAX_REQUEST && !c.request[..=MAX_REQUEST].contains(&b'\n') {
                     return Some(Some(format!("request longer than {MAX_REQUEST} bytes")));
                 }
             }
-            let newline = c.request.iter().position(|&b| b == b'\n')?;
+            let Some(newline) = c.request.iter().position(|&b| b == b'\n') else {
+                return closed.then(|| Some("closed before sending a request".into()));
+            };
+            if newline > MAX_REQUEST {
+                return Some(Some(format!("request longer than {MAX_REQUEST} bytes")));
+            }
             let id = ClientId {
                 key,
                 serial: c.serial,
@@ -379,6 +501,7 @@ pub fn request_within(path: &Path, line: &str, wait: Duration) -> Result<String,
     };
     let name = path.to_fs_name::<GenericFilePath>().map_err(io_err)?;
     let stream = Stream::connect(name).map_err(io_err)?;
+    trust_peer(path, &stream)?;
     stream.set_recv_timeout(Some(wait)).map_err(io_err)?;
     stream
         .set_send_timeout(Some(CLIENT_DEADLINE))
@@ -389,6 +512,37 @@ pub fn request_within(path: &Path, line: &str, wait: Duration) -> Result<String,
     let mut answer = String::new();
     (&stream).read_to_string(&mut answer).map_err(io_err)?;
     Ok(answer.trim_end().to_string())
+}
+
+/// Believes the server at `path` only if the kernel says it runs as this user or root
+/// (`SO_PEERCRED`), or as the owner of the socket file in a directory that only root or this
+/// user can write (a server started by root that dropped to `--user`). Anyone else could have
+/// put a socket there to feed this client false answers.
+fn trust_peer(path: &Path, stream: &Stream) -> Result<(), ControlError> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials)
+        .map_err(|e| ControlError::Io {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?
+        .uid();
+    let me = Uid::current().as_raw();
+    if peer == me || peer == 0 {
+        return Ok(());
+    }
+    let placed_by_root_or_me = || -> Option<bool> {
+        let file = std::fs::symlink_metadata(path).ok()?;
+        let dir = std::fs::metadata(path.parent()?).ok()?;
+        let closed = dir.mode() & 0o022 == 0;
+        Some(file.uid() == peer && (dir.uid() == 0 || dir.uid() == me) && closed)
+    };
+    if placed_by_root_or_me().unwrap_or(false) {
+        return Ok(());
+    }
+    Err(ControlError::Untrusted {
+        path: path.to_path_buf(),
+        uid: peer,
+    })
 }
 
 #[cfg(test)]
@@ -409,12 +563,15 @@ mod tests {
     }
 
     #[test]
-    fn default_path_names_the_port() {
+    fn default_path_names_address_and_port() {
+        let v4 = default_path("127.0.0.1:7007".parse().unwrap()).unwrap();
+        let v6 = default_path("[::1]:7007".parse().unwrap()).unwrap();
         assert!(
-            default_path(7007)
-                .to_string_lossy()
-                .ends_with("prefork-echo-7007.sock")
+            v4.to_string_lossy().ends_with("/127.0.0.1-7007.sock"),
+            "{v4:?}"
         );
+        assert!(v6.to_string_lossy().ends_with("/::1-7007.sock"), "{v6:?}");
+        assert_ne!(v4, v6);
     }
 
     mod properties {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::unistd::Pid;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
@@ -203,6 +203,12 @@ impl ForkServer {
             (Some(Action::Reload), _) => {
                 worker::log!("SIGHUP: reloading is for --mode process; ignored")
             }
+            (Some(Action::Ignore), _) => {
+                worker::log!(
+                    "SIG{}: not a signal this server acts on; ignored",
+                    signals::name(sig)
+                )
+            }
             _ => {}
         }
     }
@@ -274,12 +280,15 @@ impl ForkServer {
                 std_stream.as_raw_fd(),
                 self.report_tx.as_fd().as_raw_fd(),
                 -1,
+                -1,
             ];
             let signals = &mut self.signals;
             let report_tx = &self.report_tx;
+            // The child handles no signal itself: TERM and QUIT end it (default actions).
             let forked = fork_child(
                 Lineage::Worker,
                 keep,
+                &[],
                 || drop(signals.take()),
                 || child(std_stream.try_clone(), idle, report_tx),
             );
@@ -364,11 +373,7 @@ fn child(
     idle: Option<Duration>,
     report: &io::PipeWriter,
 ) -> i32 {
-    for sig in [Signal::SIGTERM, Signal::SIGQUIT] {
-        // SAFETY: restoring the default disposition runs no handler code; the parent's
-        // signal actions were dropped by `shed`.
-        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
-    }
+    // `fork_child` reset TERM and QUIT to their defaults: either ends this child at once.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let Ok(stream) = stream else { return 1 };
     let (mut read, mut written) = (0u64, 0u64);

@@ -9,8 +9,10 @@ mod config;
 mod control;
 mod fork_per_conn;
 mod listener;
+mod liveness;
 mod master;
 mod privileges;
+mod runtime_files;
 mod signals;
 mod spawn;
 mod stats;
@@ -24,6 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+
 use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -31,13 +34,41 @@ use cli::{Cli, Command, Mode, ServeArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_none() {
+        if let Err(e) = cli::validate(&cli.serve) {
+            e.exit(); // a usage error: clap's message, exit code 2
+        }
+    }
     match cli.command {
         Some(Command::Worker(cfg)) => ExitCode::from(worker::run(cfg) as u8),
         Some(Command::Stats(args)) => edge(client::stats(args)),
         Some(Command::Reload(args)) => edge(client::reload(args)),
         Some(Command::Stop(args)) => edge(client::stop(args)),
         Some(Command::Scale { workers, ctl }) => edge(client::scale(workers, ctl)),
+        Some(Command::Help { command }) => help(command.as_deref()),
         None => edge(serve(cli.serve)),
+    }
+}
+
+/// `prefork-echo help [COMMAND]`.
+fn help(command: Option<&str>) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let shown = match command {
+        None => cmd.print_help(),
+        Some(name) => match cmd.find_subcommand_mut(name) {
+            Some(sub) if !sub.is_hide_set() => sub.print_help(),
+            _ => {
+                eprintln!(
+                    "prefork-echo: error: no command named {name:?} (see prefork-echo --help)"
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match shown {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -51,9 +82,6 @@ fn edge(result: Result<()>) -> ExitCode {
         }
     }
 }
-
-/// Descriptors the master keeps for itself besides one channel per worker.
-const MASTER_FDS: u64 = 32;
 
 fn serve(args: ServeArgs) -> Result<()> {
     let base = master::Settings {
@@ -79,10 +107,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
     let workers = settings.workers;
     let nofile = raise_nofile_limit();
-    if u64::from(workers) + MASTER_FDS > nofile {
+    if u64::from(workers) + master::MASTER_FDS > nofile {
         bail!(
             "--workers {workers} needs about {} descriptors but the limit (RLIMIT_NOFILE) is {nofile}",
-            u64::from(workers) + MASTER_FDS
+            u64::from(workers) + master::MASTER_FDS
         );
     }
     // A master started by a binary upgrade inherits its predecessor's signal mask (all
@@ -97,15 +125,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         listener: inherited,
         ready: predecessor,
         udp: inherited_udp,
+        control: inherited_control,
+        totals: inherited_totals,
     } = spawn::from_predecessor();
-    if args.udp && args.mode == Mode::ForkPerConn {
-        bail!("--udp is served in process and thread modes, not fork-per-conn");
-    }
     let socket = match (inherited, systemd::listen_fd()) {
         (Some(fd), _) => {
             listener::adopt(fd).context("the listener handed over by the old master")?
         }
-        (None, Some(fd)) => listener::adopt(fd).context("the socket systemd passed")?,
+        (None, Some(fd)) => {
+            let s = listener::adopt(fd).context("the socket systemd passed")?;
+            worker::log!(
+                "socket activation: serving the listening socket systemd passed (fd 3); --listen and --backlog are not used"
+            );
+            s
+        }
         (None, None) => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
     };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
@@ -114,31 +147,55 @@ fn serve(args: ServeArgs) -> Result<()> {
         (true, None) => Some(listener::bind_udp(addr)?),
         (false, _) => None,
     };
-    let control = args
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(addr.port()));
-    let control_server = control::ControlServer::bind(&control, predecessor.is_some())?;
+    // Everything a root-run server creates is created for the serving user, in a directory
+    // checked to be safe (runtime_files), and only then is root dropped.
+    let target = args
+        .user
+        .as_deref()
+        .map(|u| privileges::lookup(u, args.group.as_deref()))
+        .transpose()
+        .context("--user")?;
+    let upgraded_as_user = target.as_ref().is_some_and(privileges::already);
+    let owner = target
+        .as_ref()
+        .filter(|_| !upgraded_as_user)
+        .map(|t| (t.uid, t.gid));
+    let control = match args.control.clone() {
+        Some(path) => path,
+        None => control::default_path(addr).context("the default control socket directory")?,
+    };
+    let control_server = match inherited_control {
+        Some(fd) => control::ControlServer::adopt(fd, &control)
+            .context("the control socket handed over by the old master")?,
+        None => control::ControlServer::bind(&control, owner)?,
+    };
     let pid_file = args.pid_file.clone();
     if let Some(path) = &pid_file {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing the pid file {}", path.display()))?;
+        runtime_files::check_dir(path, target.as_ref().map(|t| t.uid))
+            .and_then(|()| runtime_files::write_pid_file(path, owner))
+            .context("the pid file")?;
     }
-    // Everything that needs root is done: sockets bound, files created.
-    match &args.user {
-        Some(user) => {
-            let owned: Vec<&std::path::Path> = std::iter::once(control.as_path())
-                .chain(pid_file.as_deref())
-                .collect();
-            let (uid, gid) = privileges::drop_to(user, args.group.as_deref(), &owned)
-                .context("dropping privileges")?;
-            worker::log!("serving as {user} (uid {uid}, gid {gid})");
+    match &target {
+        Some(t) if upgraded_as_user => {
+            worker::log!(
+                "serving as {} (uid {}, gid {}), as before the upgrade",
+                t.name,
+                t.uid,
+                t.gid
+            );
+        }
+        Some(t) => {
+            privileges::become_user(t).context("dropping privileges")?;
+            worker::log!("serving as {} (uid {}, gid {})", t.name, t.uid, t.gid);
         }
         None if nix::unistd::Uid::effective().is_root() => {
             worker::log!("serving as root: pass --user NAME to drop privileges after binding");
         }
         None => {}
     }
+    let totals = inherited_totals
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     let result = run_mode(
         args,
         settings,
@@ -147,13 +204,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         addr,
         control,
         control_server,
-        predecessor,
+        (predecessor, totals),
     );
     if let Some(path) = &pid_file {
         // Only our own: after an upgrade the file names the new master.
-        if std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string()) {
-            let _ = std::fs::remove_file(path);
-        }
+        runtime_files::remove_own_pid_file(path);
     }
     result
 }
@@ -168,7 +223,7 @@ fn run_mode(
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     control_server: control::ControlServer,
-    predecessor: Option<std::os::fd::OwnedFd>,
+    (predecessor, totals): (Option<std::os::fd::OwnedFd>, worker::stats::Counters),
 ) -> Result<()> {
     let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();
@@ -199,11 +254,19 @@ fn run_mode(
                 pid_file: args.pid_file,
                 base,
                 predecessor,
+                totals,
                 udp,
             };
             master::run(cfg, settings, socket, addr, control_server)
         }
-        Mode::ForkPerConn => fork_per_conn::run(single_process(), socket, addr, control_server),
+        Mode::ForkPerConn => {
+            if args.workers.is_some_and(|n| n > 1) {
+                worker::log!(
+                    "--workers {workers} is ignored in fork-per-conn mode: the master accepts and forks one child per connection"
+                );
+            }
+            fork_per_conn::run(single_process(), socket, addr, control_server)
+        }
         Mode::Thread => thread_mode::run(
             thread_mode::ThreadConfig {
                 acceptors: workers,

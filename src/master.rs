@@ -35,8 +35,9 @@ use worker::stats::Counters;
 use crate::cli::Spawn;
 use crate::config::{ConfigError, FileConfig};
 use crate::control::{ClientId, ControlServer, Request};
+use crate::liveness::{AwakeClock, choose_hung};
 use crate::signals::{self, Action};
-use crate::spawn::{reap_exited, spawn_successor, spawn_worker};
+use crate::spawn::{Handover, reap_exited, spawn_successor, spawn_worker};
 use crate::stats::{Snapshot, WorkerRow};
 use crate::systemd;
 
@@ -78,6 +79,9 @@ pub struct MasterConfig {
     pub predecessor: Option<OwnedFd>,
     /// The UDP socket every worker shares, with `--udp`.
     pub udp: Option<std::net::UdpSocket>,
+    /// Totals handed over by the master this one replaced (binary upgrade), so totals never
+    /// go backward across an upgrade.
+    pub totals: Counters,
 }
 
 /// The settings a reload can change.
@@ -159,6 +163,27 @@ struct WorkerProc {
     last_report: Option<Instant>,
     /// Asked (or decided) to drain: no longer counted as serving its slot.
     draining: bool,
+    /// When it began to drain: it is killed once its own drain timeout (plus grace) is past,
+    /// whatever started the drain (a stop, a reload, a scale-down, a TERM sent to it).
+    drain_since: Option<Instant>,
+    /// Its drain timeout, from the settings it was started with.
+    drain: Duration,
+    /// SIGKILL was sent: it is only waited for now, and logged once.
+    killed: bool,
+    /// Awake time (see [`AwakeClock`]) of its last report, or of its start.
+    heard: Duration,
+}
+
+impl WorkerProc {
+    /// Marks it draining (if not already); returns whether it was serving until now.
+    fn start_draining(&mut self, now: Instant) -> bool {
+        if self.draining {
+            return false;
+        }
+        self.draining = true;
+        self.drain_since = Some(now);
+        true
+    }
 }
 
 /// A binary upgrade under way: a new master started from the binary on disk.
@@ -180,13 +205,16 @@ struct Reload {
 }
 
 /// Respawn policy for one pool slot: a worker that dies soon after it started is respawned
-/// with exponential backoff, and after [`Backoff::LIMIT`] such deaths in a row the master gives
-/// up rather than loop forever.
+/// with exponential backoff, and after [`Backoff::LIMIT`] such deaths in a row the slot is
+/// abandoned (no respawn loop); the other slots keep serving, and the master gives up only
+/// when no slot is left serving.
 #[derive(Debug, Default, Clone)]
 pub struct Backoff {
     fast_failures: u32,
     /// When the slot may be filled again.
     pub not_before: Option<Instant>,
+    /// The slot kept failing and is no longer respawned (until a reload or scale resets it).
+    pub abandoned: bool,
 }
 
 impl Backoff {
@@ -212,6 +240,23 @@ impl Backoff {
     pub fn failures(&self) -> u32 {
         self.fast_failures
     }
+}
+
+/// Descriptors the master keeps for itself besides one channel per worker.
+pub const MASTER_FDS: u64 = 32;
+
+/// Whether the descriptor limit can hold `workers` channels (and, during a reload, the old
+/// generation's beside them is why the master raises its limit to the hard one at start).
+pub fn descriptor_room(workers: u32) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let need = u64::from(workers) + MASTER_FDS;
+    if need > limit {
+        return Err(format!(
+            "{workers} workers need about {need} descriptors but the limit (RLIMIT_NOFILE) is {limit}"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the process-mode server on `listener` until it is stopped. `Ok` is a requested stop;
@@ -249,6 +294,8 @@ struct Master {
     failure: Option<String>,
     control: Option<ControlServer>,
     started: Instant,
+    /// The master's own time awake, on which worker silence is measured.
+    clock: AwakeClock,
     /// Counters of workers that are gone, so totals never go backward.
     retired: Counters,
     next_stats_log: Option<Instant>,
@@ -272,6 +319,9 @@ impl Master {
             .register(poll.registry(), CONTROL_BASE)
             .context("watching the control socket")?;
         let slots = vec![Backoff::default(); settings.workers as usize];
+        let mut cfg = cfg;
+        cfg.totals.active = 0;
+        let retired = cfg.totals;
         let next_stats_log = cfg
             .log_stats
             .then(|| settings.worker.stats_every())
@@ -295,7 +345,8 @@ impl Master {
             failure: None,
             control: Some(control),
             started: Instant::now(),
-            retired: Counters::default(),
+            clock: AwakeClock::new(Instant::now(), MAX_WAIT + Duration::from_secs(1)),
+            retired,
             next_stats_log,
             last_logged: None,
         })
@@ -303,9 +354,12 @@ impl Master {
 
     fn run(&mut self) -> Result<()> {
         worker::log!(
-            "starting {} worker(s) (spawn={:?}) on {}; control socket {}",
+            "starting {} worker(s) (spawn={}) on {}; control socket {}",
             self.settings.workers,
-            self.cfg.spawn,
+            match self.cfg.spawn {
+                Spawn::Fork => "fork",
+                Spawn::Exec => "exec",
+            },
             self.addr,
             self.cfg.control.display()
         );
@@ -319,7 +373,7 @@ impl Master {
             self.manage_workers();
             self.check_reload();
             self.announce_when_ready();
-            if self.phase != Phase::Running && self.workers.is_empty() {
+            if self.phase != Phase::Running && self.workers.is_empty() && self.successor.is_none() {
                 break;
             }
             let timeout = self
@@ -331,6 +385,7 @@ impl Master {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("waiting for events"),
             }
+            self.clock.tick(Instant::now());
             let mut happened = Vec::new();
             for event in events.iter() {
                 match event.token() {
@@ -373,20 +428,26 @@ impl Master {
                     },
                     Some(Action::StopNow) => self.stop_now(&format!("SIG{name}")),
                     Some(Action::Reload) => {
-                        if let Err(why) = self.start_reload(None) {
-                            worker::log!("SIGHUP: {why}");
-                        }
+                        // Refusals are logged by start_reload itself.
+                        let _ = self.start_reload(None);
                     }
                     Some(Action::AddWorker) => {
-                        self.scale(self.settings.workers.saturating_add(1).min(4096))
+                        if let Err(why) =
+                            self.scale(self.settings.workers.saturating_add(1).min(4096))
+                        {
+                            worker::log!("SIGTTIN: {why}");
+                        }
                     }
                     Some(Action::RemoveWorker) => {
-                        self.scale(self.settings.workers.saturating_sub(1).max(1))
+                        let _ = self.scale(self.settings.workers.saturating_sub(1).max(1));
                     }
                     Some(Action::Upgrade) => {
                         if let Err(e) = self.start_upgrade() {
                             worker::log!("SIGUSR2: no upgrade: {e:#}");
                         }
+                    }
+                    Some(Action::Ignore) => {
+                        worker::log!("SIG{name}: not a signal this server acts on; ignored")
                     }
                     None => {}
                 }
@@ -399,6 +460,7 @@ impl Master {
                     Message::Ready => {
                         w.ready = true;
                         w.last_report = Some(Instant::now());
+                        w.heard = self.clock.now();
                         worker::log!(
                             "worker {}/g{} (pid {}) is accepting",
                             w.id,
@@ -407,8 +469,7 @@ impl Master {
                         );
                     }
                     Message::Draining => {
-                        if !w.draining {
-                            w.draining = true;
+                        if w.start_draining(Instant::now()) {
                             worker::log!(
                                 "worker {}/g{} (pid {}) is draining; replacing it",
                                 w.id,
@@ -420,6 +481,7 @@ impl Master {
                     Message::Report(c) | Message::Final(c) => {
                         w.counters = c;
                         w.last_report = Some(Instant::now());
+                        w.heard = self.clock.now();
                     }
                 }
             }
@@ -486,7 +548,15 @@ impl Master {
             let (pid, how, code) = (gone.pid, gone.how, gone.code);
             let Some(key) = self.by_pid.remove(&pid) else {
                 if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
-                    self.upgrade_failed(&format!("the new master exited ({how})"));
+                    if self.phase == Phase::Running {
+                        self.upgrade_failed(&format!("the new master exited ({how})"));
+                    } else {
+                        // Stopped with us (a stop during an upgrade): nothing to restore but
+                        // the pid file it wrote over ours.
+                        self.forget_successor();
+                        worker::log!("the new master (pid {pid}) stopped with this one ({how})");
+                        self.reclaim_pid_file();
+                    }
                 }
                 continue;
             };
@@ -534,34 +604,61 @@ impl Master {
         if w.generation != self.generation || w.id >= self.settings.workers {
             return; // an old generation or a slot scaled away
         }
-        if code == Some(worker::EXIT_BOOT_FAILURE) {
+        if code == Some(worker::EXIT_BOOT_FAILURE) && !self.announced {
+            // At start-up a worker that cannot boot will not boot on a retry either: say so
+            // at once (gunicorn's "worker failed to boot") rather than after the backoff.
             self.give_up(format!(
-                "worker {} could not start ({how}; its log line above says why)",
+                "worker {} could not boot ({how}): see its \"cannot start\" line above, or the binary could not be executed",
                 w.id
             ));
             return;
         }
-        let slot = &mut self.slots[w.id as usize];
-        match slot.on_death(w.started.elapsed(), w.ready) {
+        let lived = w.started.elapsed();
+        self.slot_failed(w.id, lived, w.ready, how);
+    }
+
+    /// Applies the backoff policy to slot `id` after a death (or a failed spawn); abandons
+    /// the slot when it keeps failing, and gives up only if no slot is left serving.
+    fn slot_failed(&mut self, id: u32, lived: Duration, was_ready: bool, how: &str) {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return;
+        };
+        match slot.on_death(lived, was_ready) {
             Some(delay) => {
                 slot.not_before = Some(Instant::now() + delay);
                 if !delay.is_zero() {
                     worker::log!(
-                        "worker {} failed {} time(s) right after starting; respawning in {delay:?}",
-                        w.id,
+                        "worker {id} failed {} time(s) right after starting ({how}); respawning in {delay:?}",
                         slot.failures()
                     );
                 }
             }
             None => {
+                slot.abandoned = true;
                 let n = slot.failures();
-                self.give_up(format!(
-                    "worker {} died {n} times in a row within {:?} of starting (last: {how}); giving up",
-                    w.id,
-                    Backoff::FAST
-                ));
+                let serving = self.serving_slots();
+                if serving == 0 {
+                    self.give_up(format!(
+                        "worker {id} failed {n} times in a row within {:?} of starting (last: {how}), and no other worker is serving; giving up",
+                        Backoff::FAST
+                    ));
+                } else {
+                    worker::log!(
+                        "worker {id} failed {n} times in a row within {:?} of starting (last: {how}); \
+                         no longer respawning slot {id}: DEGRADED, serving with {serving} worker(s) \
+                         (a reload or `prefork-echo scale` tries the slot again)",
+                        Backoff::FAST
+                    );
+                }
             }
         }
+    }
+
+    /// Slots of the serving generation with a live, non-draining worker.
+    fn serving_slots(&self) -> usize {
+        (0..self.settings.workers)
+            .filter(|&id| self.slot_filled(self.generation, id))
+            .count()
     }
 
     /// Whether a live, serving worker of `generation` holds slot `id`.
@@ -580,19 +677,18 @@ impl Master {
         let now = Instant::now();
         for id in 0..self.settings.workers {
             let slot = &self.slots[id as usize];
-            if self.slot_filled(self.generation, id) || slot.not_before.is_some_and(|t| now < t) {
+            if slot.abandoned
+                || self.slot_filled(self.generation, id)
+                || slot.not_before.is_some_and(|t| now < t)
+            {
                 continue;
             }
             let template = self.settings.worker.clone();
             if let Err(e) = self.spawn(id, self.generation, template) {
                 worker::log!("cannot start worker {id}: {e:#}");
-                let slot = &mut self.slots[id as usize];
-                match slot.on_death(Duration::ZERO, false) {
-                    Some(delay) => slot.not_before = Some(now + delay),
-                    None => {
-                        self.give_up(format!("cannot start worker {id}: {e:#}"));
-                        return;
-                    }
+                self.slot_failed(id, Duration::ZERO, false, &format!("{e:#}"));
+                if self.phase != Phase::Running {
+                    return;
                 }
             }
         }
@@ -626,12 +722,12 @@ impl Master {
         cfg.generation = generation;
         let signals = &mut self.signals;
         let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
+        let drain = cfg.drain();
         let spawned = spawn_worker(self.cfg.spawn, &self.cfg.exe, listener, udp, cfg, || {
             // In the child: drop the master's signal delivery, which unregisters its actions
             // so they cannot write into a descriptor number the worker reuses.
             drop(signals.take());
-        })
-        .context("fork")?;
+        })?;
         spawned.channel.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(spawned.channel);
         let entry = self.workers.vacant_entry();
@@ -652,6 +748,10 @@ impl Master {
             counters: Counters::default(),
             last_report: None,
             draining: false,
+            drain_since: None,
+            drain,
+            killed: false,
+            heard: self.clock.now(),
         });
         self.by_pid.insert(spawned.pid, key);
         worker::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
@@ -672,6 +772,10 @@ impl Master {
             crate::announce(self.addr, "process", self.settings.workers);
             systemd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
             if let Some(fd) = self.cfg.predecessor.take() {
+                // The control socket's path is ours from now on (removed at our exit).
+                if let Some(c) = self.control.as_mut() {
+                    c.claim_name();
+                }
                 // Tell the master that started us that we serve: it drains and exits.
                 let mut pipe = std::fs::File::from(fd);
                 let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
@@ -681,6 +785,16 @@ impl Master {
 
     /// Starts a reload; `Err` says why it cannot start (a config error, a stop under way).
     fn start_reload(&mut self, waiter: Option<ClientId>) -> Result<(), String> {
+        let via = if waiter.is_some() {
+            "control request"
+        } else {
+            "SIGHUP"
+        };
+        self.try_start_reload(waiter)
+            .inspect_err(|why| worker::log!("{via}: {why}"))
+    }
+
+    fn try_start_reload(&mut self, waiter: Option<ClientId>) -> Result<(), String> {
         if self.phase != Phase::Running {
             return Err("the server is stopping; no reload".into());
         }
@@ -689,8 +803,15 @@ impl Master {
             r.waiters.extend(waiter);
             return Ok(());
         }
-        let settings =
-            Settings::resolve(&self.cfg.base, self.cfg.config_file.as_ref()).map_err(|e| {
+        let settings = Settings::resolve(&self.cfg.base, self.cfg.config_file.as_ref())
+            .and_then(|s| {
+                descriptor_room(s.workers).map_err(|why| crate::config::ConfigError::Read {
+                    path: "the new settings".into(),
+                    reason: why,
+                })?;
+                Ok(s)
+            })
+            .map_err(|e| {
                 format!(
                     "reload refused, config file: {e}; generation {} keeps serving",
                     self.generation
@@ -739,9 +860,9 @@ impl Master {
         self.settings = r.settings;
         self.slots = vec![Backoff::default(); self.settings.workers as usize];
         let mut retiring = 0;
+        let now = Instant::now();
         for (_, w) in self.workers.iter_mut() {
-            if w.generation != self.generation && !w.draining {
-                w.draining = true;
+            if w.generation != self.generation && w.start_draining(now) {
                 retiring += 1;
                 let _ = kill(w.pid, Signal::SIGTERM);
             }
@@ -761,9 +882,9 @@ impl Master {
     /// Gives up a reload: the new generation drains away, the old one goes on serving.
     fn abort_reload(&mut self, why: String) {
         let Some(r) = self.reload.take() else { return };
+        let now = Instant::now();
         for (_, w) in self.workers.iter_mut() {
-            if w.generation == r.generation && !w.draining {
-                w.draining = true;
+            if w.generation == r.generation && w.start_draining(now) {
                 let _ = kill(w.pid, Signal::SIGTERM);
             }
         }
@@ -778,7 +899,8 @@ impl Master {
         systemd::notify("READY=1");
     }
 
-    /// Binary upgrade: start a new master from the binary on disk and hand it the listener.
+    /// Binary upgrade: start a new master from the binary on disk and hand it the listener,
+    /// the UDP socket and the control socket by descriptor, with the totals so far.
     fn start_upgrade(&mut self) -> Result<()> {
         if self.phase != Phase::Running {
             anyhow::bail!("the server is stopping");
@@ -791,14 +913,25 @@ impl Master {
             .as_ref()
             .ok_or_else(|| anyhow!("the listener is closed"))?
             .as_raw_fd();
+        let control = self
+            .control
+            .as_ref()
+            .ok_or_else(|| anyhow!("the control socket is closed"))?
+            .raw_fd();
         let (ready, ready_tx) = io::pipe().context("creating the readiness pipe")?;
         nix::fcntl::fcntl(
             &ready,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
+        let handover = Handover {
+            listener,
+            udp: self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd),
+            control,
+            ready: ready_tx.as_raw_fd(),
+            totals: serde_json::to_string(&self.snapshot().totals)?,
+        };
         let signals = &mut self.signals;
-        let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
-        let pid = spawn_successor(&self.cfg.exe, listener, udp, ready_tx.as_raw_fd(), || {
+        let pid = spawn_successor(&self.cfg.exe, &handover, || {
             drop(signals.take());
         })
         .context("starting the new master")?;
@@ -830,35 +963,54 @@ impl Master {
             // End-of-file without "ready": it died; the reap says how.
             _ => return,
         }
-        let pid = s.pid;
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
-        self.successor = None;
-        worker::log!("upgrade: new master (pid {pid}) serving; this master retires");
+        let Some(s) = self.forget_successor() else {
+            return;
+        };
+        if self.phase != Phase::Running {
+            // A stop raced the upgrade: the successor was told to stop too.
+            return;
+        }
+        worker::log!(
+            "upgrade: new master (pid {}) serving; this master retires",
+            s.pid
+        );
         if let Some(c) = self.control.as_mut() {
             c.release_name();
         }
-        self.begin_drain("binary upgrade");
+        // Not a stop of the service: the new master has told the service manager it is the
+        // main process now, so no STOPPING=1 from here.
+        self.drain_all("binary upgrade", false);
     }
 
-    fn upgrade_failed(&mut self, why: &str) {
-        let Some(s) = self.successor.take() else {
-            return;
-        };
+    /// Stops watching the successor's readiness pipe; it is no longer ours to wait for.
+    fn forget_successor(&mut self) -> Option<Successor> {
+        let s = self.successor.take()?;
         let _ = self
             .poll
             .registry()
             .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
+        Some(s)
+    }
+
+    fn upgrade_failed(&mut self, why: &str) {
+        let Some(s) = self.forget_successor() else {
+            return;
+        };
         let _ = kill(s.pid, Signal::SIGKILL);
         worker::log!(
             "upgrade failed: {why}; this master (pid {}) keeps serving",
             std::process::id()
         );
-        // The new master may have written its pid over ours.
+        self.reclaim_pid_file();
+    }
+
+    /// A successor writes its pid over ours when it starts; one that failed or was stopped
+    /// leaves this master to put its own back.
+    fn reclaim_pid_file(&self) {
         if let Some(path) = &self.cfg.pid_file {
-            let _ = std::fs::write(path, format!("{}\n", std::process::id()));
+            if let Err(e) = crate::runtime_files::write_pid_file(path, None) {
+                worker::log!("cannot rewrite the pid file: {e}");
+            }
         }
     }
 
@@ -870,38 +1022,58 @@ impl Master {
         }
     }
 
-    /// Resizes the pool: new slots fill on the next turn, surplus workers drain.
-    fn scale(&mut self, workers: u32) {
-        if self.phase != Phase::Running || workers == self.settings.workers {
-            return;
+    /// Resizes the pool: new slots fill on the next turn, surplus workers drain. The size is
+    /// kept across reloads (unless the config file sets `workers`). Refused when the
+    /// descriptor limit cannot hold one channel per worker.
+    fn scale(&mut self, workers: u32) -> Result<(), String> {
+        if self.phase != Phase::Running {
+            return Err("the server is stopping".into());
+        }
+        descriptor_room(workers)?;
+        if workers == self.settings.workers {
+            // Also a way to retry abandoned slots.
+            self.slots.iter_mut().for_each(|s| *s = Backoff::default());
+            return Ok(());
         }
         worker::log!(
-            "scaling from {} to {workers} worker(s)",
-            self.settings.workers
+            "scaling from {} to {}",
+            self.settings.workers,
+            crate::client::plural(u64::from(workers), "worker")
         );
         self.settings.workers = workers;
-        self.slots.resize(workers as usize, Backoff::default());
+        self.cfg.base.workers = workers;
+        self.slots = vec![Backoff::default(); workers as usize];
         if let Some(r) = self.reload.as_mut() {
             r.settings.workers = workers;
         }
+        let now = Instant::now();
         for (_, w) in self.workers.iter_mut() {
-            if w.id >= workers && !w.draining {
-                w.draining = true;
+            if w.id >= workers && w.start_draining(now) {
                 let _ = kill(w.pid, Signal::SIGTERM);
             }
         }
+        Ok(())
     }
 
     fn begin_drain(&mut self, why: &str) {
+        self.drain_all(why, true);
+    }
+
+    /// Graceful stop (or retirement after an upgrade, `stopping` false: the service goes on
+    /// in the new master).
+    fn drain_all(&mut self, why: &str, stopping: bool) {
         let kill_at = Instant::now() + self.settings.drain() + DRAIN_GRACE;
         self.phase = Phase::Draining { kill_at };
-        systemd::notify("STOPPING=1");
+        if stopping {
+            systemd::notify("STOPPING=1");
+        }
         if let Some(r) = self.reload.take() {
             self.answer(
                 r.waiters,
                 json!({"error": "the server is stopping"}).to_string(),
             );
         }
+        self.stop_successor(Signal::SIGTERM);
         // Close our copy of the listener; once the workers close theirs the kernel refuses
         // new connections instead of queueing them for nobody.
         self.listener = None;
@@ -913,10 +1085,22 @@ impl Master {
         );
         // Only those not yet draining: to a worker, a second SIGTERM means "stop now", and a
         // worker of a reloaded generation may still be finishing its connections.
+        let now = Instant::now();
         for (_, w) in &mut self.workers {
-            if !w.draining {
-                w.draining = true;
+            if w.start_draining(now) {
                 let _ = kill(w.pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// A stop during an upgrade stops the new master too (it holds the listener and may
+    /// already serve): the server stops as a whole, and this master waits for it.
+    fn stop_successor(&mut self, sig: Signal) {
+        if let Some(s) = &self.successor {
+            worker::log!("stopping the new master (pid {}) too: {sig}", s.pid);
+            match kill(s.pid, sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => worker::log!("cannot send {sig} to the new master: {e}"),
             }
         }
     }
@@ -935,6 +1119,7 @@ impl Master {
                 json!({"error": "the server is stopping"}).to_string(),
             );
         }
+        self.stop_successor(Signal::SIGQUIT);
         self.listener = None;
         worker::log!("{why}: stopping now");
         self.signal_all(Signal::SIGQUIT);
@@ -982,13 +1167,17 @@ impl Master {
             })
             .collect();
         rows.sort_by_key(|r| (r.generation, r.id));
-        Snapshot::new(
+        let mut snap = Snapshot::new(
             "process",
             now.duration_since(self.started).as_secs_f64(),
             self.generation,
             rows,
             &self.retired,
-        )
+        );
+        snap.abandoned_slots = (0..self.settings.workers)
+            .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
+            .collect();
+        snap
     }
 
     fn serve_control(&mut self, token: Token) {
@@ -1017,13 +1206,13 @@ impl Master {
                 }
                 Some(json!({"ok": true, "pid": std::process::id(), "drain_timeout_secs": self.settings.drain().as_secs_f64()}).to_string())
             }
-            Request::Scale(n) => {
-                if self.phase != Phase::Running {
-                    return Some(json!({"error": "the server is stopping"}).to_string());
+            Request::Scale(n) => Some(match self.scale(*n) {
+                Ok(()) => json!({"ok": true, "workers": self.settings.workers}).to_string(),
+                Err(why) => {
+                    worker::log!("control request: scale {n} refused: {why}");
+                    json!({ "error": why }).to_string()
                 }
-                self.scale(*n);
-                Some(json!({"ok": true, "workers": self.settings.workers}).to_string())
-            }
+            }),
         }
     }
 
@@ -1045,14 +1234,19 @@ impl Master {
         }
         self.log_stats_when_due();
         self.kill_hung_workers();
+        self.kill_overdue_drains();
         if self
             .successor
             .as_ref()
             .is_some_and(|s| s.started.elapsed() > UPGRADE_TIMEOUT)
         {
-            self.upgrade_failed(&format!(
-                "the new master was not ready within {UPGRADE_TIMEOUT:?}"
-            ));
+            if self.phase == Phase::Running {
+                self.upgrade_failed(&format!(
+                    "the new master was not ready within {UPGRADE_TIMEOUT:?}"
+                ));
+            } else if let Some(s) = &self.successor {
+                let _ = kill(s.pid, Signal::SIGKILL);
+            }
         }
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if Instant::now() >= kill_at && !self.workers.is_empty() {
@@ -1061,6 +1255,9 @@ impl Master {
                     self.workers.len()
                 );
                 self.signal_all(Signal::SIGKILL);
+                for (_, w) in &mut self.workers {
+                    w.killed = true;
+                }
                 // Give them a moment to die; the next turns reap them.
                 self.phase = Phase::Stopping {
                     kill_at: Instant::now() + MAX_WAIT,
@@ -1069,9 +1266,33 @@ impl Master {
         }
     }
 
+    /// Every draining worker gets its own drain timeout plus grace, whatever started its
+    /// drain (a reload, a scale-down, a TERM sent to it directly): one that outlives it (hung,
+    /// or SIGSTOPped) is killed, so no old generation lingers forever.
+    fn kill_overdue_drains(&mut self) {
+        let now = Instant::now();
+        for (_, w) in &mut self.workers {
+            let Some(since) = w.drain_since else { continue };
+            if !w.killed && now.duration_since(since) > w.drain + DRAIN_GRACE {
+                worker::log!(
+                    "worker {}/g{} (pid {}) still draining {:?} after it began (drain timeout {:?}); killing it",
+                    w.id,
+                    w.generation,
+                    w.pid,
+                    now.duration_since(since),
+                    w.drain
+                );
+                w.killed = true;
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
     /// A worker whose reports (its heartbeats) stopped for `--worker-timeout` is stuck: an
     /// infinite loop, a deadlock, SIGSTOP. It cannot be asked to leave, so it is killed, and
-    /// replaced like any worker that died.
+    /// replaced like any worker that died. Silence is judged on the master's awake clock,
+    /// after reading whatever the channels hold, and at most half the pool goes per turn
+    /// (see `liveness`).
     fn kill_hung_workers(&mut self) {
         let (Some(limit), Some(_)) = (
             self.settings.worker_timeout,
@@ -1079,19 +1300,41 @@ impl Master {
         ) else {
             return;
         };
-        let now = Instant::now();
-        for (_, w) in &self.workers {
-            let heard = w.last_report.unwrap_or(w.started);
-            if !w.draining && now.duration_since(heard) > limit {
-                worker::log!(
-                    "worker {}/g{} (pid {}) sent no report for {:?}; killing it",
-                    w.id,
-                    w.generation,
-                    w.pid,
-                    now.duration_since(heard)
-                );
-                let _ = kill(w.pid, Signal::SIGKILL);
-            }
+        let silences = |m: &Master| -> Vec<(usize, Duration)> {
+            let now = m.clock.now();
+            m.workers
+                .iter()
+                .filter(|(_, w)| !w.draining && !w.killed)
+                .map(|(k, w)| (k, now.saturating_sub(w.heard)))
+                .collect()
+        };
+        if silences(self).iter().all(|&(_, s)| s <= limit) {
+            return;
+        }
+        // Evidence first: reports may be waiting unread (the master was the slow one).
+        let keys: Vec<usize> = self.workers.iter().map(|(k, _)| k).collect();
+        let mut pending = Vec::new();
+        for key in keys {
+            self.read_channel(key, &mut pending);
+        }
+        for event in pending {
+            self.handle(event);
+        }
+        let pool = self.workers.iter().filter(|(_, w)| !w.draining).count();
+        for key in choose_hung(&silences(self), limit, pool) {
+            let now = self.clock.now();
+            let Some(w) = self.workers.get_mut(key) else {
+                continue;
+            };
+            worker::log!(
+                "worker {}/g{} (pid {}) sent no report for {:?} of the master's time awake; killing it",
+                w.id,
+                w.generation,
+                w.pid,
+                now.saturating_sub(w.heard)
+            );
+            w.killed = true;
+            let _ = kill(w.pid, Signal::SIGKILL);
         }
     }
 

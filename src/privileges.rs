@@ -1,10 +1,9 @@
-//! Dropping root: when started as root with `--user`, the server binds its sockets first, then
-//! gives the control socket and pid file to the serving user and becomes that user (group
-//! first, then supplementary groups, then user: the order that cannot be undone halfway).
+//! Dropping root: when started as root with `--user`, the server binds its sockets first,
+//! creates the control socket and pid file for the serving user (see `runtime_files`), then
+//! becomes that user (group first, then supplementary groups, then user: the order that
+//! cannot be undone halfway).
 
-use std::path::Path;
-
-use nix::unistd::{Gid, Group, Uid, User, chown, setgid, setgroups, setuid};
+use nix::unistd::{Gid, Group, Uid, User, setgid, setgroups, setuid};
 use thiserror::Error;
 
 /// Why privileges could not be dropped.
@@ -36,16 +35,20 @@ fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> PrivilegeError {
     move |source| PrivilegeError::Sys { what, source }
 }
 
-/// Becomes `user` (and `group`, or the user's own group), handing `owned` (the control socket,
-/// the pid file) to it first. Returns the uid and gid now in force.
-pub fn drop_to(
-    user: &str,
-    group: Option<&str>,
-    owned: &[&Path],
-) -> Result<(Uid, Gid), PrivilegeError> {
-    if !Uid::effective().is_root() {
-        return Err(PrivilegeError::NotRoot(Uid::effective().as_raw()));
-    }
+/// The user (and group) to serve as, looked up before any file is created so those files can
+/// be created for it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The user's name.
+    pub name: String,
+    /// Its uid.
+    pub uid: Uid,
+    /// The group to serve with: `--group`, or the user's own.
+    pub gid: Gid,
+}
+
+/// Looks up `user` and `group` (or the user's own group).
+pub fn lookup(user: &str, group: Option<&str>) -> Result<Target, PrivilegeError> {
     let u = User::from_name(user)
         .map_err(sys(format!("looking up user {user:?}")))?
         .ok_or_else(|| PrivilegeError::Unknown {
@@ -64,12 +67,32 @@ pub fn drop_to(
         }
         None => u.gid,
     };
-    for path in owned {
-        chown(*path, Some(u.uid), Some(gid)).map_err(sys(format!("chown {}", path.display())))?;
+    Ok(Target {
+        name: user.into(),
+        uid: u.uid,
+        gid,
+    })
+}
+
+/// Whether this process already serves as `target`: a new master started by a binary upgrade
+/// of a server that dropped to that user runs as it from the start, with every file it needs
+/// inherited, and has nothing to drop.
+pub fn already(target: &Target) -> bool {
+    Uid::effective() == target.uid
+        && Uid::current() == target.uid
+        && Gid::effective() == target.gid
+        && !Uid::effective().is_root()
+}
+
+/// Becomes `target`: group first, then supplementary groups, then user, and checks that root
+/// cannot be regained. The files it must own were created for it beforehand.
+pub fn become_user(target: &Target) -> Result<(), PrivilegeError> {
+    if !Uid::effective().is_root() {
+        return Err(PrivilegeError::NotRoot(Uid::effective().as_raw()));
     }
-    setgroups(&[gid]).map_err(sys("setgroups"))?;
-    setgid(gid).map_err(sys("setgid"))?;
-    setuid(u.uid).map_err(sys("setuid"))?;
+    setgroups(&[target.gid]).map_err(sys("setgroups"))?;
+    setgid(target.gid).map_err(sys("setgid"))?;
+    setuid(target.uid).map_err(sys("setuid"))?;
     // Make sure it stuck: root must not be recoverable.
     if setuid(Uid::from_raw(0)).is_ok() {
         return Err(PrivilegeError::Sys {
@@ -77,5 +100,5 @@ pub fn drop_to(
             source: nix::Error::EPERM,
         });
     }
-    Ok((u.uid, gid))
+    Ok(())
 }

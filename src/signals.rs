@@ -2,7 +2,9 @@
 //! record a signal (signal-hook's self-pipe); the master's loop reads and acts. The README's
 //! signal table is this table.
 
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
+use signal_hook::consts::{
+    SIGALRM, SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+};
 
 /// What the master does on a signal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +24,9 @@ pub enum Action {
     RemoveWorker,
     /// Start a new master from the binary on disk, hand it the listener, then retire.
     Upgrade,
+    /// Log and ignore. For signals whose default action would kill the master (and leave its
+    /// workers, pid file and control socket behind) but that mean nothing to it.
+    Ignore,
 }
 
 /// One row of the table.
@@ -77,11 +82,24 @@ pub const TABLE: &[Entry] = &[
         name: "USR2",
         action: Action::Upgrade,
     },
+    Entry {
+        signal: SIGUSR1,
+        name: "USR1",
+        action: Action::Ignore,
+    },
+    Entry {
+        signal: SIGALRM,
+        name: "ALRM",
+        action: Action::Ignore,
+    },
 ];
 
 /// The first signal that asks for `action` (what `prefork-echo reload --pid-file` sends).
 pub fn signal_for(action: Action) -> Option<i32> {
-    TABLE.iter().find(|e| e.action == action).map(|e| e.signal)
+    TABLE
+        .iter()
+        .find(|e| e.action == action && action != Action::Ignore)
+        .map(|e| e.signal)
 }
 
 /// The action for a signal number, if the table has one.
@@ -113,7 +131,9 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), TABLE.len());
         assert_eq!(action(SIGTERM), Some(Action::GracefulStop));
-        assert_eq!(action(signal_hook::consts::SIGUSR1), None);
+        assert_eq!(action(SIGUSR1), Some(Action::Ignore));
+        assert_eq!(action(signal_hook::consts::SIGWINCH), None);
+        assert_eq!(signal_for(Action::Ignore), None);
         assert_eq!(signal_for(Action::Reload), Some(SIGHUP));
         assert_eq!(signal_for(Action::GracefulStop), Some(SIGTERM));
     }

@@ -32,6 +32,17 @@ pub const ENV_LISTEN_FD: &str = "PREFORK_ECHO_LISTEN_FD";
 pub const ENV_UPGRADE_FD: &str = "PREFORK_ECHO_UPGRADE_FD";
 /// Names the inherited UDP socket of a new master (with `--udp`).
 pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
+/// Names the inherited control socket of a new master.
+pub const ENV_CONTROL_FD: &str = "PREFORK_ECHO_CONTROL_FD";
+/// Carries the old master's totals (JSON counters) to a new master, so totals survive.
+pub const ENV_TOTALS: &str = "PREFORK_ECHO_TOTALS";
+/// The service manager's variables, never passed on to a worker.
+const SYSTEMD_VARS: [&str; 4] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+];
 
 /// An exec's path, argv and environment, built before fork so the child need not allocate.
 struct ExecPlan {
@@ -81,6 +92,24 @@ impl ExecPlan {
     }
 }
 
+/// Exit code of a child whose code panicked: the panic is caught in the child and ends it
+/// there, so it never unwinds into the parent's code (and drops the parent's state).
+pub const EXIT_CHILD_PANIC: i32 = 70;
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The IPC socket pair could not be made (often: out of descriptors).
+    #[error("creating the worker's channel: {0}")]
+    Channel(io::Error),
+    /// The exec plan could not be built (a NUL in an argument).
+    #[error("preparing the exec: {0}")]
+    Plan(io::Error),
+    /// fork(2) failed (out of processes or memory).
+    #[error("fork: {0}")]
+    Fork(io::Error),
+}
+
 /// Starts one worker serving `cfg` (whose descriptor fields are filled in here).
 ///
 /// `become_worker` runs in a fork-mode child just before it turns into a worker: the master
@@ -92,8 +121,8 @@ pub fn spawn_worker(
     udp: Option<RawFd>,
     mut cfg: WorkerConfig,
     become_worker: impl FnOnce(),
-) -> io::Result<Spawned> {
-    let (channel, child_end) = UnixStream::pair()?;
+) -> Result<Spawned, SpawnError> {
+    let (channel, child_end) = UnixStream::pair().map_err(SpawnError::Channel)?;
     cfg.listen_fd = listener;
     cfg.ipc_fd = child_end.as_raw_fd();
     cfg.udp_fd = udp.unwrap_or(-1);
@@ -103,13 +132,16 @@ pub fn spawn_worker(
                 .chain(cfg.to_args())
                 .map(String::into_bytes)
                 .collect();
-            Some(ExecPlan::new(exe, args, ExecPlan::environment(&[], &[]))?)
+            // sd_listen_fds(3): the service manager's variables are for the master alone.
+            let env = ExecPlan::environment(&SYSTEMD_VARS, &[]);
+            Some(ExecPlan::new(exe, args, env).map_err(SpawnError::Plan)?)
         }
         Spawn::Fork => None,
     };
     let pid = fork_child(
         Lineage::Worker,
-        [listener, child_end.as_raw_fd(), cfg.udp_fd],
+        [listener, child_end.as_raw_fd(), cfg.udp_fd, -1],
+        &worker::HANDLED_SIGNALS,
         || {
             if plan.is_none() {
                 become_worker();
@@ -123,43 +155,61 @@ pub fn spawn_worker(
             }
             None => worker::run(cfg),
         },
-    )?;
+    )
+    .map_err(SpawnError::Fork)?;
     drop(child_end);
     Ok(Spawned { pid, channel })
 }
 
+/// What a new master inherits from the old one in a binary upgrade.
+#[derive(Debug)]
+pub struct Handover {
+    /// The TCP listener.
+    pub listener: RawFd,
+    /// The UDP socket, with `--udp`.
+    pub udp: Option<RawFd>,
+    /// The control socket's listener: handed over by descriptor, never unlinked and rebound,
+    /// so a successor that fails leaves the old master's control socket working.
+    pub control: RawFd,
+    /// The write end of the readiness pipe.
+    pub ready: RawFd,
+    /// The old master's totals so far, as JSON.
+    pub totals: String,
+}
+
 /// Starts a new master from the binary on disk with this master's arguments, handing it the
-/// listener and the write end of a readiness pipe by descriptor (named in the environment).
-/// It is not tied to this process's life: it is meant to outlive it.
-pub fn spawn_successor(
-    exe: &CString,
-    listener: RawFd,
-    udp: Option<RawFd>,
-    ready: RawFd,
-    shed: impl FnOnce(),
-) -> io::Result<Pid> {
+/// sockets in `handover` by descriptor (named in the environment). It is not tied to this
+/// process's life: it is meant to outlive it. It keeps NOTIFY_SOCKET (it tells the service
+/// manager its pid with MAINPID=) but not LISTEN_FDS/LISTEN_PID, which named this process.
+pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) -> io::Result<Pid> {
     use std::os::unix::ffi::OsStrExt;
     let args = std::env::args_os()
         .skip(1)
         .map(|a| a.as_bytes().to_vec())
         .collect();
+    let udp = handover.udp.unwrap_or(-1);
     let env = ExecPlan::environment(
         &[
             ENV_LISTEN_FD,
             ENV_UPGRADE_FD,
             ENV_UDP_FD,
+            ENV_CONTROL_FD,
+            ENV_TOTALS,
             "LISTEN_PID",
             "LISTEN_FDS",
+            "LISTEN_FDNAMES",
         ],
         &[
-            (ENV_LISTEN_FD, listener.to_string()),
-            (ENV_UPGRADE_FD, ready.to_string()),
-            (ENV_UDP_FD, udp.unwrap_or(-1).to_string()),
+            (ENV_LISTEN_FD, handover.listener.to_string()),
+            (ENV_UPGRADE_FD, handover.ready.to_string()),
+            (ENV_UDP_FD, udp.to_string()),
+            (ENV_CONTROL_FD, handover.control.to_string()),
+            (ENV_TOTALS, handover.totals.clone()),
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    let keep = [listener, ready, udp.unwrap_or(-1)];
-    fork_child(Lineage::Successor, keep, shed, || {
+    let keep = [handover.listener, handover.ready, udp, handover.control];
+    fork_child(Lineage::Successor, keep, &[], shed, || {
         plan.exec();
         127
     })
@@ -174,6 +224,10 @@ pub struct Inherited {
     pub ready: Option<std::os::fd::OwnedFd>,
     /// The UDP socket, if the server echoes UDP.
     pub udp: Option<std::os::fd::OwnedFd>,
+    /// The control socket's listener.
+    pub control: Option<std::os::fd::OwnedFd>,
+    /// The old master's totals (JSON), if it sent them.
+    pub totals: Option<String>,
 }
 
 /// What a predecessor master handed to this process (all `None` outside an upgrade).
@@ -186,11 +240,27 @@ pub fn from_predecessor() -> Inherited {
         // before anything else could have taken the number.
         (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
     };
-    Inherited {
+    let inherited = Inherited {
         listener: fd(ENV_LISTEN_FD),
         ready: fd(ENV_UPGRADE_FD),
         udp: fd(ENV_UDP_FD),
+        control: fd(ENV_CONTROL_FD),
+        totals: std::env::var(ENV_TOTALS).ok(),
+    };
+    // Read once: the variables must not reach this master's own workers or successor.
+    for name in [
+        ENV_LISTEN_FD,
+        ENV_UPGRADE_FD,
+        ENV_UDP_FD,
+        ENV_CONTROL_FD,
+        ENV_TOTALS,
+    ] {
+        // SAFETY: called at start-up, before this process starts any thread (the master
+        // never does; thread mode starts its threads later), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var(name) };
     }
+    inherited
 }
 
 /// A child that has exited, as `waitpid` reported it.
@@ -244,15 +314,20 @@ pub enum Lineage {
 }
 
 /// Forks a child that keeps only stdio and `keep` (close-on-exec cleared on those). In the
-/// child, in order: it arranges to die with this process, ignores SIGINT, runs `shed` (to drop
-/// what the parent owns that must not live on, such as signal registrations), closes every
-/// other descriptor, then runs `child`, whose return value is its exit code. Every signal is
-/// blocked in the child until `child` unblocks it (after installing its own handlers), so a
-/// signal sent to a brand-new child waits instead of being lost or running the parent's
-/// handler there.
+/// child, in order: it arranges to die with this process, runs `shed` (to drop what the
+/// parent owns that must not live on, such as signal registrations), resets every signal of
+/// the master's table to its default except `own_handlers` (those the child registers again
+/// itself), ignores SIGINT, closes every other descriptor, then runs `child`, whose return
+/// value is its exit code. Every signal is blocked in the child until `child` unblocks it
+/// (after installing its own handlers), so a signal sent to a brand-new child waits instead of
+/// being lost or running the parent's handler there.
+///
+/// The child never returns into the parent's code: every path ends in `_exit`, a panic
+/// included (it is caught and ends the child with [`EXIT_CHILD_PANIC`]).
 pub fn fork_child(
     lineage: Lineage,
-    keep: [RawFd; 3],
+    keep: [RawFd; 4],
+    own_handlers: &[i32],
     shed: impl FnOnce(),
     child: impl FnOnce() -> i32,
 ) -> io::Result<Pid> {
@@ -273,12 +348,16 @@ pub fn fork_child(
             Ok(child)
         }
         Ok(ForkResult::Child) => {
-            if lineage == Lineage::Worker {
-                prepare_child(parent);
-            }
-            shed();
-            close_all_but(keep);
-            let code = child();
+            let run = std::panic::AssertUnwindSafe(|| {
+                if lineage == Lineage::Worker {
+                    prepare_child(parent);
+                }
+                shed();
+                reset_signals(own_handlers, lineage);
+                close_all_but(keep);
+                child()
+            });
+            let code = std::panic::catch_unwind(run).unwrap_or(EXIT_CHILD_PANIC);
             // SAFETY: _exit is async-signal-safe and skips the parent's atexit work and
             // destructors, which belong to the parent.
             unsafe { libc::_exit(code) }
@@ -298,18 +377,32 @@ fn prepare_child(master: Pid) {
         // SAFETY: async-signal-safe exit without running the master's destructors.
         unsafe { libc::_exit(1) };
     }
-    // A terminal's Ctrl-C goes to the whole process group; only the master should act on it
-    // (it drains the workers gracefully). SIG_IGN survives exec.
-    // SAFETY: installing SIG_IGN runs no code in a handler; the master's SIGINT action was
-    // unregistered (fork mode) or is discarded by exec.
-    let _ = unsafe { nix::sys::signal::signal(Signal::SIGINT, SigHandler::SigIgn) };
+}
+
+/// Gives the child the dispositions a freshly exec'd process would have: every signal of the
+/// master's table back to its default, but those the child handles itself (signal-hook keeps
+/// its inherited trampoline for them and re-uses it when the child registers). A worker also
+/// ignores SIGINT: a terminal's Ctrl-C goes to the whole process group, and only the master
+/// should act on it (it drains the workers gracefully). SIG_IGN survives exec.
+fn reset_signals(own_handlers: &[i32], lineage: Lineage) {
+    for sig in crate::signals::numbers().filter(|s| !own_handlers.contains(s)) {
+        if let Ok(sig) = Signal::try_from(sig) {
+            // SAFETY: installing SIG_DFL runs no handler code; sigaction is async-signal-safe.
+            // The parent's actions for this signal were dropped by `shed`.
+            let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+        }
+    }
+    if lineage == Lineage::Worker {
+        // SAFETY: as above, for SIG_IGN.
+        let _ = unsafe { nix::sys::signal::signal(Signal::SIGINT, SigHandler::SigIgn) };
+    }
 }
 
 /// Closes every descriptor above stderr except `keep` (negative entries stand for none), and
 /// clears close-on-exec on `keep`:
 /// a worker holds the listener and its own channel, never its siblings' channels (which would
 /// hide their end-of-file from the master) or the master's event loop.
-fn close_all_but(mut keep: [RawFd; 3]) {
+fn close_all_but(mut keep: [RawFd; 4]) {
     keep.sort_unstable();
     let mut next: u32 = 3;
     for &fd in keep.iter().filter(|&&fd| fd >= 0) {

@@ -31,6 +31,10 @@ pub struct Snapshot {
     pub totals: Counters,
     /// Accept fairness over live workers.
     pub fairness: Fairness,
+    /// Pool slots no longer respawned because their workers kept failing at start (the
+    /// server is degraded: it serves with the others). Empty when healthy.
+    #[serde(default)]
+    pub abandoned_slots: Vec<u32>,
 }
 
 /// One worker's record.
@@ -104,6 +108,7 @@ impl Snapshot {
             fairness: Fairness::of(&accepted),
             workers,
             totals,
+            abandoned_slots: Vec::new(),
         }
     }
 
@@ -211,6 +216,18 @@ impl Snapshot {
             self.fairness
                 .jain_index
                 .map_or("n/a".to_string(), |j| format!("{j:.3}"))
+        );
+        if !self.abandoned_slots.is_empty() {
+            let _ = writeln!(
+                out,
+                "DEGRADED: slot(s) {:?} kept failing at start and are not respawned (a reload or scale retries them)",
+                self.abandoned_slots
+            );
+        }
+        let _ = writeln!(
+            out,
+            "udp (--udp): datagrams in={} out={} refused={} (loop-prone sources)",
+            t.datagrams_in, t.datagrams_out, t.datagrams_refused
         );
         out
     }

@@ -57,6 +57,7 @@ struct Tally {
     closed_by_limit: AtomicU64,
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
+    datagrams_refused: AtomicU64,
 }
 
 impl Tally {
@@ -75,6 +76,7 @@ impl Tally {
             closed_by_limit: self.closed_by_limit.load(Ordering::Relaxed),
             datagrams_in: self.datagrams_in.load(Ordering::Relaxed),
             datagrams_out: self.datagrams_out.load(Ordering::Relaxed),
+            datagrams_refused: self.datagrams_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -239,6 +241,10 @@ pub fn run(
                 (Some(Action::Reload), _) => {
                     worker::log!("SIGHUP: reloading is for --mode process; ignored")
                 }
+                (Some(Action::Ignore), _) => worker::log!(
+                    "SIG{}: not a signal this server acts on; ignored",
+                    signals::name(sig)
+                ),
                 _ => {}
             }
         }
@@ -288,8 +294,13 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>,
 /// Echoes datagrams with blocking I/O until the server stops accepting.
 fn udp_loop(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally) {
     let mut buf = vec![0u8; 65_536];
+    let own_port = udp.local_addr().map_or(0, |a| a.port());
     while shared.accepting.load(Ordering::SeqCst) {
         match udp.recv_from(&mut buf) {
+            Ok((_, peer)) if worker::udp::loops_back(peer, own_port) => {
+                Tally::bump(&tally.datagrams_in, 1);
+                Tally::bump(&tally.datagrams_refused, 1);
+            }
             Ok((n, peer)) => {
                 Tally::bump(&tally.datagrams_in, 1);
                 match udp.send_to(&buf[..n], peer) {

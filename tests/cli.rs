@@ -37,13 +37,63 @@ fn a_port_in_use_exits_1_naming_the_cause() {
     }
 }
 
+/// A malformed address is a usage error like any other bad flag value: exit 2, clap's
+/// message naming the flag (issue 15 item 4 moved it from exit 1).
 #[test]
-fn an_address_that_does_not_parse_exits_1() {
+fn an_address_that_does_not_parse_is_a_usage_error() {
     for bad in ["nonsense", "127.0.0.1", "127.0.0.1:99999", "[::1:80"] {
         let out = run(&["--listen", bad]);
-        assert_eq!(out.status.code(), Some(1), "{bad}");
-        let err = one_error_line(&out);
-        assert!(err.contains("cannot use listen address"), "{err}");
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("error: --listen: cannot use listen address"),
+            "{bad}: {err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn options_that_do_not_fit_the_mode_or_are_out_of_range_exit_2() {
+    for args in [
+        &["--mode", "fork-per-conn", "--udp"][..],
+        &["--drain-timeout", "1e19"],
+        &["--drain-timeout", "1e20"],
+        &["--idle-timeout", "1e19"],
+        &["--worker-timeout", "1e300"],
+        &["--stats-interval", "31536001"],
+        &["scale", "4", "--pid-file", "/nonexistent"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    }
+}
+
+#[test]
+fn help_is_a_command_too_and_names_signals_and_exit_codes() {
+    for args in [&["help"][..], &["help", "--help"], &["help", "stats"]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+    let out = run(&["help", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(2));
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).to_string();
+    for word in [
+        "HUP reload",
+        "USR2 binary upgrade",
+        "Exit codes",
+        "usage error",
+    ] {
+        assert!(help.contains(word), "{word} missing from --help");
+    }
+    for cmd in ["stop", "reload"] {
+        let h = String::from_utf8_lossy(&run(&[cmd, "--help"]).stdout).to_string();
+        let sig = if cmd == "stop" { "SIGTERM" } else { "SIGHUP" };
+        assert!(
+            h.contains(sig),
+            "{cmd} --help should say it sends {sig}: {h}"
+        );
     }
 }
 

@@ -175,6 +175,7 @@ fn stats_json_matches_the_documented_schema() {
             "closed_by_limit",
             "datagrams_in",
             "datagrams_out",
+            "datagrams_refused",
         ];
         for c in counters {
             assert!(v["totals"][c].is_u64(), "totals.{c}");

@@ -232,13 +232,14 @@ impl Drop for BinaryCopy {
     }
 }
 
-/// The pid a pid file names.
+/// The pid a pid file names (its first line; the second records the start time).
 pub fn read_pid(path: &Path) -> i32 {
     std::fs::read_to_string(path)
         .expect("reading the pid file")
-        .trim()
-        .parse()
-        .expect("a pid in the pid file")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a pid on the pid file's first line")
 }
 
 /// A fresh directory for one server's files (removed when the server is dropped).

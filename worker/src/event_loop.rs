@@ -30,6 +30,12 @@ use crate::stats::Counters;
 /// respawning it: a worker that cannot boot will not boot the next time either.
 pub const EXIT_BOOT_FAILURE: i32 = 3;
 
+/// The signals a worker handles itself (through signal-hook). A forked worker keeps the
+/// handler it inherited for these (signal-hook re-uses it when the worker registers), and
+/// every other signal of the master's table is reset to its default before the worker runs,
+/// so fork and exec workers answer every signal alike.
+pub const HANDLED_SIGNALS: [i32; 3] = [SIGTERM, SIGQUIT, SIGHUP];
+
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const MASTER: Token = Token(2);
@@ -122,6 +128,8 @@ struct Worker {
     next_idle_sweep: Option<Instant>,
     /// The shared UDP socket, with `--udp`.
     udp: Option<UdpSocket>,
+    /// The UDP socket's port: datagrams from it are never echoed (echo loops).
+    udp_port: u16,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
 }
@@ -160,10 +168,13 @@ impl Worker {
         } else {
             None
         };
+        let udp_port = udp
+            .as_ref()
+            .and_then(|u| u.local_addr().ok())
+            .map_or(0, |a| a.port());
 
         let poll = Poll::new().map_err(io_ctx("creating the event loop"))?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGQUIT, SIGHUP]).map_err(io_ctx("installing signals"))?;
+        let mut signals = Signals::new(HANDLED_SIGNALS).map_err(io_ctx("installing signals"))?;
         let registry = poll.registry();
         registry
             .register(&mut listener, LISTENER, Interest::READABLE)
@@ -207,6 +218,7 @@ impl Worker {
             next_idle_sweep: None,
             udp,
             udp_again: false,
+            udp_port,
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker
@@ -375,6 +387,10 @@ impl Worker {
             match udp.recv_from(&mut self.scratch) {
                 Ok((n, peer)) => {
                     self.counters.datagrams_in += 1;
+                    if crate::udp::loops_back(peer, self.udp_port) {
+                        self.counters.datagrams_refused += 1;
+                        continue;
+                    }
                     match udp.send_to(&self.scratch[..n], peer) {
                         Ok(_) => self.counters.datagrams_out += 1,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -6,6 +6,7 @@
 //! - [`stats`]: the counters carried on that channel.
 //! - [`config`]: a worker's settings, shared by fork (in memory) and exec (as flags).
 //! - [`log`]: timestamped, role-tagged lines on stderr.
+//! - [`udp`]: which datagrams UDP echo refuses (echo loops).
 
 pub mod config;
 pub mod connection;
@@ -13,6 +14,7 @@ pub mod event_loop;
 pub mod ipc;
 pub mod log;
 pub mod stats;
+pub mod udp;
 
 pub use config::WorkerConfig;
-pub use event_loop::{EXIT_BOOT_FAILURE, run};
+pub use event_loop::{EXIT_BOOT_FAILURE, HANDLED_SIGNALS, run};

@@ -24,11 +24,14 @@ pub struct Counters {
     pub datagrams_in: u64,
     /// UDP datagrams echoed back.
     pub datagrams_out: u64,
+    /// UDP datagrams not echoed because their source could start an echo loop (see
+    /// [`crate::udp::loops_back`]).
+    pub datagrams_refused: u64,
 }
 
 impl Counters {
     /// Number of `u64` fields in the wire form.
-    pub const FIELDS: usize = 9;
+    pub const FIELDS: usize = 10;
 
     /// The counters in wire order.
     pub fn to_array(&self) -> [u64; Self::FIELDS] {
@@ -42,6 +45,7 @@ impl Counters {
             self.closed_by_limit,
             self.datagrams_in,
             self.datagrams_out,
+            self.datagrams_refused,
         ]
     }
 
@@ -66,6 +70,7 @@ impl Counters {
             closed_by_limit: a[6],
             datagrams_in: a[7],
             datagrams_out: a[8],
+            datagrams_refused: a[9],
         }
     }
 }
