@@ -54,7 +54,7 @@ pub fn choose_hung<K: Copy>(silences: &[(K, Duration)], limit: Duration, pool: u
         .copied()
         .filter(|&(_, s)| s > limit)
         .collect();
-    silent.sort_by(|a, b| b.1.cmp(&a.1));
+    silent.sort_by_key(|&(_, s)| std::cmp::Reverse(s));
     silent.truncate(pool.div_ceil(2).max(1));
     silent.into_iter().map(|(k, _)| k).collect()
 }

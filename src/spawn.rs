@@ -439,3 +439,57 @@ fn close_range(first: u32, last: u32) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    /// A panic in a forked child must end the child, never unwind back into the code that
+    /// called `fork_child` (where, in the master, it would drop the master's state and unlink
+    /// the live control socket). If it escaped, the `catch_unwind` below would see it in the
+    /// child, which then reports "escaped" on the pipe.
+    #[test]
+    fn a_panic_in_a_forked_child_never_returns_into_the_callers_code() {
+        let (mut rx, tx) = std::io::pipe().unwrap();
+        let tx_fd = tx.as_raw_fd();
+        let parent = nix::unistd::getpid();
+        let outcome = std::panic::catch_unwind(|| {
+            fork_child(
+                Lineage::Worker,
+                [tx_fd, -1, -1, -1],
+                &[],
+                || {},
+                || panic!("a worker bug"),
+            )
+        });
+        if nix::unistd::getpid() != parent {
+            // Only reached if the panic escaped `fork_child` in the child.
+            let _ = (&tx).write_all(b"escaped");
+            // SAFETY: ends the stray child at once, without running the test harness's code.
+            unsafe { libc::_exit(0) };
+        }
+        drop(tx);
+        let child = outcome.expect("no panic in the parent").expect("fork");
+        let mut said = String::new();
+        rx.read_to_string(&mut said).unwrap();
+        assert_eq!(said, "", "the child's panic unwound into the caller");
+        let status = nix::sys::wait::waitpid(child, None).unwrap();
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(child, EXIT_CHILD_PANIC)
+        );
+    }
+
+    #[test]
+    fn a_failed_socket_pair_is_not_reported_as_a_failed_fork() {
+        let e = SpawnError::Channel(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            e.to_string().starts_with("creating the worker's channel: "),
+            "{e}"
+        );
+        let e = SpawnError::Fork(io::Error::from_raw_os_error(libc::EAGAIN));
+        assert!(e.to_string().starts_with("fork: "), "{e}");
+    }
+}

@@ -327,6 +327,7 @@ fn start_connection(
     idle: Option<Duration>,
 ) {
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
+    let tally_for_errors = Arc::clone(tally);
     let tally = Arc::clone(tally);
     let spawned = thread::Builder::new()
         .name("conn".into())
@@ -344,8 +345,18 @@ fn start_connection(
             }
         });
     if let Err(e) = spawned {
-        // Out of threads (EAGAIN): this client is closed; the server goes on.
-        worker::log!("cannot start a connection thread: {e}");
+        // Out of threads (EAGAIN): this client is closed; the server goes on. Counted as an
+        // accept error; logged at most once a second, so a flood cannot flood the log too.
+        Tally::bump(&tally_for_errors.accept_errors, 1);
+        static LAST_LOG: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+        let now = Instant::now();
+        let mut last = LAST_LOG.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            worker::log!(
+                "cannot start a connection thread: {e} (connection closed; counted in accept_errors)"
+            );
+        }
     }
 }
 

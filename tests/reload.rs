@@ -17,12 +17,7 @@ use serde_json::Value;
 const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
 
 fn ctl(server: &Server, args: &[&str]) -> std::process::Output {
-    Command::new(common::BIN)
-        .args(args)
-        .arg("--control")
-        .arg(&server.control)
-        .output()
-        .expect("running a control command")
+    server.ctl(args)
 }
 
 fn generation(server: &Server) -> u64 {

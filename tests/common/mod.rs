@@ -63,14 +63,26 @@ impl Server {
 
     /// Like [`start`](Self::start) with another binary path (a copy of the binary).
     pub fn try_start(bin: impl AsRef<Path>, args: &[&str]) -> Result<Server, StartFailure> {
+        Server::launch(bin, args, &[], true)
+    }
+
+    /// Starts `bin ARGS` with extra environment variables; with `own_control` false the
+    /// server picks its default control path (then `control` is not where it listens).
+    pub fn launch(
+        bin: impl AsRef<Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        own_control: bool,
+    ) -> Result<Server, StartFailure> {
         adopt_orphans();
         let mut cmd = Command::new(bin.as_ref());
+        cmd.envs(env.iter().copied());
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
         let dir = scratch_dir();
         let control = dir.join("control.sock");
-        if !args.contains(&"--control") {
+        if own_control && !args.contains(&"--control") {
             cmd.arg("--control").arg(&control);
         }
         let mut child = cmd
@@ -160,6 +172,21 @@ impl Server {
             self.exited = wait_for_exit(&mut self.child, timeout);
         }
         self.exited
+    }
+
+    /// Runs `prefork-echo ARGS --control <its control socket>` and returns what happened.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .expect("running a prefork-echo command")
+    }
+
+    /// How many lines of its stderr contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.stderr().lines().filter(|l| l.contains(needle)).count()
     }
 
     /// Runs `prefork-echo stats --json` against this server and parses what it prints.

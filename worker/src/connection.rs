@@ -72,6 +72,11 @@ impl Connection {
         self.owed.len()
     }
 
+    /// Bytes allocated for what is owed (never more than the bound on unsent data).
+    pub fn owed_capacity(&self) -> usize {
+        self.owed.capacity()
+    }
+
     /// Moves bytes from the client back to it until the socket would block, the bound on
     /// unsent data is reached, or the turn's budget is spent. `scratch` is the worker's shared
     /// read buffer; `Err` is an I/O error that ends the connection.
@@ -131,7 +136,16 @@ impl Connection {
                 0
             };
             counters.bytes_out += sent as u64;
-            self.owed.extend_from_slice(&data[sent..]);
+            let rest = &data[sent..];
+            let need = self.owed.len() + rest.len();
+            if need > self.owed.capacity() {
+                // Grow as a Vec would (doubling), but never past the bound: left to itself,
+                // doubling takes the capacity to almost twice --max-unsent (a never-reading
+                // client then cost ~80 KiB, not the 64 KiB promised).
+                let target = (self.owed.capacity() * 2).clamp(need, max_owed.max(need));
+                self.owed.reserve_exact(target - self.owed.len());
+            }
+            self.owed.extend_from_slice(rest);
             if drained {
                 // Anything still owed is flushed on the writable edge.
                 return Ok(Drive::Waiting);
@@ -154,4 +168,43 @@ fn write_some(stream: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that sends and never reads: what the server holds for it is bounded by
+    /// `max_owed`, in bytes allocated (capacity), not only in bytes counted.
+    #[test]
+    fn what_a_never_reading_client_is_owed_never_outgrows_the_bound() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        // Small kernel buffers so the echo backs up into `owed` quickly.
+        let sock = socket2::SockRef::from(&server);
+        sock.set_send_buffer_size(4096).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut conn = Connection::new(TcpStream::from_std(server));
+        client.set_nonblocking(true).unwrap();
+        let max_owed = 64 * 1024;
+        let mut scratch = vec![0u8; 16 * 1024];
+        let mut counters = Counters::default();
+        let chunk = vec![b'x'; 7_777]; // odd sizes defeat exact doubling
+        for _ in 0..2_000 {
+            let _ = client.write(&chunk);
+            let _ = conn.drive(&mut scratch, max_owed, &mut counters);
+            assert!(conn.owed() <= max_owed);
+            assert!(
+                conn.owed_capacity() <= max_owed,
+                "capacity {} over the bound {max_owed}",
+                conn.owed_capacity()
+            );
+        }
+        assert!(
+            conn.owed() > max_owed / 2,
+            "the test did back up: {}",
+            conn.owed()
+        );
+    }
 }
