@@ -77,3 +77,35 @@ fn the_log_names_spawn_modes_as_the_command_line_does() {
         server.stderr()
     );
 }
+
+#[test]
+fn the_example_systemd_units_verify_on_this_systemd() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze not found: the units are not verified here; skipping");
+        return;
+    };
+    assert!(out.status.success());
+    // The units name the installed path; verify them against this build instead.
+    let dir = common::scratch_dir();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for unit in ["prefork-echo.service", "prefork-echo.socket"] {
+        let text = std::fs::read_to_string(format!("{root}/scripts/systemd/{unit}")).unwrap();
+        std::fs::write(
+            dir.join(unit),
+            text.replace("/usr/local/bin/prefork-echo", common::BIN),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("prefork-echo.service"))
+        .arg(dir.join("prefork-echo.socket"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
