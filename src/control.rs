@@ -221,7 +221,11 @@ impl ControlServer {
                 )));
             }
         }
-        Ok(ControlServer {
+        Ok(ControlServer::serving(listener, path, id, true))
+    }
+
+    fn serving(listener: Listener, path: &Path, id: Option<(u64, u64)>, owned: bool) -> Self {
+        ControlServer {
             listener,
             clients: Slab::new(),
             base: usize::MAX,
@@ -229,9 +233,9 @@ impl ControlServer {
             name: Name {
                 path: path.to_path_buf(),
                 id,
-                owned: true,
+                owned,
             },
-        })
+        }
     }
 
     /// Takes over the listener a predecessor master handed over in a binary upgrade. The name
@@ -251,17 +255,12 @@ impl ControlServer {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         )
         .map_err(|e| io_err(e.into()))?;
-        Ok(ControlServer {
+        Ok(ControlServer::serving(
             listener,
-            clients: Slab::new(),
-            base: usize::MAX,
-            serial: 0,
-            name: Name {
-                path: path.to_path_buf(),
-                id: Name::identify(path),
-                owned: false,
-            },
-        })
+            path,
+            Name::identify(path),
+            false,
+        ))
     }
 
     /// The listening descriptor, to hand to a successor.

@@ -289,12 +289,7 @@ fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
 
 #[test]
 fn root_drops_to_the_named_user_after_binding() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("not root: --user cannot be tested here; skipping");
-        return;
-    }
-    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
-        eprintln!("no user named nobody; skipping");
+    let Some(nobody) = common::nobody() else {
         return;
     };
     let uid_of = |pid: i32| -> Option<u32> {

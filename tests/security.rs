@@ -13,22 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Server, echo_to_eof, wait_until};
-use nix::unistd::{Uid, User};
+use nix::unistd::Uid;
 
 fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn nobody() -> Option<User> {
-    if !Uid::effective().is_root() {
-        eprintln!("not root: cannot act as another user here; skipping that part");
-        return None;
-    }
-    let u = User::from_name("nobody").ok().flatten();
-    if u.is_none() {
-        eprintln!("no user named nobody; skipping that part");
-    }
-    u
 }
 
 #[test]
@@ -48,7 +36,7 @@ fn a_symlink_at_the_pid_file_path_never_redirects_the_write() {
     // The README's --user setup: a directory the serving user may write. As that user,
     // plant a symlink to a root-only file; root's next start must neither write through it
     // nor hand the target to the user.
-    let Some(user) = nobody() else { return };
+    let Some(user) = common::nobody() else { return };
     let shared = common::scratch_dir();
     nix::unistd::chown(&shared, Some(user.uid), Some(user.gid)).unwrap();
     let planted = shared.join("master.pid");
@@ -106,7 +94,7 @@ fn runtime_files_in_a_directory_others_can_write_are_refused() {
     let server = Server::start(&["--workers", "1", "--pid-file", pid_file.to_str().unwrap()]);
     assert_eq!(common::read_pid(&pid_file), server.pid);
     drop(server);
-    if let Some(user) = nobody() {
+    if let Some(user) = common::nobody() {
         let squatted = dir.join("squat.pid");
         std::fs::write(&squatted, "1\n").unwrap();
         nix::unistd::chown(&squatted, Some(user.uid), Some(user.gid)).unwrap();
@@ -234,7 +222,7 @@ fn the_default_control_socket_is_private_and_keyed_by_address() {
 
 #[test]
 fn a_control_socket_served_by_another_user_is_not_believed() {
-    let Some(user) = nobody() else { return };
+    let Some(user) = common::nobody() else { return };
     // Another user's socket in a sticky, world-writable directory (the old /tmp default):
     // here a real prefork-echo run by nobody, which answers every request plausibly.
     let dir = common::scratch_dir();

@@ -269,6 +269,20 @@ pub fn read_pid(path: &Path) -> i32 {
         .expect("a pid on the pid file's first line")
 }
 
+/// The user `nobody`, when this test runs as root and can act as it; `None` (saying why, so
+/// the skip shows in the output) otherwise.
+pub fn nobody() -> Option<nix::unistd::User> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: cannot act as another user here; skipping that part");
+        return None;
+    }
+    let u = nix::unistd::User::from_name("nobody").ok().flatten();
+    if u.is_none() {
+        eprintln!("no user named nobody; skipping that part");
+    }
+    u
+}
+
 /// A fresh directory for one server's files (removed when the server is dropped).
 pub fn scratch_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
