@@ -285,7 +285,7 @@ fn systemd_socket_activation_and_notifications() {
     ])
     .env("NOTIFY_SOCKET", &notify_path)
     .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    .stderr(Stdio::piped());
     // SAFETY: dup2 is async-signal-safe; it puts the listener at descriptor 3 (which the
     // socket-activation protocol names) in the child between fork and exec.
     unsafe {
@@ -319,6 +319,12 @@ fn systemd_socket_activation_and_notifications() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(next(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("socket activation: serving the listening socket systemd passed"),
+        "{log}"
+    );
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
 }
