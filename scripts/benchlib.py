@@ -45,7 +45,7 @@ def log(msg):
 def build():
     """Builds the release binaries (once per script run)."""
     log("building release binaries")
-    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--bins"], cwd=ROOT, check=True)
 
 
 def build_peer(name):

@@ -217,9 +217,9 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     Ok(())
 }
 
-/// A number of seconds from 0 to one year (see [`worker::config::MAX_SECS`]).
+/// A number of seconds from 0 to one year (see [`protocol::duration::MAX_SECS`]).
 fn seconds(s: &str) -> Result<f64, String> {
-    worker::config::parse_secs(s)
+    protocol::duration::parse_secs(s)
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {

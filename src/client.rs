@@ -96,7 +96,7 @@ pub fn stats(args: StatsArgs) -> Result<()> {
         }
         drop(out);
         previous = Some(snap);
-        std::thread::sleep(worker::config::secs(every));
+        std::thread::sleep(protocol::duration::secs(every));
     }
 }
 
@@ -131,7 +131,7 @@ pub fn stop(args: StopArgs) -> Result<()> {
             .as_i64()
             .ok_or_else(|| anyhow!("the answer names no pid: {v}"))?;
         let drain = v["drain_timeout_secs"].as_f64().unwrap_or(60.0);
-        (Pid::from_raw(pid as i32), worker::config::secs(drain))
+        (Pid::from_raw(pid as i32), protocol::duration::secs(drain))
     };
     wait_gone(pid, drain + STOP_SLACK)?;
     println!("server {pid} stopped");

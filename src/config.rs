@@ -159,7 +159,7 @@ impl FileConfig {
                 why,
             };
             let secs = || {
-                worker::config::parse_secs(value)
+                protocol::duration::parse_secs(value)
                     .map_err(|_| bad("a number of seconds from 0 to 31536000 (one year)"))
             };
             match key {

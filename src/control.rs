@@ -308,7 +308,7 @@ impl ControlServer {
         let key = token.0 - self.base - 1;
         if let Some(done) = self.progress(key, answer) {
             if let Some(why) = done {
-                worker::log!("control client dropped: {why}");
+                protocol::log!("control client dropped: {why}");
             }
             self.drop_client(registry, key);
         }
@@ -326,7 +326,7 @@ impl ControlServer {
         }
         if let Some(done) = self.progress(id.key, &mut |_, _| None) {
             if let Some(why) = done {
-                worker::log!("control client dropped: {why}");
+                protocol::log!("control client dropped: {why}");
             }
             self.drop_client(registry, id.key);
         }
@@ -342,7 +342,9 @@ impl ControlServer {
             .map(|(k, _)| k)
             .collect();
         for key in late {
-            worker::log!("control client dropped: no complete exchange within {CLIENT_DEADLINE:?}");
+            protocol::log!(
+                "control client dropped: no complete exchange within {CLIENT_DEADLINE:?}"
+            );
             self.drop_client(registry, key);
         }
     }
@@ -383,7 +385,7 @@ impl ControlServer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    worker::log!("control socket accept failed: {e}");
+                    protocol::log!("control socket accept failed: {e}");
                     return;
                 }
             }
@@ -440,7 +442,7 @@ impl ControlServer {
                     }
                 },
                 Err(why) => {
-                    worker::log!("control client sent a bad request: {why}");
+                    protocol::log!("control client sent a bad request: {why}");
                     serde_json::json!({ "error": why }).to_string()
                 }
             };

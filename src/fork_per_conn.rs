@@ -17,9 +17,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::unistd::Pid;
+use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
-use worker::stats::Counters;
 
 use crate::blocking::{End, SingleProcessConfig, echo_blocking, reset};
 use crate::control::{ControlServer, Request};
@@ -50,7 +50,7 @@ pub fn run(
     addr: SocketAddr,
     mut control: ControlServer,
 ) -> Result<()> {
-    worker::log::set_role("fork-per-conn");
+    protocol::log::set_role("fork-per-conn");
     let poll = Poll::new().context("creating the event loop")?;
     let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     poll.registry()
@@ -78,7 +78,7 @@ pub fn run(
     control
         .register(poll.registry(), CONTROL_BASE)
         .context("watching the control socket")?;
-    worker::log!("control socket {}", cfg.control.display());
+    protocol::log!("control socket {}", cfg.control.display());
     let mut server = ForkServer {
         cfg,
         poll,
@@ -125,9 +125,9 @@ impl ForkServer {
             if self.phase != Phase::Running && self.children.is_empty() {
                 self.read_reports();
                 if self.cfg.log_stats.is_some() {
-                    worker::log!("{}", self.snapshot().log_line(None));
+                    protocol::log!("{}", self.snapshot().log_line(None));
                 }
-                worker::log!("all connections closed; exiting");
+                protocol::log!("all connections closed; exiting");
                 return Ok(());
             }
             let deadline = match self.phase {
@@ -189,7 +189,7 @@ impl ForkServer {
                 self.listener = None;
                 let until = Instant::now() + self.cfg.drain_timeout;
                 self.phase = Phase::Draining { until };
-                worker::log!(
+                protocol::log!(
                     "SIG{}: graceful stop; draining {} connection(s) for up to {:?}",
                     signals::name(sig),
                     self.children.len(),
@@ -197,14 +197,14 @@ impl ForkServer {
                 );
             }
             (Some(Action::GracefulStop | Action::StopNow), _) => {
-                worker::log!("SIG{}: stopping now", signals::name(sig));
+                protocol::log!("SIG{}: stopping now", signals::name(sig));
                 self.stop_now();
             }
             (Some(Action::Reload), _) => {
-                worker::log!("SIGHUP: reloading is for --mode process; ignored")
+                protocol::log!("SIGHUP: reloading is for --mode process; ignored")
             }
             (Some(Action::Ignore), _) => {
-                worker::log!(
+                protocol::log!(
                     "SIG{}: not a signal this server acts on; ignored",
                     signals::name(sig)
                 )
@@ -233,13 +233,13 @@ impl ForkServer {
             if now >= t {
                 self.next_log = Some(now + every);
                 let snap = self.snapshot();
-                worker::log!("{}", snap.log_line(self.last_logged.as_ref()));
+                protocol::log!("{}", snap.log_line(self.last_logged.as_ref()));
                 self.last_logged = Some(snap);
             }
         }
         match self.phase {
             Phase::Draining { until } if now >= until => {
-                worker::log!(
+                protocol::log!(
                     "drain timeout; closing {} connection(s)",
                     self.children.len()
                 );
@@ -264,7 +264,7 @@ impl ForkServer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.counters.accept_errors += 1;
-                    worker::log!("accept failed: {e}");
+                    protocol::log!("accept failed: {e}");
                     return;
                 }
             };
@@ -299,7 +299,7 @@ impl ForkServer {
                 Err(e) => {
                     // Out of processes: this client is closed; the server goes on.
                     self.counters.accept_errors += 1;
-                    worker::log!("cannot fork for a connection: {e}");
+                    protocol::log!("cannot fork for a connection: {e}");
                 }
             }
             // The parent's copy of the connection closes here; the child holds its own.

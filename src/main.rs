@@ -90,7 +90,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         },
         worker_timeout: (args.worker_timeout > 0.0)
-            .then(|| worker::config::secs(args.worker_timeout)),
+            .then(|| protocol::duration::secs(args.worker_timeout)),
         worker: worker::WorkerConfig {
             listen_fd: -1,
             ipc_fd: -1,
@@ -134,7 +134,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         (None, Some(fd)) => {
             let s = listener::adopt(fd).context("the socket systemd passed")?;
-            worker::log!(
+            protocol::log!(
                 "socket activation: serving the listening socket systemd passed (fd 3); --listen and --backlog are not used"
             );
             s
@@ -177,7 +177,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     match &target {
         Some(t) if upgraded_as_user => {
-            worker::log!(
+            protocol::log!(
                 "serving as {} (uid {}, gid {}), as before the upgrade",
                 t.name,
                 t.uid,
@@ -186,10 +186,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         Some(t) => {
             privileges::become_user(t).context("dropping privileges")?;
-            worker::log!("serving as {} (uid {}, gid {})", t.name, t.uid, t.gid);
+            protocol::log!("serving as {} (uid {}, gid {})", t.name, t.uid, t.gid);
         }
         None if nix::unistd::Uid::effective().is_root() => {
-            worker::log!("serving as root: pass --user NAME to drop privileges after binding");
+            protocol::log!("serving as root: pass --user NAME to drop privileges after binding");
         }
         None => {}
     }
@@ -223,12 +223,12 @@ fn run_mode(
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     control_server: control::ControlServer,
-    (predecessor, totals): (Option<std::os::fd::OwnedFd>, worker::stats::Counters),
+    (predecessor, totals): (Option<std::os::fd::OwnedFd>, protocol::stats::Counters),
 ) -> Result<()> {
     let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();
     let log_stats = (args.log_stats && !stats_every.is_zero()).then_some(stats_every);
-    worker::log::set_role(match args.mode {
+    protocol::log::set_role(match args.mode {
         Mode::Process => "master",
         Mode::Thread => "thread-mode",
         Mode::ForkPerConn => "fork-per-conn",
@@ -261,7 +261,7 @@ fn run_mode(
         }
         Mode::ForkPerConn => {
             if args.workers.is_some_and(|n| n > 1) {
-                worker::log!(
+                protocol::log!(
                     "--workers {workers} is ignored in fork-per-conn mode: the master accepts and forks one child per connection"
                 );
             }

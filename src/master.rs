@@ -24,13 +24,13 @@ use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use protocol::ipc::{FrameDecoder, Message};
+use protocol::stats::Counters;
 use serde_json::json;
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::Socket;
 use worker::WorkerConfig;
-use worker::ipc::{FrameDecoder, Message};
-use worker::stats::Counters;
 
 use crate::cli::Spawn;
 use crate::config::{ConfigError, FileConfig};
@@ -112,7 +112,7 @@ impl Settings {
             s.worker.stats_interval = i;
         }
         if let Some(t) = file.worker_timeout {
-            s.worker_timeout = (t > 0.0).then(|| worker::config::secs(t));
+            s.worker_timeout = (t > 0.0).then(|| protocol::duration::secs(t));
         }
         s
     }
@@ -353,7 +353,7 @@ impl Master {
     }
 
     fn run(&mut self) -> Result<()> {
-        worker::log!(
+        protocol::log!(
             "starting {} worker(s) (spawn={}) on {}; control socket {}",
             self.settings.workers,
             match self.cfg.spawn {
@@ -364,7 +364,7 @@ impl Master {
             self.cfg.control.display()
         );
         if self.settings.worker_timeout.is_some() && self.settings.worker.stats_every().is_none() {
-            worker::log!(
+            protocol::log!(
                 "--stats-interval 0: workers send no heartbeat, so hung workers go undetected"
             );
         }
@@ -407,9 +407,9 @@ impl Master {
             self.enforce_deadlines();
         }
         if self.cfg.log_stats {
-            worker::log!("{}", self.snapshot().log_line(None));
+            protocol::log!("{}", self.snapshot().log_line(None));
         }
-        worker::log!("all workers exited; master exiting");
+        protocol::log!("all workers exited; master exiting");
         match self.failure.take() {
             Some(why) => Err(anyhow!(why)),
             None => Ok(()),
@@ -435,7 +435,7 @@ impl Master {
                         if let Err(why) =
                             self.scale(self.settings.workers.saturating_add(1).min(4096))
                         {
-                            worker::log!("SIGTTIN: {why}");
+                            protocol::log!("SIGTTIN: {why}");
                         }
                     }
                     Some(Action::RemoveWorker) => {
@@ -443,11 +443,11 @@ impl Master {
                     }
                     Some(Action::Upgrade) => {
                         if let Err(e) = self.start_upgrade() {
-                            worker::log!("SIGUSR2: no upgrade: {e:#}");
+                            protocol::log!("SIGUSR2: no upgrade: {e:#}");
                         }
                     }
                     Some(Action::Ignore) => {
-                        worker::log!("SIG{name}: not a signal this server acts on; ignored")
+                        protocol::log!("SIG{name}: not a signal this server acts on; ignored")
                     }
                     None => {}
                 }
@@ -461,7 +461,7 @@ impl Master {
                         w.ready = true;
                         w.last_report = Some(Instant::now());
                         w.heard = self.clock.now();
-                        worker::log!(
+                        protocol::log!(
                             "worker {}/g{} (pid {}) is accepting",
                             w.id,
                             w.generation,
@@ -470,7 +470,7 @@ impl Master {
                     }
                     Message::Draining => {
                         if w.start_draining(Instant::now()) {
-                            worker::log!(
+                            protocol::log!(
                                 "worker {}/g{} (pid {}) is draining; replacing it",
                                 w.id,
                                 w.generation,
@@ -490,7 +490,7 @@ impl Master {
                     if let Some(why) = why {
                         // A worker that speaks garbage is broken: closing its channel makes it
                         // exit (it treats end-of-file as "master gone"), and it is replaced.
-                        worker::log!("dropping worker {} (pid {})'s channel: {why}", w.id, w.pid);
+                        protocol::log!("dropping worker {} (pid {})'s channel: {why}", w.id, w.pid);
                     }
                     if let Some(mut ch) = w.channel.take() {
                         let _ = self.poll.registry().deregister(&mut ch);
@@ -554,7 +554,7 @@ impl Master {
                         // Stopped with us (a stop during an upgrade): nothing to restore but
                         // the pid file it wrote over ours.
                         self.forget_successor();
-                        worker::log!("the new master (pid {pid}) stopped with this one ({how})");
+                        protocol::log!("the new master (pid {pid}) stopped with this one ({how})");
                         self.reclaim_pid_file();
                     }
                 }
@@ -577,7 +577,7 @@ impl Master {
             let mut gone = w.counters;
             gone.active = 0;
             self.retired.add(&gone);
-            worker::log!(
+            protocol::log!(
                 "worker {}/g{} (pid {pid}) exited: {how}",
                 w.id,
                 w.generation
@@ -627,7 +627,7 @@ impl Master {
             Some(delay) => {
                 slot.not_before = Some(Instant::now() + delay);
                 if !delay.is_zero() {
-                    worker::log!(
+                    protocol::log!(
                         "worker {id} failed {} time(s) right after starting ({how}); respawning in {delay:?}",
                         slot.failures()
                     );
@@ -643,7 +643,7 @@ impl Master {
                         Backoff::FAST
                     ));
                 } else {
-                    worker::log!(
+                    protocol::log!(
                         "worker {id} failed {n} times in a row within {:?} of starting (last: {how}); \
                          no longer respawning slot {id}: DEGRADED, serving with {serving} worker(s) \
                          (a reload or `prefork-echo scale` tries the slot again)",
@@ -685,7 +685,7 @@ impl Master {
             }
             let template = self.settings.worker.clone();
             if let Err(e) = self.spawn(id, self.generation, template) {
-                worker::log!("cannot start worker {id}: {e:#}");
+                protocol::log!("cannot start worker {id}: {e:#}");
                 self.slot_failed(id, Duration::ZERO, false, &format!("{e:#}"));
                 if self.phase != Phase::Running {
                     return;
@@ -754,7 +754,7 @@ impl Master {
             heard: self.clock.now(),
         });
         self.by_pid.insert(spawned.pid, key);
-        worker::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
+        protocol::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
         Ok(())
     }
 
@@ -791,7 +791,7 @@ impl Master {
             "SIGHUP"
         };
         self.try_start_reload(waiter)
-            .inspect_err(|why| worker::log!("{via}: {why}"))
+            .inspect_err(|why| protocol::log!("{via}: {why}"))
     }
 
     fn try_start_reload(&mut self, waiter: Option<ClientId>) -> Result<(), String> {
@@ -799,7 +799,7 @@ impl Master {
             return Err("the server is stopping; no reload".into());
         }
         if let Some(r) = self.reload.as_mut() {
-            worker::log!("reload of generation {} already under way", r.generation);
+            protocol::log!("reload of generation {} already under way", r.generation);
             r.waiters.extend(waiter);
             return Ok(());
         }
@@ -822,7 +822,7 @@ impl Master {
             systemd::monotonic_usec()
         ));
         let generation = self.generation + 1;
-        worker::log!(
+        protocol::log!(
             "reload: starting generation {generation} ({} worker(s)) beside generation {}",
             settings.workers,
             self.generation
@@ -867,7 +867,7 @@ impl Master {
                 let _ = kill(w.pid, Signal::SIGTERM);
             }
         }
-        worker::log!(
+        protocol::log!(
             "reload: generation {} serving ({} worker(s)); draining {retiring} worker(s) of generation {old}",
             self.generation,
             self.settings.workers
@@ -888,7 +888,7 @@ impl Master {
                 let _ = kill(w.pid, Signal::SIGTERM);
             }
         }
-        worker::log!(
+        protocol::log!(
             "reload failed: {why}; generation {} keeps serving",
             self.generation
         );
@@ -941,7 +941,7 @@ impl Master {
             SUCCESSOR,
             Interest::READABLE,
         )?;
-        worker::log!(
+        protocol::log!(
             "upgrade: started a new master (pid {pid}) from {:?}",
             self.cfg.exe
         );
@@ -970,7 +970,7 @@ impl Master {
             // A stop raced the upgrade: the successor was told to stop too.
             return;
         }
-        worker::log!(
+        protocol::log!(
             "upgrade: new master (pid {}) serving; this master retires",
             s.pid
         );
@@ -997,7 +997,7 @@ impl Master {
             return;
         };
         let _ = kill(s.pid, Signal::SIGKILL);
-        worker::log!(
+        protocol::log!(
             "upgrade failed: {why}; this master (pid {}) keeps serving",
             std::process::id()
         );
@@ -1009,7 +1009,7 @@ impl Master {
     fn reclaim_pid_file(&self) {
         if let Some(path) = &self.cfg.pid_file {
             if let Err(e) = crate::runtime_files::write_pid_file(path, None) {
-                worker::log!("cannot rewrite the pid file: {e}");
+                protocol::log!("cannot rewrite the pid file: {e}");
             }
         }
     }
@@ -1035,7 +1035,7 @@ impl Master {
             self.slots.iter_mut().for_each(|s| *s = Backoff::default());
             return Ok(());
         }
-        worker::log!(
+        protocol::log!(
             "scaling from {} to {}",
             self.settings.workers,
             crate::client::plural(u64::from(workers), "worker")
@@ -1078,7 +1078,7 @@ impl Master {
         // new connections instead of queueing them for nobody.
         self.listener = None;
         self.cfg.udp = None;
-        worker::log!(
+        protocol::log!(
             "{why}: graceful stop; draining {} worker(s) for up to {:?}",
             self.workers.len(),
             self.settings.drain()
@@ -1097,10 +1097,10 @@ impl Master {
     /// already serve): the server stops as a whole, and this master waits for it.
     fn stop_successor(&mut self, sig: Signal) {
         if let Some(s) = &self.successor {
-            worker::log!("stopping the new master (pid {}) too: {sig}", s.pid);
+            protocol::log!("stopping the new master (pid {}) too: {sig}", s.pid);
             match kill(s.pid, sig) {
                 Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => worker::log!("cannot send {sig} to the new master: {e}"),
+                Err(e) => protocol::log!("cannot send {sig} to the new master: {e}"),
             }
         }
     }
@@ -1121,12 +1121,12 @@ impl Master {
         }
         self.stop_successor(Signal::SIGQUIT);
         self.listener = None;
-        worker::log!("{why}: stopping now");
+        protocol::log!("{why}: stopping now");
         self.signal_all(Signal::SIGQUIT);
     }
 
     fn give_up(&mut self, why: String) {
-        worker::log!("{why}");
+        protocol::log!("{why}");
         self.failure.get_or_insert(why);
         self.stop_now("giving up");
     }
@@ -1209,7 +1209,7 @@ impl Master {
             Request::Scale(n) => Some(match self.scale(*n) {
                 Ok(()) => json!({"ok": true, "workers": self.settings.workers}).to_string(),
                 Err(why) => {
-                    worker::log!("control request: scale {n} refused: {why}");
+                    protocol::log!("control request: scale {n} refused: {why}");
                     json!({ "error": why }).to_string()
                 }
             }),
@@ -1223,7 +1223,7 @@ impl Master {
         if self.next_stats_log.is_some_and(|t| Instant::now() >= t) {
             self.next_stats_log = Some(Instant::now() + every);
             let snap = self.snapshot();
-            worker::log!("{}", snap.log_line(self.last_logged.as_ref()));
+            protocol::log!("{}", snap.log_line(self.last_logged.as_ref()));
             self.last_logged = Some(snap);
         }
     }
@@ -1250,7 +1250,7 @@ impl Master {
         }
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if Instant::now() >= kill_at && !self.workers.is_empty() {
-                worker::log!(
+                protocol::log!(
                     "{} worker(s) still running after the deadline; killing",
                     self.workers.len()
                 );
@@ -1274,7 +1274,7 @@ impl Master {
         for (_, w) in &mut self.workers {
             let Some(since) = w.drain_since else { continue };
             if !w.killed && now.duration_since(since) > w.drain + DRAIN_GRACE {
-                worker::log!(
+                protocol::log!(
                     "worker {}/g{} (pid {}) still draining {:?} after it began (drain timeout {:?}); killing it",
                     w.id,
                     w.generation,
@@ -1326,7 +1326,7 @@ impl Master {
             let Some(w) = self.workers.get_mut(key) else {
                 continue;
             };
-            worker::log!(
+            protocol::log!(
                 "worker {}/g{} (pid {}) sent no report for {:?} of the master's time awake; killing it",
                 w.id,
                 w.generation,
@@ -1342,7 +1342,9 @@ impl Master {
         for (_, w) in &self.workers {
             match kill(w.pid, sig) {
                 Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => worker::log!("cannot send {sig} to worker {} (pid {}): {e}", w.id, w.pid),
+                Err(e) => {
+                    protocol::log!("cannot send {sig} to worker {} (pid {}): {e}", w.id, w.pid)
+                }
             }
         }
     }

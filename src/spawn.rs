@@ -285,7 +285,7 @@ pub fn reap_exited() -> Vec<Exited> {
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return out,
             Err(Errno::EINTR) => {}
             Err(e) => {
-                worker::log!("waitpid failed: {e}");
+                protocol::log!("waitpid failed: {e}");
                 return out;
             }
             Ok(WaitStatus::Exited(pid, code)) => out.push(Exited {

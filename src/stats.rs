@@ -6,8 +6,8 @@
 
 use std::fmt::Write as _;
 
+use protocol::stats::Counters;
 use serde::{Deserialize, Serialize};
-use worker::stats::Counters;
 
 /// Version of the JSON schema below.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -44,7 +44,7 @@ pub fn notify(state: &str) {
         sock.send_to(state.as_bytes(), &path)
     };
     if let Err(e) = sent {
-        worker::log!("cannot notify the service manager ({state}): {e}");
+        protocol::log!("cannot notify the service manager ({state}): {e}");
     }
 }
 

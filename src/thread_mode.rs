@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
-use worker::stats::Counters;
 
 use crate::blocking::{End, Limits, SingleProcessConfig, echo_blocking, reset};
 use crate::control::{ControlServer, Request};
@@ -110,7 +110,7 @@ pub fn run(
     addr: SocketAddr,
     mut control: ControlServer,
 ) -> Result<()> {
-    worker::log::set_role("thread-mode");
+    protocol::log::set_role("thread-mode");
     let listener = Arc::new(TcpListener::from(std::os::fd::OwnedFd::from(listener)));
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
@@ -125,7 +125,7 @@ pub fn run(
     control
         .register(poll.registry(), CONTROL_BASE)
         .context("watching the control socket")?;
-    worker::log!("control socket {}", cfg.base.control.display());
+    protocol::log!("control socket {}", cfg.base.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
@@ -174,7 +174,7 @@ pub fn run(
             if Instant::now() >= t {
                 next_log = Some(Instant::now() + every);
                 let snap = snapshot(&tallies, started, drain_deadline.is_some());
-                worker::log!("{}", snap.log_line(last_logged.as_ref()));
+                protocol::log!("{}", snap.log_line(last_logged.as_ref()));
                 last_logged = Some(snap);
             }
         }
@@ -182,12 +182,12 @@ pub fn run(
         if let Some(deadline) = drain_deadline {
             let active = shared.active.load(Ordering::SeqCst);
             if active == 0 {
-                worker::log!("drained; exiting");
+                protocol::log!("drained; exiting");
                 log_final(&tallies, started, cfg.base.log_stats);
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                worker::log!("drain timeout; closing {active} connection(s)");
+                protocol::log!("drain timeout; closing {active} connection(s)");
                 log_final(&tallies, started, cfg.base.log_stats);
                 return Ok(());
             }
@@ -227,7 +227,7 @@ pub fn run(
                         let _ = a.join();
                     }
                     let active = shared.active.load(Ordering::SeqCst);
-                    worker::log!(
+                    protocol::log!(
                         "SIG{}: graceful stop; draining {active} connection(s) for up to {:?}",
                         signals::name(sig),
                         cfg.base.drain_timeout
@@ -235,13 +235,13 @@ pub fn run(
                     drain_deadline = Some(Instant::now() + cfg.base.drain_timeout);
                 }
                 (Some(Action::GracefulStop), Some(_)) | (Some(Action::StopNow), _) => {
-                    worker::log!("SIG{}: stopping now", signals::name(sig));
+                    protocol::log!("SIG{}: stopping now", signals::name(sig));
                     return Ok(());
                 }
                 (Some(Action::Reload), _) => {
-                    worker::log!("SIGHUP: reloading is for --mode process; ignored")
+                    protocol::log!("SIGHUP: reloading is for --mode process; ignored")
                 }
-                (Some(Action::Ignore), _) => worker::log!(
+                (Some(Action::Ignore), _) => protocol::log!(
                     "SIG{}: not a signal this server acts on; ignored",
                     signals::name(sig)
                 ),
@@ -283,7 +283,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>,
                 let now = Instant::now();
                 if last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
                     last_error_log = Some(now);
-                    worker::log!("accept failed ({e}); pausing accepts for 100ms");
+                    protocol::log!("accept failed ({e}); pausing accepts for 100ms");
                 }
                 thread::sleep(Duration::from_millis(100));
             }
@@ -353,7 +353,7 @@ fn start_connection(
         let mut last = LAST_LOG.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
-            worker::log!(
+            protocol::log!(
                 "cannot start a connection thread: {e} (connection closed; counted in accept_errors)"
             );
         }
@@ -380,6 +380,6 @@ impl Drop for ActiveGuard {
 
 fn log_final(tallies: &[Arc<Tally>], started: Instant, log_stats: Option<Duration>) {
     if log_stats.is_some() {
-        worker::log!("{}", snapshot(tallies, started, true).log_line(None));
+        protocol::log!("{}", snapshot(tallies, started, true).log_line(None));
     }
 }

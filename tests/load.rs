@@ -1,20 +1,15 @@
-//! echo-load against the real server and against broken echo servers made here: it must
-//! count every round trip when all is well, and catch every kind of failure.
+//! echo-load against the real server: it must count every round trip when all is well. (How
+//! it catches broken servers is tested beside it, in load/tests/.)
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::{Command, Output};
-use std::thread;
 
 use common::Server;
 use serde_json::Value;
 
-const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
-
 fn load(args: &[&str]) -> (Output, Value) {
-    let out = Command::new(LOAD)
+    let out = Command::new(common::echo_load())
         .args(args)
         .arg("--json")
         .output()
@@ -91,82 +86,4 @@ fn churn_and_open_loop_and_burst_modes_complete_cleanly() {
             );
         }
     }
-}
-
-/// An "echo" server that mangles what it returns, in a way chosen by `bug`.
-fn broken_server(bug: &'static str) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in listener.incoming().take(4) {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut seen = 0usize;
-                while let Ok(n @ 1..) = s.read(&mut buf) {
-                    seen += n;
-                    match bug {
-                        "flip" => {
-                            if seen > 300 {
-                                buf[0] ^= 1;
-                            }
-                            let _ = s.write_all(&buf[..n]);
-                        }
-                        "close" if seen > 300 => return,
-                        "close" => {
-                            let _ = s.write_all(&buf[..n]);
-                        }
-                        _ => {} // "silent": never answers
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-#[test]
-fn catches_wrong_and_short_echoes_and_silence() {
-    for (bug, kind) in [("flip", "wrong"), ("close", "short"), ("silent", "timeout")] {
-        let addr = broken_server(bug).to_string();
-        let (out, r) = load(&[
-            "--target",
-            &addr,
-            "--connections",
-            "2",
-            "--size",
-            "100",
-            "--duration",
-            "3",
-            "--timeout",
-            "0.5",
-        ]);
-        assert_eq!(out.status.code(), Some(1), "{bug}");
-        assert!(r["errors"][kind].as_u64().unwrap() >= 1, "{bug}: {r}");
-    }
-}
-
-#[test]
-fn refused_connections_are_counted_and_remote_targets_refused() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (out, r) = load(&[
-        "--target",
-        &format!("127.0.0.1:{port}"),
-        "--connections",
-        "3",
-        "--requests",
-        "3",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(r["errors"]["refused"], 3);
-    let out = Command::new(LOAD)
-        .args(["--target", "192.0.2.1:7"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }

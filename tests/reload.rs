@@ -14,8 +14,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
-
 fn ctl(server: &Server, args: &[&str]) -> std::process::Output {
     server.ctl(args)
 }
@@ -27,7 +25,7 @@ fn generation(server: &Server) -> u64 {
 /// Starts echo-load in the background: `conns` connections that each reconnect after 5 round
 /// trips, so connections keep opening and closing throughout.
 fn churning_load(server: &Server, conns: &str, secs: &str) -> Child {
-    Command::new(LOAD)
+    Command::new(common::echo_load())
         .args(["--target", &server.addr.to_string(), "--connections", conns])
         .args([
             "--duration",

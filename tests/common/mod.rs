@@ -19,6 +19,18 @@ use nix::unistd::Pid;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_prefork-echo");
 
+/// echo-load, the load generator (its own workspace member, built beside the server by
+/// `cargo test --workspace`).
+pub fn echo_load() -> PathBuf {
+    let path = Path::new(BIN).with_file_name("echo-load");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build -p echo-load)",
+        path.display()
+    );
+    path
+}
+
 /// No test may run longer than this: the watchdog kills the server tree, which makes any
 /// client blocked on it fail instead of hang.
 const WATCHDOG: Duration = Duration::from_secs(240);

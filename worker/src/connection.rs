@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::stats::Counters;
+use protocol::stats::Counters;
 
 /// How a call to [`Connection::drive`] left the connection.
 #[derive(Debug, PartialEq, Eq)]

@@ -22,9 +22,9 @@ use thiserror::Error;
 
 use crate::config::WorkerConfig;
 use crate::connection::{Connection, Drive};
-use crate::ipc::{Message, Reporter};
-use crate::log;
-use crate::stats::Counters;
+use protocol::ipc::{Message, Reporter};
+use protocol::log;
+use protocol::stats::Counters;
 
 /// Exit code of a worker that could not start serving. The master stops instead of
 /// respawning it: a worker that cannot boot will not boot the next time either.
@@ -99,7 +99,7 @@ pub fn run(cfg: WorkerConfig) -> i32 {
     let mut worker = match Worker::boot(cfg) {
         Ok(w) => w,
         Err(e) => {
-            crate::log!("cannot start: {e}");
+            protocol::log!("cannot start: {e}");
             return EXIT_BOOT_FAILURE;
         }
     };
@@ -240,7 +240,7 @@ impl Worker {
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    crate::log!("event loop failed: {e}");
+                    protocol::log!("event loop failed: {e}");
                     return Stop::Now("event loop failure");
                 }
             }
@@ -371,7 +371,7 @@ impl Worker {
                         .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
                     {
                         self.last_accept_error_log = Some(now);
-                        crate::log!("accept failed ({e}); pausing accepts for {ACCEPT_PAUSE:?}");
+                        protocol::log!("accept failed ({e}); pausing accepts for {ACCEPT_PAUSE:?}");
                     }
                     return;
                 }
@@ -431,7 +431,7 @@ impl Worker {
             token,
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            crate::log!("cannot watch a new connection: {e}");
+            protocol::log!("cannot watch a new connection: {e}");
             self.counters.io_errors += 1;
             return;
         }
@@ -508,7 +508,7 @@ impl Worker {
         // Tell the master at once, so it can start a replacement while we drain (a rolling
         // restart of one worker leaves no gap). A full channel only delays that until exit.
         let _ = self.reporter.send(&Message::Draining);
-        crate::log!(
+        protocol::log!(
             "draining {} connection(s), at most {:?}",
             self.conns.len(),
             self.cfg.drain()
@@ -537,9 +537,9 @@ impl Worker {
         self.conns.clear();
         self.counters.active = 0;
         match stop {
-            Stop::Drained => crate::log!("drained; exiting"),
-            Stop::DrainTimeout => crate::log!("drain timeout; closing {open} connection(s)"),
-            Stop::Now(why) => crate::log!("stopping now ({why}); closing {open} connection(s)"),
+            Stop::Drained => protocol::log!("drained; exiting"),
+            Stop::DrainTimeout => protocol::log!("drain timeout; closing {open} connection(s)"),
+            Stop::Now(why) => protocol::log!("stopping now ({why}); closing {open} connection(s)"),
         }
         let _ = self
             .reporter

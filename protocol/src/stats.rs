@@ -25,7 +25,7 @@ pub struct Counters {
     /// UDP datagrams echoed back.
     pub datagrams_out: u64,
     /// UDP datagrams not echoed because their source could start an echo loop (see
-    /// [`crate::udp::loops_back`]).
+    /// `loops_back` in the worker's `udp` module).
     pub datagrams_refused: u64,
 }
 

@@ -1,0 +1,13 @@
+//! What every process of prefork-echo shares, and nothing else: the master/worker IPC
+//! frames, the traffic counters they carry, log lines, and how durations are read. No command
+//! line parsing here (clap stays with the binaries), so any process or tool can speak it.
+//!
+//! - [`ipc`]: the typed, framed channel on which a worker reports to its master.
+//! - [`stats`]: the counters carried on that channel.
+//! - [`log`]: timestamped, role-tagged lines on stderr.
+//! - [`duration`]: seconds from flags and config keys, bounded.
+
+pub mod duration;
+pub mod ipc;
+pub mod log;
+pub mod stats;
