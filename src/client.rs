@@ -51,10 +51,9 @@ fn signal_action(pid: Pid, action: Action) -> Result<()> {
 
 /// Whether `pid` has exited (a zombie counts as exited: it serves nothing).
 fn gone(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| r.starts_with('Z')))
-        .unwrap_or(true)
+    procfs::process::Process::new(pid.as_raw())
+        .and_then(|p| p.stat())
+        .map_or(true, |s| s.state == 'Z')
 }
 
 fn wait_gone(pid: Pid, within: Duration) -> Result<()> {

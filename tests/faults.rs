@@ -221,9 +221,7 @@ fn an_upgrade_under_user_keeps_serving_as_that_user() {
     assert!(!log.contains("upgrade failed"), "{log}");
     let v = server.stats();
     assert_eq!(v["master_pid"].as_i64(), Some(i64::from(successor)));
-    let status = std::fs::read_to_string(format!("/proc/{successor}/status")).unwrap();
-    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid_line.contains(&nobody.uid.to_string()), "{uid_line}");
+    assert_eq!(common::status(successor).euid, nobody.uid.as_raw());
     echo_to_eof(server.connect(), b"served after the upgrade");
     let out = server.ctl(&["stop"]);
     assert!(
@@ -346,13 +344,9 @@ fn unknown_fatal_signals_are_logged_and_ignored_in_every_mode() {
 }
 
 /// The signal dispositions a process shows in /proc: caught, ignored, blocked.
-fn dispositions(pid: i32) -> Vec<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .filter(|l| l.starts_with("SigCgt") || l.starts_with("SigIgn") || l.starts_with("SigBlk"))
-        .map(str::to_string)
-        .collect()
+fn dispositions(pid: i32) -> (u64, u64, u64) {
+    let s = common::status(pid);
+    (s.sigcgt, s.sigign, s.sigblk)
 }
 
 #[test]
@@ -404,8 +398,11 @@ fn an_upgrade_under_systemd_names_the_new_main_pid_and_keeps_totals() {
     assert_eq!(next(), format!("READY=1\nMAINPID={}", server.pid));
     // sd_listen_fds(3): the service manager's variables are not a worker's business.
     let worker = server.workers()[0];
-    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
-    assert!(!String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET="));
+    let environ = procfs::process::Process::new(worker)
+        .unwrap()
+        .environ()
+        .unwrap();
+    assert!(!environ.contains_key(std::ffi::OsStr::new("NOTIFY_SOCKET")));
     echo_to_eof(server.connect(), &[7u8; 5000]);
     assert!(wait_until(Duration::from_secs(10), || {
         server.stats()["totals"]["bytes_in"].as_u64() == Some(5000)

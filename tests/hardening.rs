@@ -101,15 +101,10 @@ fn idle_connections_are_closed_and_busy_ones_kept() {
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_secs(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<f64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .map_or(0.0, |s| (s.utime + s.stime) as f64 / ticks)
 }
 
 #[test]
@@ -246,13 +241,15 @@ fn slow_loris_clients_do_not_starve_the_others() {
 
 /// Private memory (PSS) of a process, in bytes.
 fn pss(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.smaps_rollup())
+        .ok()
+        .and_then(|r| {
+            r.memory_map_rollup
+                .iter()
+                .find_map(|m| m.extension.map.get("Pss").copied())
+        })
         .unwrap_or(0)
-        * 1024
 }
 
 #[test]
@@ -293,14 +290,10 @@ fn root_drops_to_the_named_user_after_binding() {
         return;
     };
     let uid_of = |pid: i32| -> Option<u32> {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
+        procfs::process::Process::new(pid)
+            .and_then(|p| p.status())
             .ok()
+            .map(|s| s.euid)
     };
     let server = Server::start(&["--workers", "2", "--user", "nobody"]);
     for pid in std::iter::once(server.pid).chain(server.workers()) {

@@ -6,8 +6,8 @@
 //! its process tree). Exit code: 0 when the run completed without any error, 1 when any
 //! connection failed (refused, reset, timeout, short or wrong echo), 2 on a usage error.
 
+mod cost;
 mod engine;
-mod procfs;
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -228,7 +228,7 @@ fn run(args: &Args) -> Result<Report> {
     drop(tx);
     barrier.wait();
     let start = Instant::now();
-    let server_before = args.server_pid.map(procfs::sample);
+    let server_before = args.server_pid.map(cost::sample);
     let cpu_before = self_cpu();
     let progress = std::io::stderr().is_terminal() && !args.json;
     let mut outcomes = Vec::new();
@@ -254,7 +254,7 @@ fn run(args: &Args) -> Result<Report> {
     }
     let client_cpu = self_cpu() - cpu_before;
     // Sample the server while it still holds every connection.
-    let server_after = args.server_pid.map(procfs::sample);
+    let server_after = args.server_pid.map(cost::sample);
     shared.release.store(true, Ordering::SeqCst);
     for h in handles {
         let _ = h.join();
@@ -274,8 +274,8 @@ fn summarise(
     elapsed: f64,
     client_cpu: f64,
     outcomes: Vec<Outcome>,
-    before: Option<procfs::TreeSample>,
-    after: Option<procfs::TreeSample>,
+    before: Option<cost::TreeSample>,
+    after: Option<cost::TreeSample>,
 ) -> Report {
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
         .expect("histogram bounds");

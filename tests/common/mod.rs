@@ -2,7 +2,7 @@
 //! and guarantees its whole process tree is killed when the test ends, pass or fail.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -432,20 +432,16 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// (pid, ppid, state) of every process, from /proc.
 fn processes() -> Vec<(i32, i32, char)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name may contain spaces and parentheses: fields start after the last ')'.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let mut f = rest.split(' ');
-        let state = f.next()?.chars().next()?;
-        let ppid = f.next()?.parse().ok()?;
-        Some((pid, ppid, state))
-    })
-    .collect()
+    procfs::process::all_processes()
+        .map(|all| {
+            all.flatten()
+                .filter_map(|p| {
+                    let stat = p.stat().ok()?;
+                    Some((p.pid, stat.ppid, stat.state))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Live (non-zombie) children of `pid`.
@@ -473,12 +469,18 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     out
 }
 
+/// /proc/PID/status of a live process.
+pub fn status(pid: i32) -> procfs::process::Status {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"))
+}
+
 /// Whether `pid` is a live (non-zombie) process.
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| !r.starts_with('Z')))
-        .unwrap_or(false)
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| s.state != 'Z')
 }
 
 /// A connected client with generous timeouts.
@@ -545,34 +547,24 @@ pub fn raise_nofile() -> u64 {
 /// Client-side ports of the TCP connections to `server_port` whose server end is held by
 /// process `pid` (matched through socket inodes in /proc/PID/fd and /proc/net/tcp{,6}).
 pub fn client_ports_held_by(pid: i32, server_port: u16) -> HashSet<u16> {
-    let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| {
-                let target = std::fs::read_link(e.ok()?.path()).ok()?;
-                let t = target.to_str()?;
-                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-            })
-            .collect()
+    use procfs::process::FDTarget;
+    let inodes: HashSet<u64> = procfs::process::Process::new(pid)
+        .and_then(|p| p.fd())
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| match fd.target {
+                    FDTarget::Socket(inode) => Some(inode),
+                    _ => None,
+                })
+                .collect()
         })
         .unwrap_or_default();
-    let mut by_inode: HashMap<u64, (u16, u16)> = HashMap::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 {
-                continue;
-            }
-            let port = |s: &str| u16::from_str_radix(s.rsplit(':').next().unwrap_or(""), 16).ok();
-            if let (Some(l), Some(r), Ok(inode)) = (port(f[1]), port(f[2]), f[9].parse()) {
-                by_inode.insert(inode, (l, r));
-            }
-        }
-    }
-    inodes
-        .iter()
-        .filter_map(|i| by_inode.get(i))
-        .filter(|(local, _)| *local == server_port)
-        .map(|&(_, remote)| remote)
+    let entries = procfs::net::tcp()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(procfs::net::tcp6().unwrap_or_default());
+    entries
+        .filter(|e| inodes.contains(&e.inode) && e.local_address.port() == server_port)
+        .map(|e| e.remote_address.port())
         .collect()
 }
