@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 use crate::cli::{CtlArgs, ReloadArgs, StatsArgs, StopArgs};
+use crate::control::Response;
 use crate::signals::{self, Action};
 use crate::{control, listener, stats};
 
@@ -27,15 +27,17 @@ fn control_path(args: CtlArgs) -> Result<PathBuf> {
     })
 }
 
-/// Sends a request and parses the one-line JSON answer; `{"error": …}` becomes `Err`.
-fn ask(path: &Path, req: &str, wait: Duration) -> Result<Value> {
-    let answer = control::request_within(path, req, wait)?;
-    let v: Value = serde_json::from_str(&answer)
-        .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        bail!("{e}");
+/// Sends a request and returns the server's answer; an error answer becomes `Err`.
+fn ask(path: &Path, req: &str, wait: Duration) -> Result<(String, Response)> {
+    match control::request_within(path, req, wait)? {
+        (_, Response::Error { error }) => bail!("{error}"),
+        answer => Ok(answer),
     }
-    Ok(v)
+}
+
+/// The answer did not fit the request (a server of another version?).
+fn unexpected(path: &Path, answer: &str) -> anyhow::Error {
+    anyhow!("unexpected answer from {}: {answer}", path.display())
 }
 
 fn read_pid(path: &Path) -> Result<Pid> {
@@ -74,9 +76,10 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     // On a terminal, --watch redraws in place (clear screen, cursor home); piped, it appends.
     let redraw = args.watch.is_some() && !args.json && std::io::stdout().is_terminal();
     loop {
-        let answer = control::request(&path, "stats")?;
-        let snap: stats::Snapshot = serde_json::from_str(&answer)
-            .with_context(|| format!("unexpected answer from {}: {answer}", path.display()))?;
+        let (answer, response) = ask(&path, "stats", control::CLIENT_DEADLINE)?;
+        let Response::Stats(snap) = response else {
+            return Err(unexpected(&path, &answer));
+        };
         let mut out = std::io::stdout().lock();
         if args.json {
             writeln!(out, "{answer}")?;
@@ -94,7 +97,7 @@ pub fn stats(args: StatsArgs) -> Result<()> {
             writeln!(out)?;
         }
         drop(out);
-        previous = Some(snap);
+        previous = Some(*snap);
         std::thread::sleep(protocol::duration::secs(every));
     }
 }
@@ -108,13 +111,23 @@ pub fn reload(args: ReloadArgs) -> Result<()> {
         return Ok(());
     }
     let path = control_path(args.ctl)?;
-    let v = ask(&path, "reload", RELOAD_WAIT)?;
-    println!(
-        "generation {} serving ({})",
-        v["generation"],
-        plural(v["workers"].as_u64().unwrap_or(0), "worker")
-    );
-    Ok(())
+    match ask(&path, "reload", RELOAD_WAIT)? {
+        (
+            _,
+            Response::Reloaded {
+                generation,
+                workers,
+                ..
+            },
+        ) => {
+            println!(
+                "generation {generation} serving ({})",
+                plural(u64::from(workers), "worker")
+            );
+            Ok(())
+        }
+        (answer, _) => Err(unexpected(&path, &answer)),
+    }
 }
 
 /// `prefork-echo stop`: returns once the server has exited.
@@ -125,12 +138,20 @@ pub fn stop(args: StopArgs) -> Result<()> {
         (pid, Duration::from_secs(60))
     } else {
         let path = control_path(args.ctl)?;
-        let v = ask(&path, "stop", control::CLIENT_DEADLINE)?;
-        let pid = v["pid"]
-            .as_i64()
-            .ok_or_else(|| anyhow!("the answer names no pid: {v}"))?;
-        let drain = v["drain_timeout_secs"].as_f64().unwrap_or(60.0);
-        (Pid::from_raw(pid as i32), protocol::duration::secs(drain))
+        match ask(&path, "stop", control::CLIENT_DEADLINE)? {
+            (
+                _,
+                Response::Stopping {
+                    pid,
+                    drain_timeout_secs,
+                    ..
+                },
+            ) => (
+                Pid::from_raw(pid as i32),
+                protocol::duration::secs(drain_timeout_secs),
+            ),
+            (answer, _) => return Err(unexpected(&path, &answer)),
+        }
     };
     wait_gone(pid, drain + STOP_SLACK)?;
     println!("server {pid} stopped");
@@ -140,12 +161,13 @@ pub fn stop(args: StopArgs) -> Result<()> {
 /// `prefork-echo scale N`.
 pub fn scale(workers: u32, args: CtlArgs) -> Result<()> {
     let path = control_path(args)?;
-    let v = ask(&path, &format!("scale {workers}"), control::CLIENT_DEADLINE)?;
-    println!(
-        "scaling to {}",
-        plural(v["workers"].as_u64().unwrap_or(0), "worker")
-    );
-    Ok(())
+    match ask(&path, &format!("scale {workers}"), control::CLIENT_DEADLINE)? {
+        (_, Response::Scaled { workers, .. }) => {
+            println!("scaling to {}", plural(u64::from(workers), "worker"));
+            Ok(())
+        }
+        (answer, _) => Err(unexpected(&path, &answer)),
+    }
 }
 
 /// `1 worker`, `3 workers`.

@@ -165,7 +165,7 @@ impl ForkServer {
                             c.handle(self.poll.registry(), t, &mut |req, _| {
                                 Some(match req {
                                     Request::Stats => {
-                                        serde_json::to_string(&self.snapshot()).unwrap_or_default()
+                                        crate::control::Response::Stats(Box::new(self.snapshot()))
                                     }
                                     other => crate::control::single_process_answer(other, drain),
                                 })

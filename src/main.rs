@@ -33,6 +33,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use cli::{Cli, Command, Mode, ServeArgs};
 
 fn main() -> ExitCode {
+    protocol::log::init();
     let cli = Cli::parse();
     if cli.command.is_none() {
         if let Err(e) = cli::validate(&cli.serve) {
@@ -189,7 +190,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             protocol::log!("serving as {} (uid {}, gid {})", t.name, t.uid, t.gid);
         }
         None if nix::unistd::Uid::effective().is_root() => {
-            protocol::log!("serving as root: pass --user NAME to drop privileges after binding");
+            protocol::warn!("serving as root: pass --user NAME to drop privileges after binding");
         }
         None => {}
     }

@@ -207,10 +207,9 @@ pub fn run(
                 let drain = cfg.base.drain_timeout;
                 control.handle(poll.registry(), event.token(), &mut |req, _| {
                     Some(match req {
-                        Request::Stats => {
-                            serde_json::to_string(&snapshot(&tallies, started, draining))
-                                .unwrap_or_default()
-                        }
+                        Request::Stats => crate::control::Response::Stats(Box::new(snapshot(
+                            &tallies, started, draining,
+                        ))),
                         other => crate::control::single_process_answer(other, drain),
                     })
                 });

@@ -43,11 +43,8 @@ fn a_stalled_master_does_not_kill_its_healthy_workers() {
     sig(server.pid, Signal::SIGSTOP);
     std::thread::sleep(Duration::from_secs(3));
     sig(server.pid, Signal::SIGCONT);
-    // Its answer proves it has run loop turns since waking; then let a few more pass.
-    let uptime = server.stats()["uptime_secs"].as_f64().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || {
-        server.stats()["uptime_secs"].as_f64().unwrap() > uptime + 1.5
-    }));
+    // Its answers prove it has run loop turns since waking; let a few more pass.
+    server.let_turns_pass(1.5);
     assert_eq!(server.workers(), before, "{}", server.stderr());
     assert!(
         !server.stderr().contains("killing it"),
@@ -322,6 +319,8 @@ fn a_draining_worker_that_hangs_is_killed_at_its_drain_deadline() {
         "a stopped old-generation worker lingers\n{}",
         server.stderr()
     );
+    assert!(server.wait_for_log("still draining", Duration::from_secs(10)));
+    server.let_turns_pass(1.5);
     assert_eq!(server.log_count("still draining"), 1, "{}", server.stderr());
     echo_to_eof(server.connect(), b"the new generation serves");
 }

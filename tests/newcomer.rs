@@ -109,3 +109,26 @@ fn the_example_systemd_units_verify_on_this_systemd() {
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_log_level_comes_from_the_environment() {
+    let quiet = Server::launch(
+        common::BIN,
+        &["--workers", "1"],
+        &[("PREFORK_ECHO_LOG", "warn")],
+        true,
+    )
+    .unwrap();
+    echo_to_eof(quiet.connect(), b"served quietly");
+    let log = quiet.stderr();
+    assert!(
+        !log.contains("spawned worker"),
+        "info lines shown at warn:\n{log}"
+    );
+    // Warnings still show, marked as such (serving as root warns when run as root).
+    if nix::unistd::Uid::effective().is_root() {
+        assert!(log.contains("main: warning: serving as root"), "{log}");
+    }
+    let chatty = Server::start(&["--workers", "1"]);
+    assert!(chatty.stderr().contains("spawned worker 0/g1"));
+}

@@ -220,6 +220,9 @@ fn a_hung_worker_is_killed_and_replaced() {
         server.stderr()
     );
     // Logged once, though the killed process may take a few loop turns to be reaped.
+    let line = format!("(pid {victim}) sent no report");
+    assert!(server.wait_for_log(&line, Duration::from_secs(10)));
+    server.let_turns_pass(1.5);
     assert_eq!(
         server.log_count(&format!("(pid {victim}) sent no report")),
         1,

@@ -7,6 +7,9 @@
 //! - [`log`]: timestamped, role-tagged lines on stderr.
 //! - [`duration`]: seconds from flags and config keys, bounded.
 
+/// The `log` facade the [`log!`] and [`warn!`] macros expand to.
+pub use ::log as facade;
+
 pub mod duration;
 pub mod ipc;
 pub mod log;

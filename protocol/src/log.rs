@@ -1,13 +1,18 @@
-//! Logging to stderr: one line per event, with a UTC timestamp, the pid and the role
-//! (`master`, `worker 2/g1`, `thread-mode`), so interleaved lines from many processes
-//! can still be told apart.
+//! Logging to stderr through the `log` facade: one line per event, with a UTC timestamp, the
+//! pid and the role (`master`, `worker 2/g1`, `thread-mode`), so interleaved lines from many
+//! processes can still be told apart. Levels come from `PREFORK_ECHO_LOG` (or `RUST_LOG`):
+//! `error`, `warn`, `info` (the default), `debug`, `trace`, `off`. A process that installs no
+//! logger (a unit test) logs nothing.
 
 use std::fmt;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ::log::{Level, LevelFilter, Metadata, Record};
+
 static ROLE: Mutex<String> = Mutex::new(String::new());
+static LOGGER: Logger = Logger;
 
 /// Sets the role named on every following line of this process (a forked worker renames itself).
 pub fn set_role(role: impl Into<String>) {
@@ -15,27 +20,68 @@ pub fn set_role(role: impl Into<String>) {
     *guard = role.into();
 }
 
-/// Writes one log line; use the [`log!`](crate::log!) macro rather than calling this.
-pub fn write_line(args: fmt::Arguments<'_>) {
+/// Installs the logger (once per process; a forked child inherits it) at the level the
+/// environment asks for.
+pub fn init() {
+    let level = ["PREFORK_ECHO_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::Info);
+    if ::log::set_logger(&LOGGER).is_ok() {
+        ::log::set_max_level(level);
+    }
+}
+
+struct Logger;
+
+impl ::log::Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= ::log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            write_line(record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn write_line(level: Level, args: &fmt::Arguments<'_>) {
     let role = ROLE
         .lock()
         .map(|r| r.clone())
         .unwrap_or_else(|p| p.into_inner().clone());
+    let severity = match level {
+        Level::Error => "error: ",
+        Level::Warn => "warning: ",
+        Level::Info => "",
+        Level::Debug => "debug: ",
+        Level::Trace => "trace: ",
+    };
     let line = format!(
-        "{} prefork-echo[{}] {}: {}\n",
+        "{} prefork-echo[{}] {}: {severity}{}\n",
         timestamp(SystemTime::now()),
         std::process::id(),
         if role.is_empty() { "main" } else { &role },
         args
     );
-    // One write per line so lines from concurrent processes do not interleave mid-line.
+    // One write per line so lines from concurrent processes do not interleave mid-line. Not
+    // `eprint!`: it panics when stderr is gone (a closed pipe), and a server must not.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
-/// Logs one line to stderr, `format!`-style.
+/// Logs one line at level info, `format!`-style.
 #[macro_export]
 macro_rules! log {
-    ($($arg:tt)*) => { $crate::log::write_line(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::facade::info!($($arg)*) };
+}
+
+/// Logs one line at level warn (something is wrong, the server goes on), `format!`-style.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::facade::warn!($($arg)*) };
 }
 
 /// RFC 3339 UTC time with milliseconds, computed without a calendar crate.

@@ -196,6 +196,15 @@ impl Server {
             .expect("running a prefork-echo command")
     }
 
+    /// Waits until the master has run for `secs` more seconds of its own uptime (several loop
+    /// turns), as its stats answers show: time for anything it would still do to happen.
+    pub fn let_turns_pass(&self, secs: f64) {
+        let start = self.stats()["uptime_secs"].as_f64().unwrap_or(0.0);
+        assert!(wait_until(Duration::from_secs(30), || {
+            self.stats()["uptime_secs"].as_f64().unwrap_or(0.0) > start + secs
+        }));
+    }
+
     /// How many lines of its stderr contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.stderr().lines().filter(|l| l.contains(needle)).count()

@@ -1,0 +1,112 @@
+//! What the master tells others: answers to control requests, the stats snapshot, and the
+//! periodic stats log line.
+
+use mio::Token;
+
+use super::{Event, Master, Phase, System};
+use crate::control::{ClientId, Request, Response};
+use crate::stats::{Snapshot, WorkerRow};
+
+impl<S: System> Master<S> {
+    /// The stats snapshot: live workers in slot order, totals including the departed.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let now = self.sys.now();
+        let mut rows: Vec<WorkerRow> = self
+            .workers
+            .iter()
+            .map(|(_, w)| WorkerRow {
+                id: w.id,
+                pid: w.pid.as_raw() as u32,
+                generation: w.generation,
+                state: match (w.ready, w.draining) {
+                    (_, true) => "draining",
+                    (false, _) => "starting",
+                    (true, false) => "running",
+                }
+                .to_string(),
+                uptime_secs: now.duration_since(w.started).as_secs_f64(),
+                last_report_age_secs: w.last_report.map(|t| now.duration_since(t).as_secs_f64()),
+                counters: w.counters,
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.generation, r.id));
+        let mut snap = Snapshot::new(
+            "process",
+            now.duration_since(self.started).as_secs_f64(),
+            self.generation,
+            rows,
+            &self.retired,
+        );
+        snap.abandoned_slots = (0..self.settings.workers)
+            .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
+            .collect();
+        snap
+    }
+
+    /// Reads what control clients sent; each complete request becomes an event, answered
+    /// when it is dispatched.
+    pub(super) fn read_control(&mut self, token: Token, out: &mut Vec<Event>) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        control.handle(self.poll.registry(), token, &mut |request, id| {
+            out.push(Event::Control {
+                id,
+                request: request.clone(),
+            });
+            None
+        });
+    }
+
+    /// Answers a control request (a reload is answered later, once it succeeds or fails).
+    pub(super) fn on_request(&mut self, id: ClientId, request: Request) {
+        let answer = match request {
+            Request::Stats => Response::Stats(Box::new(self.snapshot())),
+            Request::Reload => match self.start_reload(Some(id)) {
+                Ok(()) => return,
+                Err(why) => Response::error(why),
+            },
+            Request::Stop => {
+                if self.phase == Phase::Running {
+                    self.begin_drain("control request");
+                }
+                Response::Stopping {
+                    ok: true,
+                    pid: std::process::id(),
+                    drain_timeout_secs: self.settings.drain().as_secs_f64(),
+                }
+            }
+            Request::Scale(n) => match self.scale(n) {
+                Ok(()) => Response::Scaled {
+                    ok: true,
+                    workers: self.settings.workers,
+                },
+                Err(why) => {
+                    protocol::log!("control request: scale {n} refused: {why}");
+                    Response::error(why)
+                }
+            },
+        };
+        self.answer(vec![id], &answer);
+    }
+
+    pub(super) fn answer(&mut self, waiters: Vec<ClientId>, answer: &Response) {
+        if let Some(c) = self.control.as_mut() {
+            for id in waiters {
+                c.respond(self.poll.registry(), id, answer);
+            }
+        }
+    }
+
+    pub(super) fn log_stats_when_due(&mut self) {
+        let Some(every) = self.settings.worker.stats_every() else {
+            return;
+        };
+        if self.next_stats_log.is_some_and(|t| self.sys.now() >= t) {
+            self.next_stats_log = Some(self.sys.now() + every);
+            let snap = self.snapshot();
+            protocol::log!("{}", snap.log_line(self.last_logged.as_ref()));
+            self.last_logged = Some(snap);
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The master: owns the listening socket and the worker pool, and runs the supervision loop.
+//!
+//! One turn of the loop ([`Master::turn`]): fill the pool → promote a ready reload → announce
+//! once → wait (bounded by the next deadline) → collect everything that happened into
+//! [`Event`]s (signals recorded by signal-hook, frames and end-of-file on workers' channels,
+//! control requests, the successor's readiness) → dispatch each in one `match` → reap → enforce
+//! deadlines (drains, hung workers, upgrade). The master never serves a connection and never
+//! starts a thread.
+//!
+//! The policy lives in these files, by role: `pool.rs` (slots, spawning, backoff, scaling),
+//! `supervision.rs` (channels, liveness, drain deadlines), `reload.rs` (generations),
+//! `upgrade.rs` (binary upgrade), `shutdown.rs` (stop, deadlines), `answers.rs` (control
+//! requests and stats). Everything it does to processes and time goes through [`System`], so
+//! `tests.rs` drives the same code with fake processes and a fake clock.
+
+mod answers;
+mod pool;
+mod reload;
+mod settings;
+mod shutdown;
+mod supervision;
+pub mod system;
+mod upgrade;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use mio::{Events, Interest, Poll, Token};
+use protocol::ipc::Message;
+use protocol::stats::Counters;
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use socket2::Socket;
+
+use crate::cli::Spawn;
+use crate::control::{ClientId, ControlServer, Request};
+use crate::liveness::AwakeClock;
+use crate::signals::{self, Action};
+
+pub use pool::Backoff;
+pub use settings::{MASTER_FDS, MasterConfig, Settings, descriptor_room};
+use supervision::WorkerProc;
+pub use system::{Os, System};
+use upgrade::Successor;
+
+const SIGNALS: Token = Token(0);
+const SUCCESSOR: Token = Token(1);
+const FIRST_WORKER: usize = 2;
+/// Tokens from here up belong to the control socket.
+const CONTROL_BASE: usize = usize::MAX / 2;
+/// Longest the loop sleeps with nothing to do.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// After the drain timeout, how long workers get to exit before they are killed.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// After an immediate stop is asked of the workers, how long before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a new generation may take to become ready before the reload is abandoned.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new master (binary upgrade) may take to report ready.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the master is in its life cycle; every transition is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Serving; the pool is kept full.
+    Running,
+    /// Workers finish open connections; SIGKILL after `kill_at`.
+    Draining { kill_at: Instant },
+    /// Workers were told to stop now; SIGKILL after `kill_at`.
+    Stopping { kill_at: Instant },
+}
+
+/// Something the loop must act on. Everything that happened in one wait is collected first,
+/// then dispatched in order, in one `match` ([`Master::dispatch`]).
+#[derive(Debug)]
+enum Event {
+    /// A signal, recorded by its handler.
+    Signal(i32),
+    /// A frame from the worker under `key`.
+    Message { key: usize, msg: Message },
+    /// The worker's channel ended (`why` when it broke rather than closed).
+    ChannelClosed { key: usize, why: Option<String> },
+    /// A control client's request, to be answered.
+    Control { id: ClientId, request: Request },
+    /// The new master of a binary upgrade says it serves.
+    SuccessorReady,
+}
+
+/// Runs the process-mode server on `listener` until it is stopped. `Ok` is a requested stop;
+/// `Err` says why the master gave up.
+pub fn run(
+    cfg: MasterConfig,
+    settings: Settings,
+    listener: Socket,
+    addr: SocketAddr,
+    control: ControlServer,
+) -> Result<()> {
+    let signals = Signals::new(signals::numbers()).context("installing signal handlers")?;
+    Master::new(Os, cfg, settings, listener, addr, control, Some(signals))?.run()
+}
+
+/// The master's state; its verbs are spread over this module's files by role.
+struct Master<S: System> {
+    sys: S,
+    cfg: MasterConfig,
+    /// The settings in force for the serving generation.
+    settings: Settings,
+    listener: Option<Socket>,
+    addr: SocketAddr,
+    poll: Poll,
+    /// Owned in an `Option` so a fork-mode child can drop it (and so unregister the master's
+    /// signal actions) before it becomes a worker.
+    signals: Option<Signals>,
+    workers: Slab<WorkerProc>,
+    by_pid: HashMap<nix::unistd::Pid, usize>,
+    slots: Vec<Backoff>,
+    /// The serving generation.
+    generation: u32,
+    reload: Option<reload::Reload>,
+    successor: Option<Successor>,
+    phase: Phase,
+    announced: bool,
+    /// Why the master gave up, if it did; turns the final exit into an error.
+    failure: Option<String>,
+    control: Option<ControlServer>,
+    started: Instant,
+    /// The master's own time awake, on which worker silence is measured.
+    clock: AwakeClock,
+    /// Counters of workers that are gone, so totals never go backward.
+    retired: Counters,
+    next_stats_log: Option<Instant>,
+    last_logged: Option<crate::stats::Snapshot>,
+}
+
+impl<S: System> Master<S> {
+    fn new(
+        sys: S,
+        cfg: MasterConfig,
+        settings: Settings,
+        listener: Socket,
+        addr: SocketAddr,
+        mut control: ControlServer,
+        mut signals: Option<Signals>,
+    ) -> Result<Master<S>> {
+        let poll = Poll::new().context("creating the master's event loop")?;
+        if let Some(s) = signals.as_mut() {
+            poll.registry()
+                .register(s, SIGNALS, Interest::READABLE)
+                .context("watching signals")?;
+        }
+        control
+            .register(poll.registry(), CONTROL_BASE)
+            .context("watching the control socket")?;
+        let now = sys.now();
+        let slots = vec![Backoff::default(); settings.workers as usize];
+        let mut cfg = cfg;
+        cfg.totals.active = 0;
+        let retired = cfg.totals;
+        let next_stats_log = cfg
+            .log_stats
+            .then(|| settings.worker.stats_every())
+            .flatten()
+            .map(|d| now + d);
+        Ok(Master {
+            sys,
+            cfg,
+            settings,
+            listener: Some(listener),
+            addr,
+            poll,
+            signals,
+            workers: Slab::new(),
+            by_pid: HashMap::new(),
+            slots,
+            generation: 1,
+            reload: None,
+            successor: None,
+            phase: Phase::Running,
+            announced: false,
+            failure: None,
+            control: Some(control),
+            started: now,
+            clock: AwakeClock::new(now, MAX_WAIT + Duration::from_secs(1)),
+            retired,
+            next_stats_log,
+            last_logged: None,
+        })
+    }
+
+    fn run(&mut self) -> Result<()> {
+        protocol::log!(
+            "starting {} worker(s) (spawn={}) on {}; control socket {}",
+            self.settings.workers,
+            match self.cfg.spawn {
+                Spawn::Fork => "fork",
+                Spawn::Exec => "exec",
+            },
+            self.addr,
+            self.cfg.control.display()
+        );
+        if self.settings.worker_timeout.is_some() && self.settings.worker.stats_every().is_none() {
+            protocol::log!(
+                "--stats-interval 0: workers send no heartbeat, so hung workers go undetected"
+            );
+        }
+        let mut events = Events::with_capacity(256);
+        while !self.turn(&mut events, None)? {}
+        if self.cfg.log_stats {
+            protocol::log!("{}", self.snapshot().log_line(None));
+        }
+        protocol::log!("all workers exited; master exiting");
+        match self.failure.take() {
+            Some(why) => Err(anyhow!(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// One turn of the loop; `true` once the master is done (stopped and every child gone).
+    /// `wait` overrides how long to wait for events (tests pass zero).
+    fn turn(&mut self, events: &mut Events, wait: Option<Duration>) -> Result<bool> {
+        self.manage_workers();
+        self.check_reload();
+        self.announce_when_ready();
+        if self.phase != Phase::Running && self.workers.is_empty() && self.successor.is_none() {
+            return Ok(true);
+        }
+        let timeout = wait.unwrap_or_else(|| {
+            self.next_timer()
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(self.sys.now()))
+                .min(MAX_WAIT)
+        });
+        match self.poll.poll(events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => events.clear(),
+            Err(e) => return Err(e).context("waiting for events"),
+        }
+        self.clock.tick(self.sys.now());
+        let happened = self.collect(events);
+        for event in happened {
+            self.dispatch(event);
+        }
+        // SIGCHLD coalesces and can race the loop: reap on every turn, not only on signal.
+        self.reap();
+        self.enforce_deadlines();
+        Ok(false)
+    }
+
+    /// Turns readiness into events, reading what each ready source holds.
+    fn collect(&mut self, events: &Events) -> Vec<Event> {
+        let mut happened = Vec::new();
+        for event in events.iter() {
+            match event.token() {
+                SIGNALS => {
+                    if let Some(s) = self.signals.as_mut() {
+                        happened.extend(s.pending().map(Event::Signal));
+                    }
+                }
+                SUCCESSOR => {
+                    if self.successor_ready() {
+                        happened.push(Event::SuccessorReady);
+                    }
+                }
+                t if t.0 >= CONTROL_BASE => self.read_control(t, &mut happened),
+                Token(t) => self.read_channel(t - FIRST_WORKER, &mut happened),
+            }
+        }
+        happened
+    }
+
+    /// Acts on one event: the only place where what happened becomes what the master does.
+    fn dispatch(&mut self, event: Event) {
+        match event {
+            Event::Signal(sig) => self.on_signal(sig),
+            Event::Message { key, msg } => self.on_message(key, msg),
+            Event::ChannelClosed { key, why } => self.on_channel_closed(key, why),
+            Event::Control { id, request } => self.on_request(id, request),
+            Event::SuccessorReady => self.on_successor_ready(),
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        let name = signals::name(sig);
+        match signals::action(sig) {
+            Some(Action::Reap) => self.reap(),
+            Some(Action::GracefulStop) => match self.phase {
+                Phase::Running => self.begin_drain(&format!("SIG{name}")),
+                _ => self.stop_now(&format!("second SIG{name}")),
+            },
+            Some(Action::StopNow) => self.stop_now(&format!("SIG{name}")),
+            Some(Action::Reload) => {
+                // Refusals are logged by start_reload itself.
+                let _ = self.start_reload(None);
+            }
+            Some(Action::AddWorker) => {
+                if let Err(why) = self.scale(self.settings.workers.saturating_add(1).min(4096)) {
+                    protocol::log!("SIGTTIN: {why}");
+                }
+            }
+            Some(Action::RemoveWorker) => {
+                let _ = self.scale(self.settings.workers.saturating_sub(1).max(1));
+            }
+            Some(Action::Upgrade) => {
+                if let Err(e) = self.start_upgrade() {
+                    protocol::log!("SIGUSR2: no upgrade: {e:#}");
+                }
+            }
+            Some(Action::Ignore) => {
+                protocol::log!("SIG{name}: not a signal this server acts on; ignored")
+            }
+            None => {}
+        }
+    }
+}

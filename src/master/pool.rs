@@ -1,0 +1,375 @@
+//! The pool: slots filled by workers of the serving generation, respawn with backoff, scaling,
+//! reaping, and readiness.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use mio::net::UnixStream;
+use mio::{Interest, Token};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use protocol::ipc::{FrameDecoder, Message};
+use protocol::stats::Counters;
+use worker::WorkerConfig;
+
+use super::supervision::WorkerProc;
+use super::{FIRST_WORKER, Master, Phase, System, descriptor_room};
+
+/// Respawn policy for one pool slot: a worker that dies soon after it started is respawned
+/// with exponential backoff, and after [`Backoff::LIMIT`] such deaths in a row the slot is
+/// abandoned (no respawn loop); the other slots keep serving, and the master gives up only
+/// when no slot is left serving.
+#[derive(Debug, Default, Clone)]
+pub struct Backoff {
+    fast_failures: u32,
+    /// When the slot may be filled again.
+    pub not_before: Option<Instant>,
+    /// The slot kept failing and is no longer respawned (until a reload or scale resets it).
+    pub abandoned: bool,
+}
+
+impl Backoff {
+    /// A death this soon after start (or before reporting ready) counts as a failed start.
+    pub const FAST: Duration = Duration::from_secs(1);
+    /// Delay after the first failed start; doubled each time.
+    pub const FIRST_DELAY: Duration = Duration::from_millis(100);
+    /// Failed starts in a row that make the master give up.
+    pub const LIMIT: u32 = 6;
+
+    /// Records a worker's death; returns the respawn delay, or `None` to give up.
+    pub fn on_death(&mut self, lived: Duration, was_ready: bool) -> Option<Duration> {
+        if was_ready && lived >= Self::FAST {
+            self.fast_failures = 0;
+            return Some(Duration::ZERO);
+        }
+        self.fast_failures += 1;
+        (self.fast_failures < Self::LIMIT)
+            .then(|| Self::FIRST_DELAY * 2u32.pow(self.fast_failures - 1))
+    }
+
+    /// Failed starts in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.fast_failures
+    }
+}
+
+impl<S: System> Master<S> {
+    /// Collects every exited child (never leaving a zombie) and decides about its slot.
+    pub(super) fn reap(&mut self) {
+        for gone in self.sys.reap() {
+            let (pid, how, code) = (gone.pid, gone.how, gone.code);
+            let Some(key) = self.by_pid.remove(&pid) else {
+                if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
+                    if self.phase == Phase::Running {
+                        self.upgrade_failed(&format!("the new master exited ({how})"));
+                    } else {
+                        // Stopped with us (a stop during an upgrade): nothing to restore but
+                        // the pid file it wrote over ours.
+                        self.forget_successor();
+                        protocol::log!("the new master (pid {pid}) stopped with this one ({how})");
+                        self.reclaim_pid_file();
+                    }
+                }
+                continue;
+            };
+            let mut w = self.workers.remove(key);
+            if let Some(mut ch) = w.channel.take() {
+                // Its final report may still sit in the socket: read it before letting go.
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = ch.read(&mut buf) {
+                    w.decoder.push(&buf[..n]);
+                }
+                while let Ok(Some(msg)) = w.decoder.next_message() {
+                    if let Message::Report(c) | Message::Final(c) = msg {
+                        w.counters = c;
+                    }
+                }
+                let _ = self.poll.registry().deregister(&mut ch);
+            }
+            let mut gone = w.counters;
+            gone.active = 0;
+            self.retired.add(&gone);
+            protocol::log!(
+                "worker {}/g{} (pid {pid}) exited: {how}",
+                w.id,
+                w.generation
+            );
+            self.after_death(&w, &how, code);
+        }
+    }
+
+    pub(super) fn after_death(&mut self, w: &WorkerProc, how: &str, code: Option<i32>) {
+        if w.draining || self.phase != Phase::Running {
+            return; // it was asked to go
+        }
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == w.generation)
+        {
+            self.abort_reload(format!(
+                "worker {} of generation {} exited while starting ({how})",
+                w.id, w.generation
+            ));
+            return;
+        }
+        if w.generation != self.generation || w.id >= self.settings.workers {
+            return; // an old generation or a slot scaled away
+        }
+        if code == Some(worker::EXIT_BOOT_FAILURE) && !self.announced {
+            // At start-up a worker that cannot boot will not boot on a retry either: say so
+            // at once (gunicorn's "worker failed to boot") rather than after the backoff.
+            self.give_up(format!(
+                "worker {} could not boot ({how}): see its \"cannot start\" line above, or the binary could not be executed",
+                w.id
+            ));
+            return;
+        }
+        let lived = self.sys.now().saturating_duration_since(w.started);
+        self.slot_failed(w.id, lived, w.ready, how);
+    }
+
+    /// Applies the backoff policy to slot `id` after a death (or a failed spawn); abandons
+    /// the slot when it keeps failing, and gives up only if no slot is left serving.
+    pub(super) fn slot_failed(&mut self, id: u32, lived: Duration, was_ready: bool, how: &str) {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return;
+        };
+        match slot.on_death(lived, was_ready) {
+            Some(delay) => {
+                slot.not_before = Some(self.sys.now() + delay);
+                if !delay.is_zero() {
+                    protocol::log!(
+                        "worker {id} failed {} time(s) right after starting ({how}); respawning in {delay:?}",
+                        slot.failures()
+                    );
+                }
+            }
+            None => {
+                slot.abandoned = true;
+                let n = slot.failures();
+                let serving = self.serving_slots();
+                if serving == 0 {
+                    self.give_up(format!(
+                        "worker {id} failed {n} times in a row within {:?} of starting (last: {how}), and no other worker is serving; giving up",
+                        Backoff::FAST
+                    ));
+                } else {
+                    protocol::log!(
+                        "worker {id} failed {n} times in a row within {:?} of starting (last: {how}); \
+                         no longer respawning slot {id}: DEGRADED, serving with {serving} worker(s) \
+                         (a reload or `prefork-echo scale` tries the slot again)",
+                        Backoff::FAST
+                    );
+                }
+            }
+        }
+    }
+
+    /// Slots of the serving generation with a live, non-draining worker.
+    pub(super) fn serving_slots(&self) -> usize {
+        (0..self.settings.workers)
+            .filter(|&id| self.slot_filled(self.generation, id))
+            .count()
+    }
+
+    /// Whether a live, serving worker of `generation` holds slot `id`.
+    pub(super) fn slot_filled(&self, generation: u32, id: u32) -> bool {
+        self.workers
+            .iter()
+            .any(|(_, w)| w.id == id && w.generation == generation && !w.draining)
+    }
+
+    /// Fills every empty slot whose backoff has passed, for the serving generation and for a
+    /// generation being started by a reload.
+    pub(super) fn manage_workers(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let now = self.sys.now();
+        for id in 0..self.settings.workers {
+            let slot = &self.slots[id as usize];
+            if slot.abandoned
+                || self.slot_filled(self.generation, id)
+                || slot.not_before.is_some_and(|t| now < t)
+            {
+                continue;
+            }
+            let template = self.settings.worker.clone();
+            if let Err(e) = self.spawn(id, self.generation, template) {
+                protocol::warn!("cannot start worker {id}: {e:#}");
+                self.slot_failed(id, Duration::ZERO, false, &format!("{e:#}"));
+                if self.phase != Phase::Running {
+                    return;
+                }
+            }
+        }
+        let Some(reload) = &self.reload else { return };
+        let (generation, count, template) = (
+            reload.generation,
+            reload.settings.workers,
+            reload.settings.worker.clone(),
+        );
+        for id in 0..count {
+            let started = self
+                .workers
+                .iter()
+                .any(|(_, w)| w.id == id && w.generation == generation);
+            if !started {
+                if let Err(e) = self.spawn(id, generation, template.clone()) {
+                    self.abort_reload(format!("cannot start worker {id}: {e:#}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn spawn(&mut self, id: u32, generation: u32, mut cfg: WorkerConfig) -> Result<()> {
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| anyhow!("the listener is closed"))?
+            .as_raw_fd();
+        cfg.id = id;
+        cfg.generation = generation;
+        let signals = &mut self.signals;
+        let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
+        let drain = cfg.drain();
+        // In the child: drop the master's signal delivery, which unregisters its actions so
+        // they cannot write into a descriptor number the worker reuses.
+        let spawned = self.sys.spawn_worker(
+            self.cfg.spawn,
+            &self.cfg.exe,
+            listener,
+            udp,
+            cfg,
+            &mut || drop(signals.take()),
+        )?;
+        spawned.channel.set_nonblocking(true)?;
+        let mut channel = UnixStream::from_std(spawned.channel);
+        let entry = self.workers.vacant_entry();
+        let key = entry.key();
+        self.poll.registry().register(
+            &mut channel,
+            Token(key + FIRST_WORKER),
+            Interest::READABLE,
+        )?;
+        entry.insert(WorkerProc {
+            pid: spawned.pid,
+            id,
+            generation,
+            started: self.sys.now(),
+            ready: false,
+            channel: Some(channel),
+            decoder: FrameDecoder::default(),
+            counters: Counters::default(),
+            last_report: None,
+            draining: false,
+            drain_since: None,
+            drain,
+            killed: false,
+            heard: self.clock.now(),
+        });
+        self.by_pid.insert(spawned.pid, key);
+        protocol::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
+        Ok(())
+    }
+
+    pub(super) fn announce_when_ready(&mut self) {
+        if self.announced || self.phase != Phase::Running {
+            return;
+        }
+        let ready = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.ready && w.generation == self.generation && !w.draining)
+            .count();
+        if ready >= self.settings.workers as usize {
+            self.announced = true;
+            self.sys.announce(self.addr, self.settings.workers);
+            self.sys
+                .notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+            if let Some(fd) = self.cfg.predecessor.take() {
+                // The control socket's path is ours from now on (removed at our exit).
+                if let Some(c) = self.control.as_mut() {
+                    c.claim_name();
+                }
+                // Tell the master that started us that we serve: it drains and exits.
+                let mut pipe = std::fs::File::from(fd);
+                let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+            }
+        }
+    }
+
+    /// Resizes the pool: new slots fill on the next turn, surplus workers drain. The size is
+    /// kept across reloads (unless the config file sets `workers`). Refused when the
+    /// descriptor limit cannot hold one channel per worker.
+    pub(super) fn scale(&mut self, workers: u32) -> Result<(), String> {
+        if self.phase != Phase::Running {
+            return Err("the server is stopping".into());
+        }
+        descriptor_room(workers)?;
+        if workers == self.settings.workers {
+            // Also a way to retry abandoned slots.
+            self.slots.iter_mut().for_each(|s| *s = Backoff::default());
+            return Ok(());
+        }
+        protocol::log!(
+            "scaling from {} to {}",
+            self.settings.workers,
+            crate::client::plural(u64::from(workers), "worker")
+        );
+        self.settings.workers = workers;
+        self.cfg.base.workers = workers;
+        self.slots = vec![Backoff::default(); workers as usize];
+        if let Some(r) = self.reload.as_mut() {
+            r.settings.workers = workers;
+        }
+        let now = self.sys.now();
+        for (_, w) in self.workers.iter_mut() {
+            if w.id >= workers && w.start_draining(now) {
+                let _ = self.sys.kill(w.pid, Signal::SIGTERM);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn signal_all(&mut self, sig: Signal) {
+        for (_, w) in &self.workers {
+            match self.sys.kill(w.pid, sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => {
+                    protocol::log!("cannot send {sig} to worker {} (pid {}): {e}", w.id, w.pid)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_then_gives_up_and_resets_after_a_healthy_run() {
+        let mut b = Backoff::default();
+        let mut delays = Vec::new();
+        while let Some(d) = b.on_death(Duration::from_millis(10), false) {
+            delays.push(d.as_millis());
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 1600]);
+        assert_eq!(b.failures(), Backoff::LIMIT);
+
+        let mut b = Backoff::default();
+        assert_eq!(b.on_death(Duration::ZERO, true), Some(Backoff::FIRST_DELAY));
+        // A worker that served for a while and then crashed is replaced at once, and the
+        // count of failed starts begins again.
+        assert_eq!(
+            b.on_death(Duration::from_secs(5), true),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(b.failures(), 0);
+    }
+}

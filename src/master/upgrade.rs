@@ -1,0 +1,154 @@
+//! Binary upgrade: a new master from the binary on disk inherits the sockets; once it serves,
+//! this one retires. A stop during the upgrade stops it too.
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use mio::Interest;
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::{Master, Phase, SUCCESSOR, System};
+use crate::spawn::Handover;
+
+/// A binary upgrade under way: a new master started from the binary on disk.
+#[derive(Debug)]
+pub(super) struct Successor {
+    pub(super) pid: Pid,
+    pub(super) started: Instant,
+    pub(super) ready: io::PipeReader,
+}
+
+impl<S: System> Master<S> {
+    /// Binary upgrade: start a new master from the binary on disk and hand it the listener,
+    /// the UDP socket and the control socket by descriptor, with the totals so far.
+    pub(super) fn start_upgrade(&mut self) -> Result<()> {
+        if self.phase != Phase::Running {
+            anyhow::bail!("the server is stopping");
+        }
+        if self.successor.is_some() {
+            anyhow::bail!("an upgrade is already under way");
+        }
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| anyhow!("the listener is closed"))?
+            .as_raw_fd();
+        let control = self
+            .control
+            .as_ref()
+            .ok_or_else(|| anyhow!("the control socket is closed"))?
+            .raw_fd();
+        let (ready, ready_tx) = io::pipe().context("creating the readiness pipe")?;
+        nix::fcntl::fcntl(
+            &ready,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        let handover = Handover {
+            listener,
+            udp: self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd),
+            control,
+            ready: ready_tx.as_raw_fd(),
+            totals: serde_json::to_string(&self.snapshot().totals)?,
+        };
+        let signals = &mut self.signals;
+        let pid = self
+            .sys
+            .spawn_successor(&self.cfg.exe, &handover, &mut || drop(signals.take()))
+            .context("starting the new master")?;
+        drop(ready_tx);
+        self.poll.registry().register(
+            &mut mio::unix::SourceFd(&ready.as_raw_fd()),
+            SUCCESSOR,
+            Interest::READABLE,
+        )?;
+        protocol::log!(
+            "upgrade: started a new master (pid {pid}) from {:?}",
+            self.cfg.exe
+        );
+        self.successor = Some(Successor {
+            pid,
+            started: self.sys.now(),
+            ready,
+        });
+        Ok(())
+    }
+
+    /// Whether the successor wrote `ready` on its pipe (end-of-file without it means it died:
+    /// the reap says how).
+    pub(super) fn successor_ready(&mut self) -> bool {
+        let Some(s) = self.successor.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 64];
+        matches!(s.ready.read(&mut buf), Ok(n) if buf[..n].starts_with(b"ready"))
+    }
+
+    /// The new master serves: this one retires (unless a stop raced the upgrade, in which
+    /// case the successor was told to stop too).
+    pub(super) fn on_successor_ready(&mut self) {
+        let Some(s) = self.forget_successor() else {
+            return;
+        };
+        if self.phase != Phase::Running {
+            return;
+        }
+        protocol::log!(
+            "upgrade: new master (pid {}) serving; this master retires",
+            s.pid
+        );
+        if let Some(c) = self.control.as_mut() {
+            c.release_name();
+        }
+        // Not a stop of the service: the new master has told the service manager it is the
+        // main process now, so no STOPPING=1 from here.
+        self.drain_all("binary upgrade", false);
+    }
+
+    /// Stops watching the successor's readiness pipe; it is no longer ours to wait for.
+    pub(super) fn forget_successor(&mut self) -> Option<Successor> {
+        let s = self.successor.take()?;
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
+        Some(s)
+    }
+
+    pub(super) fn upgrade_failed(&mut self, why: &str) {
+        let Some(s) = self.forget_successor() else {
+            return;
+        };
+        let _ = self.sys.kill(s.pid, Signal::SIGKILL);
+        protocol::warn!(
+            "upgrade failed: {why}; this master (pid {}) keeps serving",
+            std::process::id()
+        );
+        self.reclaim_pid_file();
+    }
+
+    /// A successor writes its pid over ours when it starts; one that failed or was stopped
+    /// leaves this master to put its own back.
+    pub(super) fn reclaim_pid_file(&self) {
+        if let Some(path) = &self.cfg.pid_file {
+            if let Err(e) = crate::runtime_files::write_pid_file(path, None) {
+                protocol::warn!("cannot rewrite the pid file: {e}");
+            }
+        }
+    }
+
+    /// A stop during an upgrade stops the new master too (it holds the listener and may
+    /// already serve): the server stops as a whole, and this master waits for it.
+    pub(super) fn stop_successor(&mut self, sig: Signal) {
+        if let Some(s) = &self.successor {
+            protocol::log!("stopping the new master (pid {}) too: {sig}", s.pid);
+            match self.sys.kill(s.pid, sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => protocol::warn!("cannot send {sig} to the new master: {e}"),
+            }
+        }
+    }
+}
