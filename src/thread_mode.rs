@@ -6,7 +6,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,40 +46,8 @@ struct Shared {
 
 /// One acceptor thread's counters, updated by the connection threads it started. Relaxed
 /// atomics: each is a tally read now and then, never a synchronisation point.
-#[derive(Default)]
-struct Tally {
-    accepted: AtomicU64,
-    active: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    accept_errors: AtomicU64,
-    io_errors: AtomicU64,
-    closed_by_limit: AtomicU64,
-    datagrams_in: AtomicU64,
-    datagrams_out: AtomicU64,
-    datagrams_refused: AtomicU64,
-}
-
-impl Tally {
-    fn bump(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn load(&self) -> Counters {
-        Counters {
-            accepted: self.accepted.load(Ordering::Relaxed),
-            active: self.active.load(Ordering::Relaxed),
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.load(Ordering::Relaxed),
-            accept_errors: self.accept_errors.load(Ordering::Relaxed),
-            io_errors: self.io_errors.load(Ordering::Relaxed),
-            closed_by_limit: self.closed_by_limit.load(Ordering::Relaxed),
-            datagrams_in: self.datagrams_in.load(Ordering::Relaxed),
-            datagrams_out: self.datagrams_out.load(Ordering::Relaxed),
-            datagrams_refused: self.datagrams_refused.load(Ordering::Relaxed),
-        }
-    }
-}
+/// An acceptor's counters, shared with its connection threads.
+type Tally = protocol::stats::AtomicCounters;
 
 const SIGNALS: Token = Token(0);
 const CONTROL_BASE: usize = 1;

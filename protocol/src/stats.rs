@@ -3,52 +3,79 @@
 //! Every counter except `active` is cumulative since the worker started, so a report that is
 //! lost or coalesced loses nothing: the next one carries the same totals and more.
 
-/// Counters of one worker (or one acceptor thread in thread mode).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
+/// Defines every counter once: the struct, its wire order, and the atomic tally, from one
+/// list. A new counter is one line here (and a new IPC version: the frame grows).
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),+ $(,)?) => {
+        /// Counters of one worker (or one acceptor thread in thread mode).
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: u64,)+
+        }
+
+        /// The same counters, shared between threads (thread mode's acceptors and connection
+        /// threads bump them; the stats snapshot loads them).
+        #[derive(Debug, Default)]
+        pub struct AtomicCounters {
+            $($(#[doc = $doc])* pub $name: std::sync::atomic::AtomicU64,)+
+        }
+
+        impl Counters {
+            /// Number of `u64` fields in the wire form.
+            pub const FIELDS: usize = [$(stringify!($name)),+].len();
+
+            /// The counters in wire order.
+            pub fn to_array(&self) -> [u64; Self::FIELDS] {
+                [$(self.$name),+]
+            }
+
+            /// The counters from wire order.
+            pub fn from_array(a: [u64; Self::FIELDS]) -> Self {
+                let mut it = a.into_iter();
+                Counters {
+                    $($name: it.next().unwrap_or_default(),)+
+                }
+            }
+        }
+
+        impl AtomicCounters {
+            /// A snapshot of every counter.
+            pub fn load(&self) -> Counters {
+                use std::sync::atomic::Ordering::Relaxed;
+                Counters {
+                    $($name: self.$name.load(Relaxed),)+
+                }
+            }
+        }
+    };
+}
+
+counters! {
     /// Connections accepted.
-    pub accepted: u64,
+    accepted,
     /// Connections open right now (a gauge, not cumulative).
-    pub active: u64,
+    active,
     /// Bytes read from clients.
-    pub bytes_in: u64,
+    bytes_in,
     /// Bytes written back to clients.
-    pub bytes_out: u64,
-    /// `accept` failures other than "nothing to accept" (EMFILE, ECONNABORTED, ...).
-    pub accept_errors: u64,
+    bytes_out,
+    /// `accept` failures other than "nothing to accept" (EMFILE, ECONNABORTED, ...), and in
+    /// thread mode connections closed because no thread could be started for them.
+    accept_errors,
     /// Connections ended by a reset, broken pipe or other I/O error.
-    pub io_errors: u64,
+    io_errors,
     /// Connections the server closed because a limit was reached (drain timeout, ...).
-    pub closed_by_limit: u64,
+    closed_by_limit,
     /// UDP datagrams received.
-    pub datagrams_in: u64,
+    datagrams_in,
     /// UDP datagrams echoed back.
-    pub datagrams_out: u64,
+    datagrams_out,
     /// UDP datagrams not echoed because their source could start an echo loop (see
     /// `loops_back` in the worker's `udp` module).
-    pub datagrams_refused: u64,
+    datagrams_refused,
 }
 
 impl Counters {
-    /// Number of `u64` fields in the wire form.
-    pub const FIELDS: usize = 10;
-
-    /// The counters in wire order.
-    pub fn to_array(&self) -> [u64; Self::FIELDS] {
-        [
-            self.accepted,
-            self.active,
-            self.bytes_in,
-            self.bytes_out,
-            self.accept_errors,
-            self.io_errors,
-            self.closed_by_limit,
-            self.datagrams_in,
-            self.datagrams_out,
-            self.datagrams_refused,
-        ]
-    }
-
     /// Adds `other` field by field (the gauge `active` too: callers add only live workers').
     pub fn add(&mut self, other: &Counters) {
         let mut a = self.to_array();
@@ -57,20 +84,28 @@ impl Counters {
         }
         *self = Counters::from_array(a);
     }
+}
 
-    /// The counters from wire order.
-    pub fn from_array(a: [u64; Self::FIELDS]) -> Self {
-        Counters {
-            accepted: a[0],
-            active: a[1],
-            bytes_in: a[2],
-            bytes_out: a[3],
-            accept_errors: a[4],
-            io_errors: a[5],
-            closed_by_limit: a[6],
-            datagrams_in: a[7],
-            datagrams_out: a[8],
-            datagrams_refused: a[9],
-        }
+impl AtomicCounters {
+    /// Adds `n` to one counter.
+    pub fn bump(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_order_round_trips_and_the_tally_loads_what_was_bumped() {
+        let a: [u64; Counters::FIELDS] = std::array::from_fn(|i| i as u64 * 7 + 1);
+        assert_eq!(Counters::from_array(a).to_array(), a);
+        assert_eq!(Counters::FIELDS, 10);
+        let t = AtomicCounters::default();
+        AtomicCounters::bump(&t.bytes_in, 5);
+        AtomicCounters::bump(&t.datagrams_refused, 2);
+        let c = t.load();
+        assert_eq!((c.bytes_in, c.datagrams_refused, c.accepted), (5, 2, 0));
     }
 }
