@@ -1,14 +1,10 @@
-//! Blocking connection handling, shared by the two single-process comparison modes
-//! (thread-per-connection and fork-per-connection): the echo loop, connection limits, and
-//! the settings both modes take.
+//! What the two single-process comparison modes (thread-per-connection and
+//! fork-per-connection) share: connection limits and their settings. The conversation itself
+//! is the service's (`Service::serve_blocking`).
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Read buffer of a blocking echo loop.
-const CONN_BUF: usize = 16 * 1024;
 
 /// Settings of thread and fork-per-conn modes alike.
 #[derive(Debug)]
@@ -52,56 +48,4 @@ impl Limits {
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
-}
-
-/// How a blocking echo ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The client half-closed and got everything back.
-    Eof,
-    /// Reset, broken pipe, ...
-    Error,
-    /// Nothing received for the idle timeout.
-    Idle,
-}
-
-/// Blocking echo: read, write it all back, until the client half-closes, fails, or sends
-/// nothing for `idle`. `moved` hears of every chunk (bytes read, bytes written back). Shared
-/// by thread mode and fork-per-connection.
-pub fn echo_blocking(
-    mut stream: TcpStream,
-    idle: Option<Duration>,
-    mut moved: impl FnMut(u64, u64),
-) -> End {
-    // Accepted sockets do not inherit O_NONBLOCK on Linux, but say what this loop needs.
-    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(idle).is_err() {
-        return End::Error;
-    }
-    let _ = stream.set_nodelay(true);
-    let mut buf = vec![0u8; CONN_BUF];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => {
-                let _ = stream.shutdown(Shutdown::Write);
-                return End::Eof;
-            }
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    moved(n as u64, 0);
-                    return End::Error;
-                }
-                moved(n as u64, n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return End::Idle;
-            }
-            Err(_) => return End::Error,
-        }
-    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use worker::WorkerConfig;
+use worker::service::ServiceKind;
 
 /// Shown after the options in `--help`.
 const AFTER_HELP: &str = "\
@@ -95,6 +96,9 @@ pub struct ServeArgs {
     /// Concurrency model.
     #[arg(long, value_enum, default_value_t = Mode::Process)]
     pub mode: Mode,
+    /// What the server speaks (every mode serves every service).
+    #[arg(long, value_enum, default_value_t = ServiceKind::Echo)]
+    pub service: ServiceKind,
     /// How workers are started in process mode.
     #[arg(long, value_enum, default_value_t = Spawn::Fork)]
     pub spawn: Spawn,

@@ -21,11 +21,12 @@ use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
-use crate::blocking::{End, SingleProcessConfig, echo_blocking, reset};
+use crate::blocking::{SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
+use worker::service::{End, Service};
 
 const SIGNALS: Token = Token(0);
 const LISTENER: Token = Token(1);
@@ -44,8 +45,9 @@ enum Phase {
 }
 
 /// Serves until stopped; `Ok` is a requested stop.
-pub fn run(
+pub fn run<S: Service>(
     cfg: SingleProcessConfig,
+    service: S,
     listener: Socket,
     addr: SocketAddr,
     mut control: ControlServer,
@@ -81,6 +83,7 @@ pub fn run(
     protocol::log!("control socket {}", cfg.control.display());
     let mut server = ForkServer {
         cfg,
+        service,
         poll,
         signals: Some(sigs),
         listener: Some(listener),
@@ -100,8 +103,9 @@ pub fn run(
     server.serve()
 }
 
-struct ForkServer {
+struct ForkServer<S: Service> {
     cfg: SingleProcessConfig,
+    service: S,
     poll: Poll,
     signals: Option<Signals>,
     listener: Option<TcpListener>,
@@ -117,7 +121,7 @@ struct ForkServer {
     last_logged: Option<Snapshot>,
 }
 
-impl ForkServer {
+impl<S: Service> ForkServer<S> {
     fn serve(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
@@ -284,13 +288,14 @@ impl ForkServer {
             ];
             let signals = &mut self.signals;
             let report_tx = &self.report_tx;
+            let service = &self.service;
             // The child handles no signal itself: TERM and QUIT end it (default actions).
             let forked = fork_child(
                 Lineage::Worker,
                 keep,
                 &[],
                 || drop(signals.take()),
-                || child(std_stream.try_clone(), idle, report_tx),
+                || child(service, std_stream.try_clone(), idle, report_tx),
             );
             match forked {
                 Ok(pid) => {
@@ -366,9 +371,10 @@ impl ForkServer {
     }
 }
 
-/// A connection's child: default signal dispositions (it has no graceful state to keep), echo,
-/// report, exit.
-fn child(
+/// A connection's child: default signal dispositions (it has no graceful state to keep), the
+/// service's conversation, report, exit.
+fn child<S: Service>(
+    service: &S,
     stream: io::Result<std::net::TcpStream>,
     idle: Option<Duration>,
     report: &io::PipeWriter,
@@ -377,7 +383,7 @@ fn child(
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let Ok(stream) = stream else { return 1 };
     let (mut read, mut written) = (0u64, 0u64);
-    let end = echo_blocking(stream, idle, |r, w| {
+    let end = service.serve_blocking(stream, idle, &mut |r, w| {
         read += r;
         written += w;
     });

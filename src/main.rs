@@ -31,6 +31,7 @@ use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use cli::{Cli, Command, Mode, ServeArgs};
+use worker::service::ServiceKind;
 
 fn main() -> ExitCode {
     protocol::log::init();
@@ -103,6 +104,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             stats_interval: args.stats_interval,
             max_conns: args.max_conns,
             idle_timeout: args.idle_timeout,
+            service: args.service,
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -235,6 +237,11 @@ fn run_mode(
         Mode::ForkPerConn => "fork-per-conn",
     });
     let drain_timeout = settings.worker.drain();
+    // The service every single-process mode drives (process mode's workers build their own
+    // from the worker settings, so exec'd workers do too).
+    let echo = worker::echo::Echo {
+        max_unsent: settings.worker.max_unsent,
+    };
     let limits = blocking::Limits::of(&settings.worker);
     let single_process = || blocking::SingleProcessConfig {
         drain_timeout,
@@ -266,18 +273,22 @@ fn run_mode(
                     "--workers {workers} is ignored in fork-per-conn mode: the master accepts and forks one child per connection"
                 );
             }
-            fork_per_conn::run(single_process(), socket, addr, control_server)
+            match args.service {
+                ServiceKind::Echo => {
+                    fork_per_conn::run(single_process(), echo, socket, addr, control_server)
+                }
+            }
         }
-        Mode::Thread => thread_mode::run(
-            thread_mode::ThreadConfig {
+        Mode::Thread => {
+            let cfg = thread_mode::ThreadConfig {
                 acceptors: workers,
                 udp,
                 base: single_process(),
-            },
-            socket,
-            addr,
-            control_server,
-        ),
+            };
+            match args.service {
+                ServiceKind::Echo => thread_mode::run(cfg, echo, socket, addr, control_server),
+            }
+        }
     }
 }
 

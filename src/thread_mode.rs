@@ -17,10 +17,11 @@ use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
-use crate::blocking::{End, Limits, SingleProcessConfig, echo_blocking, reset};
+use crate::blocking::{Limits, SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
+use worker::service::{DatagramAnswer, End, Service};
 
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
 /// and keeps thousands of threads' reserved address space modest (the default is 2 MiB).
@@ -72,8 +73,9 @@ fn snapshot(tallies: &[Arc<Tally>], started: Instant, draining: bool) -> Snapsho
 }
 
 /// Serves until stopped; `Ok` is a requested stop.
-pub fn run(
+pub fn run<S: Service>(
     cfg: ThreadConfig,
+    service: S,
     listener: Socket,
     addr: SocketAddr,
     mut control: ControlServer,
@@ -98,14 +100,15 @@ pub fn run(
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
     for (i, tally) in tallies.iter().enumerate() {
-        let (l, s, t) = (
+        let (l, s, t, svc) = (
             Arc::clone(&listener),
             Arc::clone(&shared),
             Arc::clone(tally),
+            service.clone(),
         );
         let handle = thread::Builder::new()
             .name(format!("acceptor-{i}"))
-            .spawn(move || accept_loop(&l, &s, &t, cfg.base.limits))
+            .spawn(move || accept_loop(&l, &s, &t, cfg.base.limits, &svc))
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
@@ -117,15 +120,16 @@ pub fn run(
         udp.set_read_timeout(Some(Duration::from_millis(u64::from(ACCEPT_TICK))))
             .context("setting the UDP socket's timeout")?;
         for (i, tally) in tallies.iter().enumerate() {
-            let (u, s, t) = (
+            let (u, s, t, svc) = (
                 udp.try_clone().context("sharing the UDP socket")?,
                 Arc::clone(&shared),
                 Arc::clone(tally),
+                service.clone(),
             );
             acceptors.push(
                 thread::Builder::new()
                     .name(format!("udp-{i}"))
-                    .spawn(move || udp_loop(&u, &s, &t))
+                    .spawn(move || udp_loop(&u, &s, &t, &svc))
                     .context("starting a UDP thread")?,
             );
         }
@@ -218,7 +222,13 @@ pub fn run(
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>, limits: Limits) {
+fn accept_loop<S: Service>(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    tally: &Arc<Tally>,
+    limits: Limits,
+    service: &S,
+) {
     let mut last_error_log: Option<Instant> = None;
     while shared.accepting.load(Ordering::SeqCst) {
         // The listener is non-blocking (shared with the other acceptors): wait for it with a
@@ -236,7 +246,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>,
                     Tally::bump(&tally.closed_by_limit, 1);
                     reset(stream);
                 } else {
-                    start_connection(stream, shared, tally, limits.idle);
+                    start_connection(stream, shared, tally, limits.idle, service);
                 }
             }
             Err(e)
@@ -258,21 +268,20 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tally: &Arc<Tally>,
     }
 }
 
-/// Echoes datagrams with blocking I/O until the server stops accepting.
-fn udp_loop(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally) {
+/// Answers datagrams as the service says, with blocking I/O, until the server stops.
+fn udp_loop<S: Service>(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally, service: &S) {
     let mut buf = vec![0u8; 65_536];
     let own_port = udp.local_addr().map_or(0, |a| a.port());
     while shared.accepting.load(Ordering::SeqCst) {
         match udp.recv_from(&mut buf) {
-            Ok((_, peer)) if worker::udp::loops_back(peer, own_port) => {
-                Tally::bump(&tally.datagrams_in, 1);
-                Tally::bump(&tally.datagrams_refused, 1);
-            }
             Ok((n, peer)) => {
                 Tally::bump(&tally.datagrams_in, 1);
-                match udp.send_to(&buf[..n], peer) {
-                    Ok(_) => Tally::bump(&tally.datagrams_out, 1),
-                    Err(_) => Tally::bump(&tally.io_errors, 1),
+                match service.answer_datagram(&buf[..n], peer, own_port) {
+                    DatagramAnswer::Refuse => Tally::bump(&tally.datagrams_refused, 1),
+                    DatagramAnswer::Reply(reply) => match udp.send_to(reply, peer) {
+                        Ok(_) => Tally::bump(&tally.datagrams_out, 1),
+                        Err(_) => Tally::bump(&tally.io_errors, 1),
+                    },
                 }
             }
             Err(e)
@@ -287,21 +296,23 @@ fn udp_loop(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally) {
     }
 }
 
-fn start_connection(
+fn start_connection<S: Service>(
     stream: TcpStream,
     shared: &Arc<Shared>,
     tally: &Arc<Tally>,
     idle: Option<Duration>,
+    service: &S,
 ) {
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
     let tally_for_errors = Arc::clone(tally);
     let tally = Arc::clone(tally);
+    let service = service.clone();
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
-            let end = echo_blocking(stream, idle, |read, written| {
+            let end = service.serve_blocking(stream, idle, &mut |read, written| {
                 Tally::bump(&tally.bytes_in, read);
                 Tally::bump(&tally.bytes_out, written);
             });

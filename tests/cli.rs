@@ -105,6 +105,7 @@ fn bad_flags_exit_2_with_a_usage_error() {
         &["--workers", "many"],
         &["--mode", "coroutine"],
         &["--spawn", "vfork"],
+        &["--service", "gopher"],
         &["--backlog", "-5"],
     ] {
         let out = run(args);
@@ -152,6 +153,7 @@ fn help_lists_every_option() {
         "--drain-timeout",
         "--max-unsent",
         "--stats-interval",
+        "--service",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }

@@ -172,6 +172,7 @@ fn settings(workers: u32) -> Settings {
             stats_interval: 1.0,
             max_conns: 0,
             idle_timeout: 0.0,
+            service: worker::service::ServiceKind::Echo,
         },
     }
 }

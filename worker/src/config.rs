@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use protocol::duration::secs;
 
+use crate::service::ServiceKind;
+
 /// A worker's settings; parsed from the hidden `prefork-echo worker` command line in exec mode.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorkerConfig {
@@ -39,6 +41,9 @@ pub struct WorkerConfig {
     /// Seconds a connection may stay idle before it is closed; 0: never.
     #[arg(long, default_value_t = 0.0)]
     pub idle_timeout: f64,
+    /// What the worker speaks.
+    #[arg(long, value_enum, default_value_t = ServiceKind::Echo)]
+    pub service: ServiceKind,
 }
 
 impl WorkerConfig {
@@ -55,6 +60,7 @@ impl WorkerConfig {
             ("--stats-interval", self.stats_interval.to_string()),
             ("--max-conns", self.max_conns.to_string()),
             ("--idle-timeout", self.idle_timeout.to_string()),
+            ("--service", self.service.name().to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -101,6 +107,7 @@ mod tests {
             stats_interval: 0.0,
             max_conns: 10,
             idle_timeout: 2.5,
+            service: ServiceKind::Echo,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

@@ -21,7 +21,8 @@ use slab::Slab;
 use thiserror::Error;
 
 use crate::config::WorkerConfig;
-use crate::connection::{Connection, Drive};
+use crate::echo::Echo;
+use crate::service::{DatagramAnswer, Drive, Service, ServiceKind, Session};
 use protocol::ipc::{Message, Reporter};
 use protocol::log;
 use protocol::stats::Counters;
@@ -95,8 +96,20 @@ enum Stop {
 
 /// Runs a worker until it is told to stop; returns the process exit code.
 pub fn run(cfg: WorkerConfig) -> i32 {
+    match cfg.service {
+        ServiceKind::Echo => {
+            let echo = Echo {
+                max_unsent: cfg.max_unsent,
+            };
+            serve_with(cfg, echo)
+        }
+    }
+}
+
+/// Runs a worker speaking `service`.
+fn serve_with<S: Service>(cfg: WorkerConfig, service: S) -> i32 {
     log::set_role(format!("worker {}/g{}", cfg.id, cfg.generation));
-    let mut worker = match Worker::boot(cfg) {
+    let mut worker = match Worker::boot(cfg, service) {
         Ok(w) => w,
         Err(e) => {
             protocol::log!("cannot start: {e}");
@@ -107,13 +120,14 @@ pub fn run(cfg: WorkerConfig) -> i32 {
     worker.finish(stop)
 }
 
-struct Worker {
+struct Worker<S: Service> {
     cfg: WorkerConfig,
+    service: S,
     poll: Poll,
     listener: Option<TcpListener>,
     signals: Signals,
     reporter: Reporter,
-    conns: Slab<Connection>,
+    conns: Slab<S::Session>,
     counters: Counters,
     scratch: Vec<u8>,
     phase: Phase,
@@ -128,14 +142,14 @@ struct Worker {
     next_idle_sweep: Option<Instant>,
     /// The shared UDP socket, with `--udp`.
     udp: Option<UdpSocket>,
-    /// The UDP socket's port: datagrams from it are never echoed (echo loops).
+    /// The UDP socket's port (a service may refuse datagrams from it: loops).
     udp_port: u16,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
 }
 
-impl Worker {
-    fn boot(cfg: WorkerConfig) -> Result<Worker, BootError> {
+impl<S: Service> Worker<S> {
+    fn boot(cfg: WorkerConfig, service: S) -> Result<Worker<S>, BootError> {
         // SAFETY: the master handed these two descriptors to this process (open, not
         // close-on-exec) and nothing else in it owns them; each is wrapped exactly once.
         let (listen_fd, ipc_fd) = unsafe {
@@ -202,6 +216,7 @@ impl Worker {
         let next_report = cfg.stats_every().map(|d| Instant::now() + d);
         let mut worker = Worker {
             cfg,
+            service,
             poll,
             listener: Some(listener),
             signals,
@@ -252,7 +267,7 @@ impl Worker {
                             return stop;
                         }
                     }
-                    UDP => self.echo_datagrams(),
+                    UDP => self.serve_datagrams(),
                     MASTER => {
                         if self.master_gone() {
                             return Stop::Now("the master is gone");
@@ -268,7 +283,7 @@ impl Worker {
                 self.accept_all();
             }
             if std::mem::take(&mut self.udp_again) {
-                self.echo_datagrams();
+                self.serve_datagrams();
             }
             if let Some(stop) = self.on_timers() {
                 return stop;
@@ -379,19 +394,25 @@ impl Worker {
         }
     }
 
-    /// Echoes each waiting datagram to its sender. UDP promises no delivery: a datagram whose
-    /// echo finds the send buffer full is dropped (and not counted as echoed).
-    fn echo_datagrams(&mut self) {
+    /// Answers each waiting datagram as the service says. UDP promises no delivery: an answer
+    /// that finds the send buffer full is dropped (and not counted as sent).
+    fn serve_datagrams(&mut self) {
         let Some(udp) = &self.udp else { return };
         for _ in 0..DATAGRAMS_PER_TURN {
             match udp.recv_from(&mut self.scratch) {
                 Ok((n, peer)) => {
                     self.counters.datagrams_in += 1;
-                    if crate::udp::loops_back(peer, self.udp_port) {
-                        self.counters.datagrams_refused += 1;
-                        continue;
-                    }
-                    match udp.send_to(&self.scratch[..n], peer) {
+                    let answer =
+                        self.service
+                            .answer_datagram(&self.scratch[..n], peer, self.udp_port);
+                    let reply = match answer {
+                        DatagramAnswer::Reply(reply) => reply,
+                        DatagramAnswer::Refuse => {
+                            self.counters.datagrams_refused += 1;
+                            continue;
+                        }
+                    };
+                    match udp.send_to(reply, peer) {
                         Ok(_) => self.counters.datagrams_out += 1,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => self.counters.io_errors += 1,
@@ -435,7 +456,7 @@ impl Worker {
             self.counters.io_errors += 1;
             return;
         }
-        entry.insert(Connection::new(stream));
+        entry.insert(self.service.session(stream));
         self.counters.active += 1;
     }
 
@@ -459,7 +480,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(key) else {
             return; // a stale event for a connection already closed this turn
         };
-        match conn.drive(&mut self.scratch, self.cfg.max_unsent, &mut self.counters) {
+        match conn.drive(&mut self.scratch, &mut self.counters) {
             Ok(Drive::Waiting) => {}
             Ok(Drive::Yielded) => self.again.push(key),
             Ok(Drive::Finished) => self.close(key),

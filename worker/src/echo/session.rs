@@ -1,5 +1,6 @@
-//! One echo connection: bytes read are written straight back; what the kernel will not take
-//! yet is kept, up to a bound, and reading stops until the client drains it.
+//! One echo connection in an event loop (the echo service's session): bytes read are written
+//! straight back; what the kernel will not take yet is kept, up to a bound, and reading stops
+//! until the client drains it.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -9,16 +10,7 @@ use mio::net::TcpStream;
 
 use protocol::stats::Counters;
 
-/// How a call to [`Connection::drive`] left the connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Drive {
-    /// Waiting for the socket to become readable or writable again.
-    Waiting,
-    /// Work remains but the turn's budget is spent: drive again without waiting for an event.
-    Yielded,
-    /// The client half-closed and got everything it was owed; the connection can be dropped.
-    Finished,
-}
+use crate::service::{Drive, Session};
 
 /// An accepted client connection.
 #[derive(Debug)]
@@ -34,42 +26,47 @@ pub struct Connection {
     /// epoll reported the peer's FIN (EPOLLRDHUP): read to end-of-file from now on, since no
     /// further edge will announce it.
     peer_closed: bool,
+    /// Bytes it may owe before reading stops (`--max-unsent`).
+    max_owed: usize,
 }
 
-/// Reads per [`Connection::drive`] call before yielding, so one fast client cannot starve the
+/// Reads per [`Connection::drive_bounded`] call before yielding, so one fast client cannot starve the
 /// others served by the same loop.
 const READS_PER_TURN: usize = 16;
 
+impl Session for Connection {
+    fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    fn note_peer_closed(&mut self) {
+        self.peer_closed = true;
+    }
+
+    fn last_active(&self) -> Instant {
+        self.last_active
+    }
+
+    fn owed(&self) -> usize {
+        self.owed.len()
+    }
+
+    fn drive(&mut self, scratch: &mut [u8], counters: &mut Counters) -> io::Result<Drive> {
+        self.drive_bounded(scratch, self.max_owed, counters)
+    }
+}
+
 impl Connection {
-    /// Wraps a freshly accepted socket.
-    pub fn new(stream: TcpStream) -> Self {
+    /// Wraps a freshly accepted socket that may owe at most `max_owed` bytes.
+    pub fn new(stream: TcpStream, max_owed: usize) -> Self {
         Connection {
             stream,
             owed: Vec::new(),
             read_closed: false,
             last_active: Instant::now(),
             peer_closed: false,
+            max_owed,
         }
-    }
-
-    /// Records that an event reported the peer's FIN.
-    pub fn note_peer_closed(&mut self) {
-        self.peer_closed = true;
-    }
-
-    /// When bytes last moved on this connection.
-    pub fn last_active(&self) -> Instant {
-        self.last_active
-    }
-
-    /// The socket, for (de)registration.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
-    }
-
-    /// Bytes read but not yet echoed.
-    pub fn owed(&self) -> usize {
-        self.owed.len()
     }
 
     /// Bytes allocated for what is owed (never more than the bound on unsent data).
@@ -80,7 +77,7 @@ impl Connection {
     /// Moves bytes from the client back to it until the socket would block, the bound on
     /// unsent data is reached, or the turn's budget is spent. `scratch` is the worker's shared
     /// read buffer; `Err` is an I/O error that ends the connection.
-    pub fn drive(
+    pub fn drive_bounded(
         &mut self,
         scratch: &mut [u8],
         max_owed: usize,
@@ -185,7 +182,7 @@ mod tests {
         let sock = socket2::SockRef::from(&server);
         sock.set_send_buffer_size(4096).unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut conn = Connection::new(TcpStream::from_std(server));
+        let mut conn = Connection::new(TcpStream::from_std(server), 64 * 1024);
         client.set_nonblocking(true).unwrap();
         let max_owed = 64 * 1024;
         let mut scratch = vec![0u8; 16 * 1024];
@@ -193,7 +190,7 @@ mod tests {
         let chunk = vec![b'x'; 7_777]; // odd sizes defeat exact doubling
         for _ in 0..2_000 {
             let _ = client.write(&chunk);
-            let _ = conn.drive(&mut scratch, max_owed, &mut counters);
+            let _ = conn.drive_bounded(&mut scratch, max_owed, &mut counters);
             assert!(conn.owed() <= max_owed);
             assert!(
                 conn.owed_capacity() <= max_owed,

@@ -1,0 +1,55 @@
+//! The echo service (RFC 862): every byte a client sends comes back, in order, unchanged;
+//! over UDP, every datagram goes back to its sender, unless its source could start a loop.
+
+mod blocking;
+mod datagram;
+mod session;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use datagram::loops_back;
+pub use session::Connection;
+
+use crate::service::{DatagramAnswer, End, Service};
+
+/// The echo service; `max_unsent` bounds what one connection may owe (back-pressure).
+#[derive(Debug, Clone, Copy)]
+pub struct Echo {
+    /// Bytes a connection may have read but not yet echoed before reading from it stops.
+    pub max_unsent: usize,
+}
+
+impl Service for Echo {
+    type Session = Connection;
+
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    fn session(&self, stream: mio::net::TcpStream) -> Connection {
+        Connection::new(stream, self.max_unsent)
+    }
+
+    fn serve_blocking(
+        &self,
+        stream: std::net::TcpStream,
+        idle: Option<Duration>,
+        moved: &mut dyn FnMut(u64, u64),
+    ) -> End {
+        blocking::echo_blocking(stream, idle, moved)
+    }
+
+    fn answer_datagram<'a>(
+        &self,
+        datagram: &'a [u8],
+        peer: SocketAddr,
+        own_port: u16,
+    ) -> DatagramAnswer<'a> {
+        if loops_back(peer, own_port) {
+            DatagramAnswer::Refuse
+        } else {
+            DatagramAnswer::Reply(datagram)
+        }
+    }
+}
