@@ -1,0 +1,137 @@
+//! A worker's start: adopting the descriptors the master handed over, registering them with
+//! the event loop, and telling the master it is ready.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use mio::net::{TcpListener, UdpSocket};
+use mio::unix::SourceFd;
+use mio::{Interest, Poll};
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+use nix::sys::socket::{getsockopt, sockopt};
+use protocol::ipc::{Message, Reporter};
+use protocol::stats::Counters;
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use thiserror::Error;
+
+use super::{HANDLED_SIGNALS, LISTENER, MASTER, Phase, SCRATCH, SIGNALS, UDP, Worker};
+use crate::config::WorkerConfig;
+use crate::service::Service;
+
+/// Why a worker could not start.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The inherited listening descriptor is not a listening socket.
+    #[error("descriptor {0} is not a listening socket")]
+    NotListening(i32),
+    /// A system call failed while setting up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+fn io_ctx(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
+    move |source| BootError::Io { what, source }
+}
+
+impl<S: Service> Worker<S> {
+    pub(super) fn boot(cfg: WorkerConfig, service: S) -> Result<Worker<S>, BootError> {
+        // SAFETY: the master handed these two descriptors to this process (open, not
+        // close-on-exec) and nothing else in it owns them; each is wrapped exactly once.
+        let (listen_fd, ipc_fd) = unsafe {
+            (
+                OwnedFd::from_raw_fd(cfg.listen_fd),
+                OwnedFd::from_raw_fd(cfg.ipc_fd),
+            )
+        };
+        if !getsockopt(&listen_fd, sockopt::AcceptConn).unwrap_or(false) {
+            // Don't close what is not ours to interpret.
+            std::mem::forget(listen_fd);
+            return Err(BootError::NotListening(cfg.listen_fd));
+        }
+        let std_listener = std::net::TcpListener::from(listen_fd);
+        // O_NONBLOCK lives on the shared open file, so every worker sees the master's setting;
+        // set it anyway rather than depend on it.
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io_ctx("making the listener non-blocking"))?;
+        let mut listener = TcpListener::from_std(std_listener);
+        let reporter = Reporter::new(ipc_fd).map_err(io_ctx("opening the IPC channel"))?;
+        let mut udp = if cfg.udp_fd >= 0 {
+            // SAFETY: as above: inherited from the master for this process alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(cfg.udp_fd) };
+            let std_udp = std::net::UdpSocket::from(fd);
+            std_udp
+                .set_nonblocking(true)
+                .map_err(io_ctx("making the UDP socket non-blocking"))?;
+            Some(UdpSocket::from_std(std_udp))
+        } else {
+            None
+        };
+        let udp_port = udp
+            .as_ref()
+            .and_then(|u| u.local_addr().ok())
+            .map_or(0, |a| a.port());
+
+        let poll = Poll::new().map_err(io_ctx("creating the event loop"))?;
+        let mut signals = Signals::new(HANDLED_SIGNALS).map_err(io_ctx("installing signals"))?;
+        let registry = poll.registry();
+        registry
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(io_ctx("watching the listener"))?;
+        registry
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(io_ctx("watching signals"))?;
+        registry
+            .register(
+                &mut SourceFd(&reporter.stream().as_fd().as_raw_fd()),
+                MASTER,
+                Interest::READABLE,
+            )
+            .map_err(io_ctx("watching the master"))?;
+        if let Some(u) = udp.as_mut() {
+            registry
+                .register(u, UDP, Interest::READABLE)
+                .map_err(io_ctx("watching the UDP socket"))?;
+        }
+        // The master blocked every signal across fork/exec so none could arrive before the
+        // handlers above existed; from here on they are recorded and acted on by the loop.
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .map_err(|e| io_ctx("unblocking signals")(e.into()))?;
+
+        let next_report = cfg.stats_every().map(|d| Instant::now() + d);
+        let mut worker = Worker {
+            cfg,
+            service,
+            poll,
+            listener: Some(listener),
+            signals,
+            reporter,
+            conns: Slab::new(),
+            counters: Counters::default(),
+            scratch: vec![0; SCRATCH],
+            phase: Phase::Serving,
+            accept_paused_until: None,
+            last_accept_error_log: None,
+            next_report,
+            again: Vec::new(),
+            accept_again: false,
+            next_idle_sweep: None,
+            udp,
+            udp_again: false,
+            udp_port,
+        };
+        worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
+        worker
+            .reporter
+            .send(&Message::Ready)
+            .map_err(io_ctx("telling the master we are ready"))?;
+        Ok(worker)
+    }
+}
