@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Token};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::unistd::Pid;
 use protocol::stats::Counters;
@@ -23,15 +23,14 @@ use socket2::Socket;
 
 use crate::blocking::{SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
+use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
 use worker::service::{End, Service};
 
-const SIGNALS: Token = Token(0);
-const LISTENER: Token = Token(1);
-const REPORTS: Token = Token(2);
-const CONTROL_BASE: usize = 3;
+const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
+const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
 /// bytes in, bytes out, error flag, idle-closed flag: four little-endian u64s.
 const RECORD: usize = 32;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
@@ -53,13 +52,10 @@ pub fn run<S: Service>(
     mut control: ControlServer,
 ) -> Result<()> {
     protocol::log::set_role("fork-per-conn");
-    let poll = Poll::new().context("creating the event loop")?;
-    let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
-    poll.registry()
-        .register(&mut sigs, SIGNALS, Interest::READABLE)
-        .context("watching signals")?;
+    let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
+    let lp = ServeLoop::new(Some(sigs), &mut control)?;
     let mut listener = TcpListener::from_std(StdListener::from(OwnedFd::from(listener)));
-    poll.registry()
+    lp.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .context("watching the listener")?;
     let (reports, report_tx) = io::pipe().context("creating the report pipe")?;
@@ -70,22 +66,18 @@ pub fn run<S: Service>(
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )
     .context("making the report pipe non-blocking")?;
-    poll.registry()
+    lp.registry()
         .register(
             &mut SourceFd(&reports.as_raw_fd()),
             REPORTS,
             Interest::READABLE,
         )
         .context("watching the report pipe")?;
-    control
-        .register(poll.registry(), CONTROL_BASE)
-        .context("watching the control socket")?;
     protocol::log!("control socket {}", cfg.control.display());
     let mut server = ForkServer {
         cfg,
         service,
-        poll,
-        signals: Some(sigs),
+        lp,
         listener: Some(listener),
         reports,
         report_tx,
@@ -95,10 +87,9 @@ pub fn run<S: Service>(
         control: Some(control),
         phase: Phase::Running,
         started: Instant::now(),
-        next_log: None,
-        last_logged: None,
+        stats_log: StatsLog::new(None, Instant::now()),
     };
-    server.next_log = server.cfg.log_stats.map(|d| Instant::now() + d);
+    server.stats_log = StatsLog::new(server.cfg.log_stats, Instant::now());
     crate::announce(addr, "fork-per-conn", 1);
     server.serve()
 }
@@ -106,8 +97,8 @@ pub fn run<S: Service>(
 struct ForkServer<S: Service> {
     cfg: SingleProcessConfig,
     service: S,
-    poll: Poll,
-    signals: Option<Signals>,
+    /// The poll, signals and control socket (a connection's child drops the signals).
+    lp: ServeLoop,
     listener: Option<TcpListener>,
     reports: io::PipeReader,
     report_tx: io::PipeWriter,
@@ -117,20 +108,16 @@ struct ForkServer<S: Service> {
     control: Option<ControlServer>,
     phase: Phase,
     started: Instant,
-    next_log: Option<Instant>,
-    last_logged: Option<Snapshot>,
+    stats_log: StatsLog,
 }
 
 impl<S: Service> ForkServer<S> {
     fn serve(&mut self) -> Result<()> {
-        let mut events = Events::with_capacity(256);
         loop {
             self.reap();
             if self.phase != Phase::Running && self.children.is_empty() {
                 self.read_reports();
-                if self.cfg.log_stats.is_some() {
-                    protocol::log!("{}", self.snapshot().log_line(None));
-                }
+                self.stats_log.finish(|| self.snapshot());
                 protocol::log!("all connections closed; exiting");
                 return Ok(());
             }
@@ -140,33 +127,25 @@ impl<S: Service> ForkServer<S> {
                 Phase::Stopping { kill_at } => Some(kill_at),
             };
             let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-            let next = [deadline, self.next_log, control]
-                .into_iter()
-                .flatten()
-                .min();
-            let wait = next.map_or(Duration::from_secs(1), |t| {
-                t.saturating_duration_since(Instant::now())
-                    .min(Duration::from_secs(1))
-            });
-            match self.poll.poll(&mut events, Some(wait)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("waiting for events"),
-            }
+            let ready = self
+                .lp
+                .wait(
+                    Instant::now(),
+                    [deadline, self.stats_log.next(), control],
+                    None,
+                )
+                .context("waiting for events")?;
             let mut pending = Vec::new();
-            for event in events.iter() {
-                match event.token() {
-                    SIGNALS => {
-                        if let Some(s) = self.signals.as_mut() {
-                            pending.extend(s.pending());
-                        }
-                    }
-                    LISTENER => self.accept_all(),
-                    REPORTS => self.read_reports(),
-                    t => {
+            for r in ready {
+                match r {
+                    Ready::Signal(sig) => pending.push(sig),
+                    Ready::Source(LISTENER) => self.accept_all(),
+                    Ready::Source(REPORTS) => self.read_reports(),
+                    Ready::Source(_) => {}
+                    Ready::Control(t) => {
                         if let Some(mut c) = self.control.take() {
                             let drain = self.cfg.drain_timeout;
-                            c.handle(self.poll.registry(), t, &mut |req, _| {
+                            c.handle(self.lp.registry(), t, &mut |req, _| {
                                 Some(match req {
                                     Request::Stats => {
                                         crate::control::Response::Stats(Box::new(self.snapshot()))
@@ -231,15 +210,11 @@ impl<S: Service> ForkServer<S> {
     fn on_timers(&mut self) {
         let now = Instant::now();
         if let Some(c) = self.control.as_mut() {
-            c.expire(self.poll.registry());
+            c.expire(self.lp.registry());
         }
-        if let (Some(t), Some(every)) = (self.next_log, self.cfg.log_stats) {
-            if now >= t {
-                self.next_log = Some(now + every);
-                let snap = self.snapshot();
-                protocol::log!("{}", snap.log_line(self.last_logged.as_ref()));
-                self.last_logged = Some(snap);
-            }
+        if self.stats_log.next().is_some_and(|t| now >= t) {
+            let snap = self.snapshot();
+            self.stats_log.tick(now, || snap);
         }
         match self.phase {
             Phase::Draining { until } if now >= until => {
@@ -286,7 +261,7 @@ impl<S: Service> ForkServer<S> {
                 -1,
                 -1,
             ];
-            let signals = &mut self.signals;
+            let lp = &mut self.lp;
             let report_tx = &self.report_tx;
             let service = &self.service;
             // The child handles no signal itself: TERM and QUIT end it (default actions).
@@ -294,7 +269,7 @@ impl<S: Service> ForkServer<S> {
                 Lineage::Worker,
                 keep,
                 &[],
-                || drop(signals.take()),
+                || lp.drop_signals(),
                 || child(service, std_stream.try_clone(), idle, report_tx),
             );
             match forked {

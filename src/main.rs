@@ -13,6 +13,7 @@ mod liveness;
 mod master;
 mod privileges;
 mod runtime_files;
+mod serve_loop;
 mod signals;
 mod spawn;
 mod stats;

@@ -11,7 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
@@ -19,6 +18,7 @@ use socket2::Socket;
 
 use crate::blocking::{Limits, SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
+use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
 use worker::service::{DatagramAnswer, End, Service};
@@ -49,9 +49,6 @@ struct Shared {
 /// atomics: each is a tally read now and then, never a synchronisation point.
 /// An acceptor's counters, shared with its connection threads.
 type Tally = protocol::stats::AtomicCounters;
-
-const SIGNALS: Token = Token(0);
-const CONTROL_BASE: usize = 1;
 
 /// The stats snapshot: one row per acceptor thread, all in this process.
 fn snapshot(tallies: &[Arc<Tally>], started: Instant, draining: bool) -> Snapshot {
@@ -87,14 +84,8 @@ pub fn run<S: Service>(
         active: AtomicUsize::new(0),
     });
     let started = Instant::now();
-    let mut poll = Poll::new().context("creating the event loop")?;
-    let mut sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
-    poll.registry()
-        .register(&mut sigs, SIGNALS, Interest::READABLE)
-        .context("watching signals")?;
-    control
-        .register(poll.registry(), CONTROL_BASE)
-        .context("watching the control socket")?;
+    let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
+    let mut lp = ServeLoop::new(Some(sigs), &mut control)?;
     protocol::log!("control socket {}", cfg.base.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
@@ -137,47 +128,45 @@ pub fn run<S: Service>(
     crate::announce(addr, "thread", cfg.acceptors);
 
     let mut udp_main = cfg.udp;
-    let mut events = Events::with_capacity(64);
     let mut drain_deadline: Option<Instant> = None;
-    let mut next_log = cfg.base.log_stats.map(|d| Instant::now() + d);
-    let mut last_logged: Option<Snapshot> = None;
+    let mut stats_log = StatsLog::new(cfg.base.log_stats, Instant::now());
     loop {
-        if let (Some(t), Some(every)) = (next_log, cfg.base.log_stats) {
-            if Instant::now() >= t {
-                next_log = Some(Instant::now() + every);
-                let snap = snapshot(&tallies, started, drain_deadline.is_some());
-                protocol::log!("{}", snap.log_line(last_logged.as_ref()));
-                last_logged = Some(snap);
-            }
-        }
-        control.expire(poll.registry());
+        stats_log.tick(Instant::now(), || {
+            snapshot(&tallies, started, drain_deadline.is_some())
+        });
+        control.expire(lp.registry());
         if let Some(deadline) = drain_deadline {
             let active = shared.active.load(Ordering::SeqCst);
             if active == 0 {
                 protocol::log!("drained; exiting");
-                log_final(&tallies, started, cfg.base.log_stats);
+                stats_log.finish(|| snapshot(&tallies, started, true));
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 protocol::log!("drain timeout; closing {active} connection(s)");
-                log_final(&tallies, started, cfg.base.log_stats);
+                stats_log.finish(|| snapshot(&tallies, started, true));
                 return Ok(());
             }
         }
-        let mut wait = drain_deadline.map_or(Duration::from_secs(1), |_| Duration::from_millis(50));
-        for t in [next_log, control.next_deadline()].into_iter().flatten() {
-            wait = wait.min(t.saturating_duration_since(Instant::now()));
-        }
-        match poll.poll(&mut events, Some(wait)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("waiting for signals"),
-        }
-        for event in events.iter() {
-            if control.owns(event.token()) {
+        // While draining, look at the active count often: nothing signals its reaching zero.
+        let now = Instant::now();
+        let poll_drain = drain_deadline.map(|_| now + Duration::from_millis(50));
+        let ready = lp
+            .wait(
+                now,
+                [poll_drain, stats_log.next(), control.next_deadline()],
+                None,
+            )
+            .context("waiting for signals")?;
+        let mut pending = Vec::new();
+        for r in ready {
+            if let Ready::Signal(sig) = r {
+                pending.push(sig);
+            }
+            if let Ready::Control(token) = r {
                 let draining = drain_deadline.is_some();
                 let drain = cfg.base.drain_timeout;
-                control.handle(poll.registry(), event.token(), &mut |req, _| {
+                control.handle(lp.registry(), token, &mut |req, _| {
                     Some(match req {
                         Request::Stats => crate::control::Response::Stats(Box::new(snapshot(
                             &tallies, started, draining,
@@ -187,7 +176,7 @@ pub fn run<S: Service>(
                 });
             }
         }
-        for sig in sigs.pending() {
+        for sig in pending {
             match (signals::action(sig), drain_deadline) {
                 (Some(Action::GracefulStop), None) => {
                     shared.accepting.store(false, Ordering::SeqCst);
@@ -353,11 +342,5 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         self.1.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn log_final(tallies: &[Arc<Tally>], started: Instant, log_stats: Option<Duration>) {
-    if log_stats.is_some() {
-        protocol::log!("{}", snapshot(tallies, started, true).log_line(None));
     }
 }

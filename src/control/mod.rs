@@ -251,11 +251,6 @@ impl ControlServer {
         self.name.owned = false;
     }
 
-    /// Whether `token` belongs to the control socket.
-    pub fn owns(&self, token: Token) -> bool {
-        token.0 >= self.base
-    }
-
     /// Handles readiness of one of its tokens; `answer` turns a request into the JSON line,
     /// or `None` to answer later with [`respond`](Self::respond).
     pub fn handle(

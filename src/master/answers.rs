@@ -49,7 +49,7 @@ impl<S: System> Master<S> {
         let Some(control) = self.control.as_mut() else {
             return;
         };
-        control.handle(self.poll.registry(), token, &mut |request, id| {
+        control.handle(self.lp.registry(), token, &mut |request, id| {
             out.push(Event::Control {
                 id,
                 request: request.clone(),
@@ -93,20 +93,16 @@ impl<S: System> Master<S> {
     pub(super) fn answer(&mut self, waiters: Vec<ClientId>, answer: &Response) {
         if let Some(c) = self.control.as_mut() {
             for id in waiters {
-                c.respond(self.poll.registry(), id, answer);
+                c.respond(self.lp.registry(), id, answer);
             }
         }
     }
 
     pub(super) fn log_stats_when_due(&mut self) {
-        let Some(every) = self.settings.worker.stats_every() else {
-            return;
-        };
-        if self.next_stats_log.is_some_and(|t| self.sys.now() >= t) {
-            self.next_stats_log = Some(self.sys.now() + every);
-            let snap = self.snapshot();
-            protocol::log!("{}", snap.log_line(self.last_logged.as_ref()));
-            self.last_logged = Some(snap);
+        let now = self.sys.now();
+        if self.stats_log.next().is_some_and(|t| now >= t) {
+            let snapshot = self.snapshot();
+            self.stats_log.tick(now, || snapshot);
         }
     }
 }

@@ -26,12 +26,11 @@ mod upgrade;
 mod tests;
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use mio::{Events, Interest, Poll, Token};
+use mio::Token;
 use protocol::ipc::Message;
 use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
@@ -41,6 +40,7 @@ use socket2::Socket;
 use crate::cli::Spawn;
 use crate::control::{ClientId, ControlServer, Request};
 use crate::liveness::AwakeClock;
+use crate::serve_loop::{MAX_WAIT, Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 
 pub use pool::Backoff;
@@ -49,13 +49,8 @@ use supervision::WorkerProc;
 pub use system::{Os, System};
 use upgrade::Successor;
 
-const SIGNALS: Token = Token(0);
-const SUCCESSOR: Token = Token(1);
-const FIRST_WORKER: usize = 2;
-/// Tokens from here up belong to the control socket.
-const CONTROL_BASE: usize = usize::MAX / 2;
-/// Longest the loop sleeps with nothing to do.
-const MAX_WAIT: Duration = Duration::from_secs(1);
+const SUCCESSOR: Token = Token(ServeLoop::FIRST_SOURCE);
+const FIRST_WORKER: usize = ServeLoop::FIRST_SOURCE + 1;
 /// After the drain timeout, how long workers get to exit before they are killed.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// After an immediate stop is asked of the workers, how long before SIGKILL.
@@ -113,10 +108,8 @@ struct Master<S: System> {
     settings: Settings,
     listener: Option<Socket>,
     addr: SocketAddr,
-    poll: Poll,
-    /// Owned in an `Option` so a fork-mode child can drop it (and so unregister the master's
-    /// signal actions) before it becomes a worker.
-    signals: Option<Signals>,
+    /// The poll, signals and control socket (a fork-mode child drops the signals).
+    lp: ServeLoop,
     workers: Slab<WorkerProc>,
     by_pid: HashMap<nix::unistd::Pid, usize>,
     slots: Vec<Backoff>,
@@ -134,8 +127,7 @@ struct Master<S: System> {
     clock: AwakeClock,
     /// Counters of workers that are gone, so totals never go backward.
     retired: Counters,
-    next_stats_log: Option<Instant>,
-    last_logged: Option<crate::stats::Snapshot>,
+    stats_log: StatsLog,
 }
 
 impl<S: System> Master<S> {
@@ -146,35 +138,27 @@ impl<S: System> Master<S> {
         listener: Socket,
         addr: SocketAddr,
         mut control: ControlServer,
-        mut signals: Option<Signals>,
+        signals: Option<Signals>,
     ) -> Result<Master<S>> {
-        let poll = Poll::new().context("creating the master's event loop")?;
-        if let Some(s) = signals.as_mut() {
-            poll.registry()
-                .register(s, SIGNALS, Interest::READABLE)
-                .context("watching signals")?;
-        }
-        control
-            .register(poll.registry(), CONTROL_BASE)
-            .context("watching the control socket")?;
+        let lp = ServeLoop::new(signals, &mut control)?;
         let now = sys.now();
         let slots = vec![Backoff::default(); settings.workers as usize];
         let mut cfg = cfg;
         cfg.totals.active = 0;
         let retired = cfg.totals;
-        let next_stats_log = cfg
-            .log_stats
-            .then(|| settings.worker.stats_every())
-            .flatten()
-            .map(|d| now + d);
+        let stats_log = StatsLog::new(
+            cfg.log_stats
+                .then(|| settings.worker.stats_every())
+                .flatten(),
+            now,
+        );
         Ok(Master {
             sys,
             cfg,
             settings,
             listener: Some(listener),
             addr,
-            poll,
-            signals,
+            lp,
             workers: Slab::new(),
             by_pid: HashMap::new(),
             slots,
@@ -188,8 +172,7 @@ impl<S: System> Master<S> {
             started: now,
             clock: AwakeClock::new(now, MAX_WAIT + Duration::from_secs(1)),
             retired,
-            next_stats_log,
-            last_logged: None,
+            stats_log,
         })
     }
 
@@ -209,11 +192,8 @@ impl<S: System> Master<S> {
                 "--stats-interval 0: workers send no heartbeat, so hung workers go undetected"
             );
         }
-        let mut events = Events::with_capacity(256);
-        while !self.turn(&mut events, None)? {}
-        if self.cfg.log_stats {
-            protocol::log!("{}", self.snapshot().log_line(None));
-        }
+        while !self.turn(None)? {}
+        self.stats_log.finish(|| self.snapshot());
         protocol::log!("all workers exited; master exiting");
         match self.failure.take() {
             Some(why) => Err(anyhow!(why)),
@@ -223,25 +203,19 @@ impl<S: System> Master<S> {
 
     /// One turn of the loop; `true` once the master is done (stopped and every child gone).
     /// `wait` overrides how long to wait for events (tests pass zero).
-    fn turn(&mut self, events: &mut Events, wait: Option<Duration>) -> Result<bool> {
+    fn turn(&mut self, wait: Option<Duration>) -> Result<bool> {
         self.manage_workers();
         self.check_reload();
         self.announce_when_ready();
         if self.phase != Phase::Running && self.workers.is_empty() && self.successor.is_none() {
             return Ok(true);
         }
-        let timeout = wait.unwrap_or_else(|| {
-            self.next_timer()
-                .map_or(MAX_WAIT, |t| t.saturating_duration_since(self.sys.now()))
-                .min(MAX_WAIT)
-        });
-        match self.poll.poll(events, Some(timeout)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => events.clear(),
-            Err(e) => return Err(e).context("waiting for events"),
-        }
+        let ready = self
+            .lp
+            .wait(self.sys.now(), [self.next_timer()], wait)
+            .context("waiting for events")?;
         self.clock.tick(self.sys.now());
-        let happened = self.collect(events);
+        let happened = self.collect(ready);
         for event in happened {
             self.dispatch(event);
         }
@@ -252,22 +226,18 @@ impl<S: System> Master<S> {
     }
 
     /// Turns readiness into events, reading what each ready source holds.
-    fn collect(&mut self, events: &Events) -> Vec<Event> {
+    fn collect(&mut self, ready: Vec<Ready>) -> Vec<Event> {
         let mut happened = Vec::new();
-        for event in events.iter() {
-            match event.token() {
-                SIGNALS => {
-                    if let Some(s) = self.signals.as_mut() {
-                        happened.extend(s.pending().map(Event::Signal));
-                    }
-                }
-                SUCCESSOR => {
+        for r in ready {
+            match r {
+                Ready::Signal(sig) => happened.push(Event::Signal(sig)),
+                Ready::Control(t) => self.read_control(t, &mut happened),
+                Ready::Source(SUCCESSOR) => {
                     if self.successor_ready() {
                         happened.push(Event::SuccessorReady);
                     }
                 }
-                t if t.0 >= CONTROL_BASE => self.read_control(t, &mut happened),
-                Token(t) => self.read_channel(t - FIRST_WORKER, &mut happened),
+                Ready::Source(Token(t)) => self.read_channel(t - FIRST_WORKER, &mut happened),
             }
         }
         happened

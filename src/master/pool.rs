@@ -86,7 +86,7 @@ impl<S: System> Master<S> {
                         w.counters = c;
                     }
                 }
-                let _ = self.poll.registry().deregister(&mut ch);
+                let _ = self.lp.registry().deregister(&mut ch);
             }
             let mut gone = w.counters;
             gone.active = 0;
@@ -234,7 +234,7 @@ impl<S: System> Master<S> {
             .as_raw_fd();
         cfg.id = id;
         cfg.generation = generation;
-        let signals = &mut self.signals;
+        let lp = &mut self.lp;
         let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
         let drain = cfg.drain();
         // In the child: drop the master's signal delivery, which unregisters its actions so
@@ -245,17 +245,15 @@ impl<S: System> Master<S> {
             listener,
             udp,
             cfg,
-            &mut || drop(signals.take()),
+            &mut || lp.drop_signals(),
         )?;
         spawned.channel.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(spawned.channel);
         let entry = self.workers.vacant_entry();
         let key = entry.key();
-        self.poll.registry().register(
-            &mut channel,
-            Token(key + FIRST_WORKER),
-            Interest::READABLE,
-        )?;
+        self.lp
+            .registry()
+            .register(&mut channel, Token(key + FIRST_WORKER), Interest::READABLE)?;
         entry.insert(WorkerProc {
             pid: spawned.pid,
             id,

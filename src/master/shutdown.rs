@@ -70,7 +70,7 @@ impl<S: System> Master<S> {
 
     pub(super) fn enforce_deadlines(&mut self) {
         if let Some(control) = self.control.as_mut() {
-            control.expire(self.poll.registry());
+            control.expire(self.lp.registry());
         }
         self.log_stats_when_due();
         self.kill_hung_workers();
@@ -115,7 +115,7 @@ impl<S: System> Master<S> {
         let respawn = self.slots.iter().filter_map(|s| s.not_before).min();
         let upgrade = self.successor.as_ref().map(|s| s.started + UPGRADE_TIMEOUT);
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-        [kill_at, respawn, control, self.next_stats_log, upgrade]
+        [kill_at, respawn, control, self.stats_log.next(), upgrade]
             .into_iter()
             .flatten()
             .min()

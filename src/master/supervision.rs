@@ -95,7 +95,7 @@ impl<S: System> Master<S> {
                 protocol::log!("dropping worker {} (pid {})'s channel: {why}", w.id, w.pid);
             }
             if let Some(mut ch) = w.channel.take() {
-                let _ = self.poll.registry().deregister(&mut ch);
+                let _ = self.lp.registry().deregister(&mut ch);
             }
         }
     }

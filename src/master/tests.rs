@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mio::Events;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use protocol::ipc::Message;
@@ -147,7 +146,6 @@ impl System for Fake {
 struct Rig {
     m: Master<Fake>,
     world: Fake,
-    events: Events,
     dir: PathBuf,
 }
 
@@ -206,18 +204,13 @@ fn rig(workers: u32) -> Rig {
         totals: Counters::default(),
     };
     let m = Master::new(world.clone(), cfg, s, listener, addr, control, None).unwrap();
-    Rig {
-        m,
-        world,
-        events: Events::with_capacity(64),
-        dir,
-    }
+    Rig { m, world, dir }
 }
 
 impl Rig {
     /// One loop turn, without waiting.
     fn turn(&mut self) -> bool {
-        self.m.turn(&mut self.events, Some(Duration::ZERO)).unwrap()
+        self.m.turn(Some(Duration::ZERO)).unwrap()
     }
 
     /// Moves the clock, one turn per second (as the real loop wakes at least once a second).

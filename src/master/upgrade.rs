@@ -54,13 +54,13 @@ impl<S: System> Master<S> {
             ready: ready_tx.as_raw_fd(),
             totals: serde_json::to_string(&self.snapshot().totals)?,
         };
-        let signals = &mut self.signals;
+        let lp = &mut self.lp;
         let pid = self
             .sys
-            .spawn_successor(&self.cfg.exe, &handover, &mut || drop(signals.take()))
+            .spawn_successor(&self.cfg.exe, &handover, &mut || lp.drop_signals())
             .context("starting the new master")?;
         drop(ready_tx);
-        self.poll.registry().register(
+        self.lp.registry().register(
             &mut mio::unix::SourceFd(&ready.as_raw_fd()),
             SUCCESSOR,
             Interest::READABLE,
@@ -112,7 +112,7 @@ impl<S: System> Master<S> {
     pub(super) fn forget_successor(&mut self) -> Option<Successor> {
         let s = self.successor.take()?;
         let _ = self
-            .poll
+            .lp
             .registry()
             .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
         Some(s)
