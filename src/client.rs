@@ -11,8 +11,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::cli::{CtlArgs, ReloadArgs, StatsArgs, StopArgs};
-use crate::control::Response;
-use crate::signals::{self, Action};
+use crate::control::{Request, Response};
+use crate::signals;
 use crate::{control, listener, stats};
 
 /// How long `reload` waits for the new generation.
@@ -44,11 +44,16 @@ fn read_pid(path: &Path) -> Result<Pid> {
     Ok(crate::runtime_files::verified_pid(path)?)
 }
 
-fn signal_action(pid: Pid, action: Action) -> Result<()> {
-    let sig = signals::signal_for(action)
+/// Asks by signal what `request` asks over the control socket (the verb table says which).
+fn signal_request(pid: Pid, request: &Request) -> Result<Signal> {
+    let verb = request.verb();
+    let sig = verb
+        .action
+        .and_then(signals::signal_for)
         .and_then(|s| Signal::try_from(s).ok())
-        .ok_or_else(|| anyhow!("no signal for {action:?}"))?;
-    kill(pid, sig).with_context(|| format!("sending {sig} to {pid}"))
+        .ok_or_else(|| anyhow!("`{}` cannot be asked by signal", verb.name))?;
+    kill(pid, sig).with_context(|| format!("sending {sig} to {pid}"))?;
+    Ok(sig)
 }
 
 /// Whether `pid` has exited (a zombie counts as exited: it serves nothing).
@@ -76,7 +81,7 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     // On a terminal, --watch redraws in place (clear screen, cursor home); piped, it appends.
     let redraw = args.watch.is_some() && !args.json && std::io::stdout().is_terminal();
     loop {
-        let (answer, response) = ask(&path, "stats", control::CLIENT_DEADLINE)?;
+        let (answer, response) = ask(&path, &Request::Stats.line(), control::CLIENT_DEADLINE)?;
         let Response::Stats(snap) = response else {
             return Err(unexpected(&path, &answer));
         };
@@ -106,12 +111,12 @@ pub fn stats(args: StatsArgs) -> Result<()> {
 pub fn reload(args: ReloadArgs) -> Result<()> {
     if let Some(pid_file) = args.pid_file {
         let pid = read_pid(&pid_file)?;
-        signal_action(pid, Action::Reload)?;
-        println!("sent SIGHUP to {pid}; the server logs when the new generation serves");
+        let sig = signal_request(pid, &Request::Reload)?;
+        println!("sent {sig} to {pid}; the server logs when the new generation serves");
         return Ok(());
     }
     let path = control_path(args.ctl)?;
-    match ask(&path, "reload", RELOAD_WAIT)? {
+    match ask(&path, &Request::Reload.line(), RELOAD_WAIT)? {
         (
             _,
             Response::Reloaded {
@@ -134,11 +139,11 @@ pub fn reload(args: ReloadArgs) -> Result<()> {
 pub fn stop(args: StopArgs) -> Result<()> {
     let (pid, drain) = if let Some(pid_file) = args.pid_file {
         let pid = read_pid(&pid_file)?;
-        signal_action(pid, Action::GracefulStop)?;
+        signal_request(pid, &Request::Stop)?;
         (pid, Duration::from_secs(60))
     } else {
         let path = control_path(args.ctl)?;
-        match ask(&path, "stop", control::CLIENT_DEADLINE)? {
+        match ask(&path, &Request::Stop.line(), control::CLIENT_DEADLINE)? {
             (
                 _,
                 Response::Stopping {
@@ -161,7 +166,11 @@ pub fn stop(args: StopArgs) -> Result<()> {
 /// `prefork-echo scale N`.
 pub fn scale(workers: u32, args: CtlArgs) -> Result<()> {
     let path = control_path(args)?;
-    match ask(&path, &format!("scale {workers}"), control::CLIENT_DEADLINE)? {
+    match ask(
+        &path,
+        &Request::Scale(workers).line(),
+        control::CLIENT_DEADLINE,
+    )? {
         (_, Response::Scaled { workers, .. }) => {
             println!("scaling to {}", plural(u64::from(workers), "worker"));
             Ok(())

@@ -94,6 +94,49 @@ pub const TABLE: &[Entry] = &[
     },
 ];
 
+/// A verb of the control interface: the `prefork-echo VERB` command, the control request
+/// `VERB`, and, where one exists, the action a signal of [`TABLE`] asks for (what the command
+/// sends when given only a pid file).
+#[derive(Debug)]
+pub struct Verb {
+    /// The word, on the command line and on the control socket.
+    pub name: &'static str,
+    /// The signal table's action for it, if a signal can ask for it.
+    pub action: Option<Action>,
+    /// Whether it takes a count (`scale N`).
+    pub takes_count: bool,
+}
+
+/// Every control verb. The CLI's subcommands, the control request parser and the `--pid-file`
+/// fallback all read this table (a test checks the CLI names each one).
+pub const VERBS: &[Verb] = &[
+    Verb {
+        name: "stats",
+        action: None,
+        takes_count: false,
+    },
+    Verb {
+        name: "reload",
+        action: Some(Action::Reload),
+        takes_count: false,
+    },
+    Verb {
+        name: "stop",
+        action: Some(Action::GracefulStop),
+        takes_count: false,
+    },
+    Verb {
+        name: "scale",
+        action: None,
+        takes_count: true,
+    },
+];
+
+/// The verb named `name`, if there is one.
+pub fn verb(name: &str) -> Option<&'static Verb> {
+    VERBS.iter().find(|v| v.name == name)
+}
+
 /// The first signal that asks for `action` (what `prefork-echo reload --pid-file` sends).
 pub fn signal_for(action: Action) -> Option<i32> {
     TABLE
@@ -123,6 +166,29 @@ pub fn name(signal: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_verb_is_a_command_a_request_and_if_signalled_a_signal() {
+        use clap::CommandFactory;
+        let cli = crate::cli::Cli::command();
+        for v in VERBS {
+            assert!(
+                cli.find_subcommand(v.name).is_some(),
+                "no `{}` command",
+                v.name
+            );
+            let line = if v.takes_count {
+                format!("{} 2", v.name)
+            } else {
+                v.name.to_string()
+            };
+            let req = crate::control::Request::parse(line.as_bytes()).unwrap();
+            assert_eq!(req.verb().name, v.name);
+            if let Some(action) = v.action {
+                assert!(signal_for(action).is_some(), "{} has no signal", v.name);
+            }
+        }
+    }
 
     #[test]
     fn every_signal_appears_once() {

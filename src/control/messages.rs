@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::signals::{self, Verb};
 use crate::stats::Snapshot;
 
 /// A request on the control socket.
@@ -20,15 +21,38 @@ pub enum Request {
 }
 
 impl Request {
+    /// Its entry in the verb table.
+    pub fn verb(&self) -> &'static Verb {
+        let name = match self {
+            Request::Stats => "stats",
+            Request::Reload => "reload",
+            Request::Stop => "stop",
+            Request::Scale(_) => "scale",
+        };
+        // Every variant is in the table (a test in `signals` checks it).
+        signals::verb(name).unwrap_or(&signals::VERBS[0])
+    }
+
+    /// The request line that asks for it.
+    pub fn line(&self) -> String {
+        match self {
+            Request::Scale(n) => format!("{} {n}", self.verb().name),
+            other => other.verb().name.to_string(),
+        }
+    }
+
     /// Parses one request line (without its newline); never panics.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
         let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
+        let unknown = || format!("unknown request {:?}", truncate(text.trim(), 40));
         let mut words = text.split_whitespace();
-        let req = match (words.next(), words.next()) {
-            (Some("stats"), None) => Request::Stats,
-            (Some("reload"), None) => Request::Reload,
-            (Some("stop"), None) => Request::Stop,
-            (Some("scale"), Some(n)) => match n.parse::<u32>() {
+        let verb = words.next().and_then(signals::verb).ok_or_else(unknown)?;
+        let count = if verb.takes_count { words.next() } else { None };
+        let req = match (verb.name, count) {
+            ("stats", None) => Request::Stats,
+            ("reload", None) => Request::Reload,
+            ("stop", None) => Request::Stop,
+            ("scale", Some(n)) => match n.parse::<u32>() {
                 Ok(n) if (1..=4096).contains(&n) => Request::Scale(n),
                 _ => {
                     return Err(format!(
@@ -37,10 +61,10 @@ impl Request {
                     ));
                 }
             },
-            _ => return Err(format!("unknown request {:?}", truncate(text.trim(), 40))),
+            _ => return Err(unknown()),
         };
         if words.next().is_some() {
-            return Err(format!("unknown request {:?}", truncate(text.trim(), 40)));
+            return Err(unknown());
         }
         Ok(req)
     }
