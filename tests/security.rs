@@ -138,15 +138,7 @@ fn stop_and_reload_by_pid_file_signal_only_the_server_that_wrote_it() {
     }
     // The real thing still works: the file written by the server vouches for it.
     let mut server = Server::start(&["--workers", "1", "--pid-file", pid_file.to_str().unwrap()]);
-    let out = Command::new(common::BIN)
-        .args(["stop", "--pid-file", pid_file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(&["stop", "--pid-file", pid_file.to_str().unwrap()], &[]);
     assert!(
         server
             .wait_exit(Duration::from_secs(5))
@@ -176,17 +168,8 @@ fn the_default_control_socket_is_private_and_keyed_by_address() {
     assert_eq!(mode, 0o700, "the default directory is private");
     assert!(private.join(format!("127.0.0.1-{port}.sock")).exists());
     let stats_of = |listen: &str| {
-        let out = Command::new(common::BIN)
-            .args(["stats", "--json", "--listen", listen])
-            .envs(env)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let out = common::run_ok(&["stats", "--json", "--listen", listen], &env);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["master_pid"].as_i64().unwrap() as i32
     };
     assert_eq!(stats_of(&v4.addr.to_string()), v4.pid);

@@ -290,6 +290,22 @@ pub fn read_pid(path: &Path) -> i32 {
         .expect("a pid on the pid file's first line")
 }
 
+/// Runs `prefork-echo ARGS` with `env` added, fails the test (showing its stderr) unless it
+/// succeeds, and returns its stdout.
+pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running prefork-echo");
+    assert!(
+        out.status.success(),
+        "prefork-echo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// The user `nobody`, when this test runs as root and can act as it; `None` (saying why, so
 /// the skip shows in the output) otherwise.
 pub fn nobody() -> Option<nix::unistd::User> {
