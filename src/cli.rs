@@ -22,7 +22,7 @@ running. The README has the full signal table, the stats schema and the security
 #[derive(Debug, Parser)]
 #[command(
     name = "prefork-echo",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PREFORK_ECHO_COMMIT"), ")"),
     args_conflicts_with_subcommands = true,
     disable_help_subcommand = true,
     after_help = AFTER_HELP
@@ -54,6 +54,13 @@ pub enum Command {
         #[command(flatten)]
         ctl: CtlArgs,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `prefork-echo man > prefork-echo.1`.
+    Man,
     /// Print this message, or the help of the given command.
     Help {
         /// The command to explain.
@@ -150,6 +157,10 @@ pub struct ServeArgs {
     /// With --user: serve with this group instead of the user's own.
     #[arg(long, value_name = "NAME", requires = "user")]
     pub group: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100. Bind it
+    /// to loopback or firewall it: it tells anyone who asks about the server.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Write the master's pid here (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
@@ -211,6 +222,9 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     use clap::error::ErrorKind;
     if let Err(e) = crate::listener::resolve(&args.listen) {
         return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--listen: {e}")));
+    }
+    if let Some(Err(e)) = args.metrics.as_deref().map(crate::listener::resolve) {
+        return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--metrics: {e}")));
     }
     if args.udp && args.mode == Mode::ForkPerConn {
         return Err(Cli::command().error(

@@ -49,11 +49,12 @@ pub fn run<S: Service>(
     service: S,
     listener: Socket,
     addr: SocketAddr,
-    mut control: ControlServer,
+    (mut control, metrics): (ControlServer, Option<crate::metrics::MetricsServer>),
 ) -> Result<()> {
     protocol::log::set_role("fork-per-conn");
     let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     let lp = ServeLoop::new(Some(sigs), &mut control)?;
+    let metrics = metrics.map(|m| lp.watch_metrics(m)).transpose()?;
     let mut listener = TcpListener::from_std(StdListener::from(OwnedFd::from(listener)));
     lp.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
@@ -88,6 +89,7 @@ pub fn run<S: Service>(
         phase: Phase::Running,
         started: Instant::now(),
         stats_log: StatsLog::new(None, Instant::now()),
+        metrics,
     };
     server.stats_log = StatsLog::new(server.cfg.log_stats, Instant::now());
     crate::announce(addr, "fork-per-conn", 1);
@@ -109,6 +111,7 @@ struct ForkServer<S: Service> {
     phase: Phase,
     started: Instant,
     stats_log: StatsLog,
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl<S: Service> ForkServer<S> {
@@ -142,6 +145,12 @@ impl<S: Service> ForkServer<S> {
                     Ready::Source(LISTENER) => self.accept_all(),
                     Ready::Source(REPORTS) => self.read_reports(),
                     Ready::Source(_) => {}
+                    Ready::Metrics(t) => {
+                        if let Some(mut m) = self.metrics.take() {
+                            m.serve_now(self.lp.registry(), t, || self.snapshot());
+                            self.metrics = Some(m);
+                        }
+                    }
                     Ready::Control(t) => {
                         if let Some(mut c) = self.control.take() {
                             let drain = self.cfg.drain_timeout;
@@ -212,6 +221,9 @@ impl<S: Service> ForkServer<S> {
         if let Some(c) = self.control.as_mut() {
             c.expire(self.lp.registry());
         }
+        if let Some(m) = self.metrics.as_mut() {
+            m.expire(self.lp.registry(), now);
+        }
         if self.stats_log.next().is_some_and(|t| now >= t) {
             let snap = self.snapshot();
             self.stats_log.tick(now, || snap);
@@ -258,6 +270,7 @@ impl<S: Service> ForkServer<S> {
             let keep = [
                 std_stream.as_raw_fd(),
                 self.report_tx.as_fd().as_raw_fd(),
+                -1,
                 -1,
                 -1,
             ];

@@ -11,6 +11,7 @@ mod fork_per_conn;
 mod listener;
 mod liveness;
 mod master;
+mod metrics;
 mod privileges;
 mod runtime_files;
 mod serve_loop;
@@ -49,6 +50,24 @@ fn main() -> ExitCode {
         Some(Command::Stop(args)) => edge(client::stop(args)),
         Some(Command::Scale { workers, ctl }) => edge(client::scale(workers, ctl)),
         Some(Command::Help { command }) => help(command.as_deref()),
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "prefork-echo",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            edge(
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut std::io::stdout())
+                    .context("writing the man page"),
+            )
+        }
         None => edge(serve(cli.serve)),
     }
 }
@@ -130,6 +149,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         ready: predecessor,
         udp: inherited_udp,
         control: inherited_control,
+        metrics: inherited_metrics,
         totals: inherited_totals,
     } = spawn::from_predecessor();
     let socket = match (inherited, systemd::listen_fd()) {
@@ -173,6 +193,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .context("the control socket handed over by the old master")?,
         None => control::ControlServer::bind(&control, owner)?,
     };
+    let metrics = match (inherited_metrics, args.metrics.as_deref()) {
+        (Some(fd), _) => Some(metrics::MetricsServer::adopt(fd.into())),
+        (None, Some(a)) => Some(metrics::MetricsServer::bind(listener::resolve(a)?)?),
+        (None, None) => None,
+    };
+    if let Some(m) = &metrics {
+        protocol::log!("metrics on http://{}/metrics", m.local_addr()?);
+    }
     let pid_file = args.pid_file.clone();
     if let Some(path) = &pid_file {
         runtime_files::check_dir(path, target.as_ref().map(|t| t.uid))
@@ -207,7 +235,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         (socket, udp),
         addr,
         control,
-        control_server,
+        (control_server, metrics),
         (predecessor, totals),
     );
     if let Some(path) = &pid_file {
@@ -226,7 +254,7 @@ fn run_mode(
     (socket, udp): (socket2::Socket, Option<std::net::UdpSocket>),
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
-    control_server: control::ControlServer,
+    (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
     (predecessor, totals): (Option<std::os::fd::OwnedFd>, protocol::stats::Counters),
 ) -> Result<()> {
     let workers = settings.workers;
@@ -266,7 +294,7 @@ fn run_mode(
                 totals,
                 udp,
             };
-            master::run(cfg, settings, socket, addr, control_server)
+            master::run(cfg, settings, socket, addr, control_server, metrics)
         }
         Mode::ForkPerConn => {
             if args.workers.is_some_and(|n| n > 1) {
@@ -276,7 +304,8 @@ fn run_mode(
             }
             match args.service {
                 ServiceKind::Echo => {
-                    fork_per_conn::run(single_process(), echo, socket, addr, control_server)
+                    let sockets = (control_server, metrics);
+                    fork_per_conn::run(single_process(), echo, socket, addr, sockets)
                 }
             }
         }
@@ -287,7 +316,9 @@ fn run_mode(
                 base: single_process(),
             };
             match args.service {
-                ServiceKind::Echo => thread_mode::run(cfg, echo, socket, addr, control_server),
+                ServiceKind::Echo => {
+                    thread_mode::run(cfg, echo, socket, addr, (control_server, metrics))
+                }
             }
         }
     }

@@ -16,8 +16,11 @@ use crate::stats::Snapshot;
 
 /// The signal self-pipe's token.
 const SIGNALS: Token = Token(0);
-/// Tokens from here up belong to the control socket; a mode's own sources use those between.
+/// Tokens from here up belong to the control socket; a mode's own sources use those below
+/// [`METRICS_BASE`].
 const CONTROL_BASE: usize = usize::MAX / 2;
+/// Tokens from here to [`CONTROL_BASE`] belong to the metrics endpoint.
+const METRICS_BASE: usize = usize::MAX / 4;
 /// Longest a loop sleeps with nothing to do.
 pub const MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -29,6 +32,9 @@ pub enum Ready {
     /// A control client (or the control listener) is ready: pass the token to
     /// [`ControlServer::handle`].
     Control(Token),
+    /// A metrics scraper (or the metrics listener): pass the token to
+    /// [`MetricsServer::handle`](crate::metrics::MetricsServer::handle).
+    Metrics(Token),
     /// One of the mode's own sources.
     Source(Token),
 }
@@ -69,6 +75,17 @@ impl ServeLoop {
         self.poll.registry()
     }
 
+    /// Watches the metrics endpoint; returns it, registered.
+    pub fn watch_metrics(
+        &self,
+        mut metrics: crate::metrics::MetricsServer,
+    ) -> Result<crate::metrics::MetricsServer> {
+        metrics
+            .register(self.poll.registry(), METRICS_BASE)
+            .context("watching the metrics socket")?;
+        Ok(metrics)
+    }
+
     /// Drops the signal registrations (in a fork child, before it becomes something else).
     pub fn drop_signals(&mut self) {
         drop(self.signals.take());
@@ -106,6 +123,7 @@ impl ServeLoop {
                     }
                 }
                 t if t.0 >= CONTROL_BASE => ready.push(Ready::Control(t)),
+                t if t.0 >= METRICS_BASE => ready.push(Ready::Metrics(t)),
                 t => ready.push(Ready::Source(t)),
             }
         }

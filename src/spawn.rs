@@ -34,6 +34,8 @@ pub const ENV_UPGRADE_FD: &str = "PREFORK_ECHO_UPGRADE_FD";
 pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 /// Names the inherited control socket of a new master.
 pub const ENV_CONTROL_FD: &str = "PREFORK_ECHO_CONTROL_FD";
+/// Names the inherited metrics listener of a new master (with `--metrics`).
+pub const ENV_METRICS_FD: &str = "PREFORK_ECHO_METRICS_FD";
 /// Carries the old master's totals (JSON counters) to a new master, so totals survive.
 pub const ENV_TOTALS: &str = "PREFORK_ECHO_TOTALS";
 /// The service manager's variables, never passed on to a worker.
@@ -140,7 +142,7 @@ pub fn spawn_worker(
     };
     let pid = fork_child(
         Lineage::Worker,
-        [listener, child_end.as_raw_fd(), cfg.udp_fd, -1],
+        [listener, child_end.as_raw_fd(), cfg.udp_fd, -1, -1],
         &worker::HANDLED_SIGNALS,
         || {
             if plan.is_none() {
@@ -171,6 +173,8 @@ pub struct Handover {
     /// The control socket's listener: handed over by descriptor, never unlinked and rebound,
     /// so a successor that fails leaves the old master's control socket working.
     pub control: RawFd,
+    /// The metrics listener, with `--metrics` (its port cannot be bound twice).
+    pub metrics: Option<RawFd>,
     /// The write end of the readiness pipe.
     pub ready: RawFd,
     /// The old master's totals so far, as JSON.
@@ -188,12 +192,14 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
         .map(|a| a.as_bytes().to_vec())
         .collect();
     let udp = handover.udp.unwrap_or(-1);
+    let metrics = handover.metrics.unwrap_or(-1);
     let env = ExecPlan::environment(
         &[
             ENV_LISTEN_FD,
             ENV_UPGRADE_FD,
             ENV_UDP_FD,
             ENV_CONTROL_FD,
+            ENV_METRICS_FD,
             ENV_TOTALS,
             "LISTEN_PID",
             "LISTEN_FDS",
@@ -204,11 +210,18 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             (ENV_UPGRADE_FD, handover.ready.to_string()),
             (ENV_UDP_FD, udp.to_string()),
             (ENV_CONTROL_FD, handover.control.to_string()),
+            (ENV_METRICS_FD, metrics.to_string()),
             (ENV_TOTALS, handover.totals.clone()),
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    let keep = [handover.listener, handover.ready, udp, handover.control];
+    let keep = [
+        handover.listener,
+        handover.ready,
+        udp,
+        handover.control,
+        metrics,
+    ];
     fork_child(Lineage::Successor, keep, &[], shed, || {
         plan.exec();
         127
@@ -226,6 +239,8 @@ pub struct Inherited {
     pub udp: Option<std::os::fd::OwnedFd>,
     /// The control socket's listener.
     pub control: Option<std::os::fd::OwnedFd>,
+    /// The metrics listener.
+    pub metrics: Option<std::os::fd::OwnedFd>,
     /// The old master's totals (JSON), if it sent them.
     pub totals: Option<String>,
 }
@@ -245,6 +260,7 @@ pub fn from_predecessor() -> Inherited {
         ready: fd(ENV_UPGRADE_FD),
         udp: fd(ENV_UDP_FD),
         control: fd(ENV_CONTROL_FD),
+        metrics: fd(ENV_METRICS_FD),
         totals: std::env::var(ENV_TOTALS).ok(),
     };
     // Read once: the variables must not reach this master's own workers or successor.
@@ -253,6 +269,7 @@ pub fn from_predecessor() -> Inherited {
         ENV_UPGRADE_FD,
         ENV_UDP_FD,
         ENV_CONTROL_FD,
+        ENV_METRICS_FD,
         ENV_TOTALS,
     ] {
         // SAFETY: called at start-up, before this process starts any thread (the master
@@ -326,7 +343,7 @@ pub enum Lineage {
 /// included (it is caught and ends the child with [`EXIT_CHILD_PANIC`]).
 pub fn fork_child(
     lineage: Lineage,
-    keep: [RawFd; 4],
+    keep: [RawFd; 5],
     own_handlers: &[i32],
     shed: impl FnOnce(),
     child: impl FnOnce() -> i32,
@@ -402,7 +419,7 @@ fn reset_signals(own_handlers: &[i32], lineage: Lineage) {
 /// clears close-on-exec on `keep`:
 /// a worker holds the listener and its own channel, never its siblings' channels (which would
 /// hide their end-of-file from the master) or the master's event loop.
-fn close_all_but(mut keep: [RawFd; 4]) {
+fn close_all_but(mut keep: [RawFd; 5]) {
     keep.sort_unstable();
     let mut next: u32 = 3;
     for &fd in keep.iter().filter(|&&fd| fd >= 0) {
@@ -458,7 +475,7 @@ mod tests {
         let outcome = std::panic::catch_unwind(|| {
             fork_child(
                 Lineage::Worker,
-                [tx_fd, -1, -1, -1],
+                [tx_fd, -1, -1, -1, -1],
                 &[],
                 || {},
                 || panic!("a worker bug"),

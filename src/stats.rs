@@ -35,6 +35,22 @@ pub struct Snapshot {
     /// server is degraded: it serves with the others). Empty when healthy.
     #[serde(default)]
     pub abandoned_slots: Vec<u32>,
+    /// What the master has done since it started (process mode; zeros elsewhere).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+/// The master's life-cycle events, counted since it started.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Reloads whose new generation took over.
+    pub reloads: u64,
+    /// Reloads abandoned (bad config, a worker that died starting, too slow).
+    pub reloads_failed: u64,
+    /// Binary upgrades whose new master failed.
+    pub upgrades_failed: u64,
+    /// Workers replaced after dying unasked.
+    pub respawns: u64,
 }
 
 /// One worker's record.
@@ -109,6 +125,7 @@ impl Snapshot {
             workers,
             totals,
             abandoned_slots: Vec::new(),
+            lifecycle: Lifecycle::default(),
         }
     }
 

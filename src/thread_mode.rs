@@ -75,7 +75,7 @@ pub fn run<S: Service>(
     service: S,
     listener: Socket,
     addr: SocketAddr,
-    mut control: ControlServer,
+    (mut control, metrics): (ControlServer, Option<crate::metrics::MetricsServer>),
 ) -> Result<()> {
     protocol::log::set_role("thread-mode");
     let listener = Arc::new(TcpListener::from(std::os::fd::OwnedFd::from(listener)));
@@ -86,6 +86,7 @@ pub fn run<S: Service>(
     let started = Instant::now();
     let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     let mut lp = ServeLoop::new(Some(sigs), &mut control)?;
+    let mut metrics = metrics.map(|m| lp.watch_metrics(m)).transpose()?;
     protocol::log!("control socket {}", cfg.base.control.display());
 
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
@@ -135,6 +136,9 @@ pub fn run<S: Service>(
             snapshot(&tallies, started, drain_deadline.is_some())
         });
         control.expire(lp.registry());
+        if let Some(m) = metrics.as_mut() {
+            m.expire(lp.registry(), Instant::now());
+        }
         if let Some(deadline) = drain_deadline {
             let active = shared.active.load(Ordering::SeqCst);
             if active == 0 {
@@ -162,6 +166,12 @@ pub fn run<S: Service>(
         for r in ready {
             if let Ready::Signal(sig) = r {
                 pending.push(sig);
+            }
+            if let (Ready::Metrics(token), Some(m)) = (r, metrics.as_mut()) {
+                let draining = drain_deadline.is_some();
+                m.serve_now(lp.registry(), token, || {
+                    snapshot(&tallies, started, draining)
+                });
             }
             if let Ready::Control(token) = r {
                 let draining = drain_deadline.is_some();

@@ -162,3 +162,42 @@ fn help_lists_every_option() {
         "the internal command stays hidden"
     );
 }
+
+#[test]
+fn version_names_the_commit_and_completions_and_man_page_are_generated() {
+    let out = run(&["--version"]);
+    let v = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(v.starts_with("prefork-echo "), "{v}");
+    let commit = v
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or("");
+    assert!(
+        commit == "unknown commit"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{v}"
+    );
+    // The bash completion script is valid bash (checked by bash itself) and knows the flags.
+    let script = run(&["completions", "bash"]);
+    assert!(script.status.success());
+    let text = String::from_utf8_lossy(&script.stdout).to_string();
+    assert!(text.contains("--metrics") && text.contains("--service"));
+    let dir = common::scratch_dir();
+    let file = dir.join("prefork-echo.bash");
+    std::fs::write(&file, &script.stdout).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let man = run(&["man"]);
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.contains(".TH prefork-echo 1") && page.contains("\\-\\-drain\\-timeout"),
+        "{page}"
+    );
+    assert_eq!(run(&["completions", "tcsh"]).status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -24,6 +24,12 @@ macro_rules! counters {
             /// Number of `u64` fields in the wire form.
             pub const FIELDS: usize = [$(stringify!($name)),+].len();
 
+            /// Each counter's name, in wire order.
+            pub const NAMES: [&'static str; Self::FIELDS] = [$(stringify!($name)),+];
+
+            /// Each counter's one-line description, in wire order.
+            pub const DOCS: [&'static str; Self::FIELDS] = [$(concat!($($doc),+)),+];
+
             /// The counters in wire order.
             pub fn to_array(&self) -> [u64; Self::FIELDS] {
                 [$(self.$name),+]
@@ -102,6 +108,8 @@ mod tests {
         let a: [u64; Counters::FIELDS] = std::array::from_fn(|i| i as u64 * 7 + 1);
         assert_eq!(Counters::from_array(a).to_array(), a);
         assert_eq!(Counters::FIELDS, 10);
+        assert_eq!(Counters::NAMES[2], "bytes_in");
+        assert_eq!(Counters::DOCS[2].trim(), "Bytes read from clients.");
         let t = AtomicCounters::default();
         AtomicCounters::bump(&t.bytes_in, 5);
         AtomicCounters::bump(&t.datagrams_refused, 2);

@@ -37,6 +37,7 @@ impl<S: System> Master<S> {
             rows,
             &self.retired,
         );
+        snap.lifecycle = self.lifecycle;
         snap.abandoned_slots = (0..self.settings.workers)
             .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
             .collect();
@@ -56,6 +57,23 @@ impl<S: System> Master<S> {
             });
             None
         });
+    }
+
+    /// Reads what scrapers sent; each complete request becomes an event.
+    pub(super) fn read_scrape(&mut self, token: Token, out: &mut Vec<Event>) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.handle(self.lp.registry(), token, &mut |id| {
+                out.push(Event::Scrape(id))
+            });
+        }
+    }
+
+    /// Answers a scraper with the exposition of the current snapshot.
+    pub(super) fn on_scrape(&mut self, id: crate::metrics::ScrapeId) {
+        let body = crate::metrics::render(&self.snapshot());
+        if let Some(m) = self.metrics.as_mut() {
+            m.respond(self.lp.registry(), id, &body);
+        }
     }
 
     /// Answers a control request (a reload is answered later, once it succeeds or fails).

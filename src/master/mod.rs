@@ -83,6 +83,8 @@ enum Event {
     ChannelClosed { key: usize, why: Option<String> },
     /// A control client's request, to be answered.
     Control { id: ClientId, request: Request },
+    /// A scraper asked for the metrics.
+    Scrape(crate::metrics::ScrapeId),
     /// The new master of a binary upgrade says it serves.
     SuccessorReady,
 }
@@ -95,9 +97,14 @@ pub fn run(
     listener: Socket,
     addr: SocketAddr,
     control: ControlServer,
+    metrics: Option<crate::metrics::MetricsServer>,
 ) -> Result<()> {
     let signals = Signals::new(signals::numbers()).context("installing signal handlers")?;
-    Master::new(Os, cfg, settings, listener, addr, control, Some(signals))?.run()
+    let mut master = Master::new(Os, cfg, settings, listener, addr, control, Some(signals))?;
+    if let Some(m) = metrics {
+        master.metrics = Some(master.lp.watch_metrics(m)?);
+    }
+    master.run()
 }
 
 /// The master's state; its verbs are spread over this module's files by role.
@@ -128,6 +135,10 @@ struct Master<S: System> {
     /// Counters of workers that are gone, so totals never go backward.
     retired: Counters,
     stats_log: StatsLog,
+    /// Reloads, upgrades and respawns so far, for stats and metrics.
+    lifecycle: crate::stats::Lifecycle,
+    /// `--metrics`: the Prometheus endpoint.
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl<S: System> Master<S> {
@@ -173,6 +184,8 @@ impl<S: System> Master<S> {
             clock: AwakeClock::new(now, MAX_WAIT + Duration::from_secs(1)),
             retired,
             stats_log,
+            lifecycle: Default::default(),
+            metrics: None,
         })
     }
 
@@ -232,6 +245,7 @@ impl<S: System> Master<S> {
             match r {
                 Ready::Signal(sig) => happened.push(Event::Signal(sig)),
                 Ready::Control(t) => self.read_control(t, &mut happened),
+                Ready::Metrics(t) => self.read_scrape(t, &mut happened),
                 Ready::Source(SUCCESSOR) => {
                     if self.successor_ready() {
                         happened.push(Event::SuccessorReady);
@@ -250,6 +264,7 @@ impl<S: System> Master<S> {
             Event::Message { key, msg } => self.on_message(key, msg),
             Event::ChannelClosed { key, why } => self.on_channel_closed(key, why),
             Event::Control { id, request } => self.on_request(id, request),
+            Event::Scrape(id) => self.on_scrape(id),
             Event::SuccessorReady => self.on_successor_ready(),
         }
     }

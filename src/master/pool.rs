@@ -128,6 +128,7 @@ impl<S: System> Master<S> {
             return;
         }
         let lived = self.sys.now().saturating_duration_since(w.started);
+        self.lifecycle.respawns += 1;
         self.slot_failed(w.id, lived, w.ready, how);
     }
 

@@ -94,6 +94,7 @@ impl<S: System> Master<S> {
         }
         let Some(r) = self.reload.take() else { return };
         let old = self.generation;
+        self.lifecycle.reloads += 1;
         self.generation = r.generation;
         self.settings = r.settings;
         self.slots = vec![Backoff::default(); self.settings.workers as usize];
@@ -122,6 +123,7 @@ impl<S: System> Master<S> {
     /// Gives up a reload: the new generation drains away, the old one goes on serving.
     pub(super) fn abort_reload(&mut self, why: String) {
         let Some(r) = self.reload.take() else { return };
+        self.lifecycle.reloads_failed += 1;
         let now = self.sys.now();
         for (_, w) in self.workers.iter_mut() {
             if w.generation == r.generation && w.start_draining(now) {

@@ -72,6 +72,9 @@ impl<S: System> Master<S> {
         if let Some(control) = self.control.as_mut() {
             control.expire(self.lp.registry());
         }
+        if let Some(m) = self.metrics.as_mut() {
+            m.expire(self.lp.registry(), self.sys.now());
+        }
         self.log_stats_when_due();
         self.kill_hung_workers();
         self.kill_overdue_drains();
@@ -115,9 +118,17 @@ impl<S: System> Master<S> {
         let respawn = self.slots.iter().filter_map(|s| s.not_before).min();
         let upgrade = self.successor.as_ref().map(|s| s.started + UPGRADE_TIMEOUT);
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-        [kill_at, respawn, control, self.stats_log.next(), upgrade]
-            .into_iter()
-            .flatten()
-            .min()
+        let scrapers = self.metrics.as_ref().and_then(|m| m.next_deadline());
+        [
+            kill_at,
+            respawn,
+            control,
+            scrapers,
+            self.stats_log.next(),
+            upgrade,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }

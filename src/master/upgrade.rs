@@ -51,6 +51,7 @@ impl<S: System> Master<S> {
             listener,
             udp: self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd),
             control,
+            metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
             totals: serde_json::to_string(&self.snapshot().totals)?,
         };
@@ -123,6 +124,7 @@ impl<S: System> Master<S> {
             return;
         };
         let _ = self.sys.kill(s.pid, Signal::SIGKILL);
+        self.lifecycle.upgrades_failed += 1;
         protocol::warn!(
             "upgrade failed: {why}; this master (pid {}) keeps serving",
             std::process::id()

@@ -1,0 +1,430 @@
+//! `--metrics ADDR`: `GET /metrics` in the Prometheus text exposition format (version 0.0.4),
+//! rendered from the same snapshot `prefork-echo stats` shows. Served by the master's own loop
+//! (never by a worker), so it must never stall it: a request is at most [`MAX_REQUEST`] bytes,
+//! the answer is written without blocking, and a scraper that has not finished within
+//! [`DEADLINE`] is dropped.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use protocol::stats::Counters;
+use slab::Slab;
+
+use crate::stats::Snapshot;
+
+/// Longest request (line and headers) accepted.
+pub const MAX_REQUEST: usize = 4096;
+/// How long a scraper may take to send its request and read the answer.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The exposition of `snap`.
+pub fn render(snap: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut lines = Vec::new();
+    for (i, (name, doc)) in Counters::NAMES.iter().zip(Counters::DOCS).enumerate() {
+        let doc = doc.trim();
+        // `active` is a gauge (open connections now); every other counter only grows.
+        let (total, per_worker, kind) = if *name == "active" {
+            (
+                "active_connections".to_string(),
+                "worker_active_connections".to_string(),
+                "gauge",
+            )
+        } else {
+            (
+                format!("{name}_total"),
+                format!("worker_{name}_total"),
+                "counter",
+            )
+        };
+        lines.push(format!(
+            "prefork_echo_{total} {}",
+            snap.totals.to_array()[i]
+        ));
+        let help = format!("{doc} All workers, including those that have exited.");
+        section(&mut out, &total, kind, &help, &mut lines);
+        for w in &snap.workers {
+            lines.push(format!(
+                "prefork_echo_{per_worker}{} {}",
+                labels(w.id, w.generation, w.pid),
+                w.counters.to_array()[i]
+            ));
+        }
+        let help = format!("{doc} Per live worker.");
+        section(&mut out, &per_worker, kind, &help, &mut lines);
+    }
+    for state in ["starting", "running", "draining"] {
+        let n = snap.workers.iter().filter(|w| w.state == state).count();
+        lines.push(format!("prefork_echo_workers{{state=\"{state}\"}} {n}"));
+    }
+    section(
+        &mut out,
+        "workers",
+        "gauge",
+        "Live worker processes (process mode) or acceptor threads, by state.",
+        &mut lines,
+    );
+    for w in &snap.workers {
+        if let Some(age) = w.last_report_age_secs {
+            lines.push(format!(
+                "prefork_echo_worker_last_report_age_seconds{} {age}",
+                labels(w.id, w.generation, w.pid)
+            ));
+        }
+    }
+    section(
+        &mut out,
+        "worker_last_report_age_seconds",
+        "gauge",
+        "Seconds since the worker's last report (its heartbeat).",
+        &mut lines,
+    );
+    let single = [
+        (
+            "generation",
+            "gauge",
+            "The serving generation.",
+            snap.generation as f64,
+        ),
+        (
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the master started.",
+            snap.uptime_secs,
+        ),
+        (
+            "abandoned_slots",
+            "gauge",
+            "Pool slots no longer respawned because their workers kept failing.",
+            snap.abandoned_slots.len() as f64,
+        ),
+        (
+            "respawns_total",
+            "counter",
+            "Workers replaced after an unexpected death, since this master started.",
+            snap.lifecycle.respawns as f64,
+        ),
+        (
+            "upgrades_failed_total",
+            "counter",
+            "Binary upgrades that failed, since this master started.",
+            snap.lifecycle.upgrades_failed as f64,
+        ),
+    ];
+    for (name, kind, help, v) in single {
+        lines.push(format!("prefork_echo_{name} {v}"));
+        section(&mut out, name, kind, help, &mut lines);
+    }
+    lines.push(format!(
+        "prefork_echo_reloads_total{{outcome=\"done\"}} {}",
+        snap.lifecycle.reloads
+    ));
+    lines.push(format!(
+        "prefork_echo_reloads_total{{outcome=\"failed\"}} {}",
+        snap.lifecycle.reloads_failed
+    ));
+    section(
+        &mut out,
+        "reloads_total",
+        "counter",
+        "Reloads by outcome, since this master started.",
+        &mut lines,
+    );
+    if let Some(j) = snap.fairness.jain_index {
+        lines.push(format!("prefork_echo_accept_fairness_jain {j}"));
+        section(
+            &mut out,
+            "accept_fairness_jain",
+            "gauge",
+            "Jain's index of accepted connections over live workers: 1 even, 1/n one took all.",
+            &mut lines,
+        );
+    }
+    out
+}
+
+/// Writes one metric family: its HELP and TYPE lines, then `lines` (emptied).
+fn section(out: &mut String, name: &str, kind: &str, help: &str, lines: &mut Vec<String>) {
+    let _ = writeln!(out, "# HELP prefork_echo_{name} {help}");
+    let _ = writeln!(out, "# TYPE prefork_echo_{name} {kind}");
+    for l in lines.drain(..) {
+        let _ = writeln!(out, "{l}");
+    }
+}
+
+fn labels(id: u32, generation: u32, pid: u32) -> String {
+    format!("{{worker=\"{id}\",generation=\"{generation}\",pid=\"{pid}\"}}")
+}
+
+/// Names one scraper across calls (slot and serial, as for control clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrapeId {
+    key: usize,
+    serial: u64,
+}
+
+struct Scraper {
+    stream: TcpStream,
+    serial: u64,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+    written: usize,
+    waiting: bool,
+    deadline: Instant,
+}
+
+/// The metrics listener and its scrapers, driven by the owner's loop under tokens from `base`.
+pub struct MetricsServer {
+    listener: TcpListener,
+    clients: Slab<Scraper>,
+    base: usize,
+    serial: u64,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (before privileges are dropped, like the service's socket).
+    pub fn bind(addr: SocketAddr) -> Result<MetricsServer, crate::listener::ListenError> {
+        let socket = crate::listener::bind(addr, 64)?;
+        Ok(MetricsServer::adopt(socket.into()))
+    }
+
+    /// Serves a listener handed over by the master this one replaced (binary upgrade).
+    pub fn adopt(listener: std::net::TcpListener) -> MetricsServer {
+        MetricsServer {
+            listener: TcpListener::from_std(listener),
+            clients: Slab::new(),
+            base: usize::MAX,
+            serial: 0,
+        }
+    }
+
+    /// The address it serves on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The listening descriptor, to hand to a successor.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+
+    /// Watches the listener from `registry`, under tokens from `base` upwards.
+    pub fn register(&mut self, registry: &Registry, base: usize) -> io::Result<()> {
+        self.base = base;
+        registry.register(&mut self.listener, Token(base), Interest::READABLE)
+    }
+
+    /// Handles readiness of one of its tokens; `wants` hears of each scraper whose request is
+    /// complete and valid (answer it with [`respond`](Self::respond)).
+    pub fn handle(&mut self, registry: &Registry, token: Token, wants: &mut dyn FnMut(ScrapeId)) {
+        if token.0 == self.base {
+            self.accept(registry);
+            return;
+        }
+        let key = token.0 - self.base - 1;
+        if self.progress(key, wants) {
+            self.drop_client(registry, key);
+        }
+    }
+
+    /// Handles readiness and answers at once with `snapshot` (the single-process modes).
+    pub fn serve_now(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        snapshot: impl Fn() -> Snapshot,
+    ) {
+        let mut asked = Vec::new();
+        self.handle(registry, token, &mut |id| asked.push(id));
+        for id in asked {
+            let body = render(&snapshot());
+            self.respond(registry, id, &body);
+        }
+    }
+
+    /// Sends the exposition to a scraper that asked for it.
+    pub fn respond(&mut self, registry: &Registry, id: ScrapeId, body: &str) {
+        match self.clients.get_mut(id.key) {
+            Some(c) if c.serial == id.serial && c.waiting => {
+                c.waiting = false;
+                c.answer = http("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
+            }
+            _ => return,
+        }
+        if self.progress(id.key, &mut |_| {}) {
+            self.drop_client(registry, id.key);
+        }
+    }
+
+    /// Drops scrapers past their deadline.
+    pub fn expire(&mut self, registry: &Registry, now: Instant) {
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            self.drop_client(registry, key);
+        }
+    }
+
+    /// The earliest scraper deadline, for the owner's wait.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients.iter().map(|(_, c)| c.deadline).min()
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.clients.vacant_entry();
+                    let token = Token(self.base + 1 + entry.key());
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    self.serial += 1;
+                    entry.insert(Scraper {
+                        stream,
+                        serial: self.serial,
+                        request: Vec::new(),
+                        answer: Vec::new(),
+                        written: 0,
+                        waiting: false,
+                        deadline: Instant::now() + DEADLINE,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Advances one scraper; `true` when it is done (answered, gone or misbehaving).
+    fn progress(&mut self, key: usize, wants: &mut dyn FnMut(ScrapeId)) -> bool {
+        let Some(c) = self.clients.get_mut(key) else {
+            return false;
+        };
+        if c.waiting {
+            return false;
+        }
+        if c.answer.is_empty() {
+            let mut buf = [0u8; 1024];
+            while !c.request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(n) => c.request.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                    Err(_) => return true,
+                }
+                if c.request.len() > MAX_REQUEST {
+                    c.answer = http("431 Request Header Fields Too Large", "text/plain", "");
+                    break;
+                }
+            }
+            if c.answer.is_empty() {
+                match route(&c.request) {
+                    Ok(()) => {
+                        c.waiting = true;
+                        wants(ScrapeId {
+                            key,
+                            serial: c.serial,
+                        });
+                        return false;
+                    }
+                    Err(status) => c.answer = http(status, "text/plain", ""),
+                }
+            }
+        }
+        while c.written < c.answer.len() {
+            match c.stream.write(&c.answer[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+        true
+    }
+
+    fn drop_client(&mut self, registry: &Registry, key: usize) {
+        if let Some(mut c) = self.clients.try_remove(key) {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+}
+
+/// Whether a request asks for the metrics; otherwise the HTTP status to answer.
+fn route(request: &[u8]) -> Result<(), &'static str> {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("GET"), Some("/metrics")) => Ok(()),
+        (Some("GET"), Some(_)) => Err("404 Not Found"),
+        (Some(_), Some(_)) => Err("405 Method Not Allowed"),
+        _ => Err("400 Bad Request"),
+    }
+}
+
+fn http(status: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_only_get_metrics() {
+        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(()));
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Err("404 Not Found"));
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Err("405 Method Not Allowed")
+        );
+        assert_eq!(route(b"\xff\r\n\r\n"), Err("400 Bad Request"));
+    }
+
+    #[test]
+    fn every_counter_appears_in_total_and_per_worker() {
+        let c = Counters {
+            bytes_in: 42,
+            ..Counters::default()
+        };
+        let rows = vec![crate::stats::WorkerRow {
+            id: 0,
+            pid: 77,
+            generation: 3,
+            state: "running".into(),
+            uptime_secs: 1.0,
+            last_report_age_secs: Some(0.5),
+            counters: c,
+        }];
+        let snap = Snapshot::new("process", 2.0, 3, rows, &Counters::default());
+        let text = render(&snap);
+        assert!(text.contains("prefork_echo_bytes_in_total 42\n"), "{text}");
+        assert!(text.contains(
+            "prefork_echo_worker_bytes_in_total{worker=\"0\",generation=\"3\",pid=\"77\"} 42\n"
+        ));
+        assert!(text.contains("# TYPE prefork_echo_active_connections gauge"));
+        assert!(text.contains("prefork_echo_workers{state=\"running\"} 1"));
+        for name in Counters::NAMES {
+            assert!(text.contains(name), "{name} missing");
+        }
+    }
+}

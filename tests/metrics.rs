@@ -1,0 +1,177 @@
+//! `--metrics`: GET /metrics in the Prometheus text format, checked with a real parser
+//! (the `prometheus_client` Python package, which `.ci/run` installs) when it is available.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, echo_to_eof};
+use nix::sys::signal::Signal;
+
+/// The metrics address the server logged.
+fn metrics_addr(server: &Server) -> SocketAddr {
+    assert!(server.wait_for_log("metrics on http://", Duration::from_secs(10)));
+    let log = server.stderr();
+    log.split("metrics on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the metrics address in the log")
+}
+
+/// A raw HTTP exchange: (status line, body).
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of a sample line, `name{labels} value`.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Parses the exposition with prometheus_client and returns the family names it found.
+fn parse_with_prometheus_client(body: &str) -> Option<Vec<String>> {
+    let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as p\nfor f in p(sys.stdin.read()): print(f.name)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(body.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No module named") {
+            return None;
+        }
+        panic!("prometheus_client rejected the exposition: {err}\n{body}");
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+#[test]
+fn metrics_add_up_with_stats_and_parse_as_prometheus_text() {
+    let server = Server::start(&["--workers", "2", "--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&server);
+    echo_to_eof(server.connect(), &[1u8; 3000]);
+    assert!(common::wait_until(Duration::from_secs(10), || {
+        server.stats()["totals"]["bytes_in"].as_u64() == Some(3000)
+    }));
+    let (status, body) = get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        sample(&body, "prefork_echo_bytes_in_total"),
+        Some(3000.0),
+        "{body}"
+    );
+    let per_worker: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("prefork_echo_worker_bytes_in_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        per_worker, 3000.0,
+        "per-worker counters add up to the total"
+    );
+    assert_eq!(
+        sample(&body, "prefork_echo_workers{state=\"running\"}"),
+        Some(2.0)
+    );
+    match parse_with_prometheus_client(&body) {
+        Some(families) => {
+            for f in [
+                "prefork_echo_bytes_in",
+                "prefork_echo_workers",
+                "prefork_echo_reloads",
+            ] {
+                assert!(
+                    families.iter().any(|n| n == f),
+                    "{f} not parsed: {families:?}"
+                );
+            }
+        }
+        None => eprintln!("prometheus_client is not installed: the real-parser check is skipped"),
+    }
+    // Other paths and methods are refused; the server is unharmed.
+    assert_eq!(get(addr, "/").0, "HTTP/1.1 404 Not Found");
+    let out = server.ctl(&["reload"]);
+    assert!(out.status.success());
+    let (_, body) = get(addr, "/metrics");
+    assert_eq!(
+        sample(&body, "prefork_echo_reloads_total{outcome=\"done\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&body, "prefork_echo_generation"), Some(2.0));
+}
+
+#[test]
+fn a_stalled_scraper_cannot_stall_the_master_and_upgrades_keep_the_endpoint() {
+    let dir = common::scratch_dir();
+    let pid_file = dir.join("echo.pid");
+    let mut server = Server::start(&[
+        "--workers",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ]);
+    let addr = metrics_addr(&server);
+    // Connects and never finishes its request: the master answers everyone else meanwhile.
+    let _stalled = TcpStream::connect(addr).unwrap();
+    assert_eq!(get(addr, "/metrics").0, "HTTP/1.1 200 OK");
+    echo_to_eof(server.connect(), b"still serving");
+    // A binary upgrade hands the metrics socket over: the port keeps answering.
+    server.signal(Signal::SIGUSR2);
+    assert!(common::wait_until(Duration::from_secs(30), || {
+        common::read_pid(&pid_file) != server.pid
+    }));
+    let successor = common::read_pid(&pid_file);
+    let _guard = common::KillOnDrop::new(successor);
+    assert!(
+        server
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    let (status, body) = get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(sample(&body, "prefork_echo_uptime_seconds").is_some());
+    server.ctl(&["stop"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn thread_and_fork_per_conn_modes_serve_metrics_too() {
+    for mode in ["thread", "fork-per-conn"] {
+        let server = Server::start(&["--workers", "1", "--mode", mode, "--metrics", "127.0.0.1:0"]);
+        let addr = metrics_addr(&server);
+        echo_to_eof(server.connect(), b"counted");
+        assert!(
+            common::wait_until(Duration::from_secs(10), || {
+                sample(&get(addr, "/metrics").1, "prefork_echo_bytes_in_total") == Some(7.0)
+            }),
+            "{mode}"
+        );
+    }
+}
