@@ -17,6 +17,8 @@ pub struct SingleProcessConfig {
     pub log_stats: Option<Duration>,
     /// Connection limits (`max_conns` counts connection threads or children).
     pub limits: Limits,
+    /// `--proxy-protocol`: who may send a PROXY header, and how long it may take.
+    pub proxy: Option<worker::proxy::ProxyRule>,
 }
 
 /// Limits on connections, shared by thread and fork-per-conn modes.

@@ -157,6 +157,17 @@ pub struct ServeArgs {
     /// With --user: serve with this group instead of the user's own.
     #[arg(long, value_name = "NAME", requires = "user")]
     pub group: Option<String>,
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy sends) before each
+    /// connection's data; it is stripped, and the real client goes into the debug log.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// With --proxy-protocol: peers allowed to send a header, as CIDRs (comma-separated).
+    /// Anyone else's connection is closed: a header would let a client lie about its address.
+    #[arg(long, value_name = "CIDR[,CIDR…]", default_value = worker::config::DEFAULT_PROXY_FROM, requires = "proxy_protocol")]
+    pub proxy_from: String,
+    /// With --proxy-protocol: seconds a connection may take to send its header.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = seconds, requires = "proxy_protocol")]
+    pub proxy_timeout: f64,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9100. Bind it
     /// to loopback or firewall it: it tells anyone who asks about the server.
     #[arg(long, value_name = "ADDR")]
@@ -222,6 +233,9 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     use clap::error::ErrorKind;
     if let Err(e) = crate::listener::resolve(&args.listen) {
         return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--listen: {e}")));
+    }
+    if let Err(e) = worker::proxy::Networks::parse(&args.proxy_from) {
+        return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--proxy-from: {e}")));
     }
     if let Some(Err(e)) = args.metrics.as_deref().map(crate::listener::resolve) {
         return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--metrics: {e}")));

@@ -32,7 +32,7 @@ use worker::service::{End, Service};
 const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
 const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
 /// bytes in, bytes out, error flag, idle-closed flag: four little-endian u64s.
-const RECORD: usize = 32;
+const RECORD: usize = 40;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -267,6 +267,7 @@ impl<S: Service> ForkServer<S> {
                 continue;
             }
             let idle = self.cfg.limits.idle;
+            let proxy = &self.cfg.proxy;
             let keep = [
                 std_stream.as_raw_fd(),
                 self.report_tx.as_fd().as_raw_fd(),
@@ -283,7 +284,7 @@ impl<S: Service> ForkServer<S> {
                 keep,
                 &[],
                 || lp.drop_signals(),
-                || child(service, std_stream.try_clone(), idle, report_tx),
+                || child(service, std_stream.try_clone(), (idle, proxy), report_tx),
             );
             match forked {
                 Ok(pid) => {
@@ -320,6 +321,7 @@ impl<S: Service> ForkServer<S> {
             self.counters.bytes_out += field(1);
             self.counters.io_errors += field(2).min(1);
             self.counters.closed_by_limit += field(3).min(1);
+            self.counters.proxy_errors += field(4).min(1);
         }
         self.partial.drain(..whole);
     }
@@ -364,22 +366,29 @@ impl<S: Service> ForkServer<S> {
 fn child<S: Service>(
     service: &S,
     stream: io::Result<std::net::TcpStream>,
-    idle: Option<Duration>,
+    (idle, proxy): (Option<Duration>, &Option<worker::proxy::ProxyRule>),
     report: &io::PipeWriter,
 ) -> i32 {
     // `fork_child` reset TERM and QUIT to their defaults: either ends this child at once.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let Ok(stream) = stream else { return 1 };
+    let mut rec = [0u8; RECORD];
+    if let Some(rule) = proxy {
+        if rule.accept_blocking(&stream).is_err() {
+            rec[32..].copy_from_slice(&1u64.to_le_bytes());
+            let _ = (&*report).write_all(&rec);
+            return 0;
+        }
+    }
     let (mut read, mut written) = (0u64, 0u64);
     let end = service.serve_blocking(stream, idle, &mut |r, w| {
         read += r;
         written += w;
     });
-    let mut rec = [0u8; RECORD];
     rec[..8].copy_from_slice(&read.to_le_bytes());
     rec[8..16].copy_from_slice(&written.to_le_bytes());
     rec[16..24].copy_from_slice(&u64::from(end == End::Error).to_le_bytes());
-    rec[24..].copy_from_slice(&u64::from(end == End::Idle).to_le_bytes());
+    rec[24..32].copy_from_slice(&u64::from(end == End::Idle).to_le_bytes());
     let _ = (&*report).write_all(&rec);
     0
 }

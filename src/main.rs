@@ -125,6 +125,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_conns: args.max_conns,
             idle_timeout: args.idle_timeout,
             service: args.service,
+            proxy_protocol: args.proxy_protocol,
+            proxy_from: args.proxy_from.clone(),
+            proxy_timeout: args.proxy_timeout,
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -272,11 +275,13 @@ fn run_mode(
         max_unsent: settings.worker.max_unsent,
     };
     let limits = blocking::Limits::of(&settings.worker);
+    let proxy = settings.worker.proxy();
     let single_process = || blocking::SingleProcessConfig {
         drain_timeout,
         control: control.clone(),
         log_stats,
         limits,
+        proxy: proxy.clone(),
     };
     match args.mode {
         Mode::Process => {

@@ -92,15 +92,17 @@ pub fn run<S: Service>(
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
     for (i, tally) in tallies.iter().enumerate() {
-        let (l, s, t, svc) = (
+        let (l, s, t, svc, proxy) = (
             Arc::clone(&listener),
             Arc::clone(&shared),
             Arc::clone(tally),
             service.clone(),
+            cfg.base.proxy.clone(),
         );
+        let limits = cfg.base.limits;
         let handle = thread::Builder::new()
             .name(format!("acceptor-{i}"))
-            .spawn(move || accept_loop(&l, &s, &t, cfg.base.limits, &svc))
+            .spawn(move || accept_loop(&l, &s, &t, (limits, proxy), &svc))
             .context("starting an acceptor thread")?;
         acceptors.push(handle);
     }
@@ -225,7 +227,7 @@ fn accept_loop<S: Service>(
     listener: &TcpListener,
     shared: &Arc<Shared>,
     tally: &Arc<Tally>,
-    limits: Limits,
+    (limits, proxy): (Limits, Option<worker::proxy::ProxyRule>),
     service: &S,
 ) {
     let mut last_error_log: Option<Instant> = None;
@@ -245,7 +247,7 @@ fn accept_loop<S: Service>(
                     Tally::bump(&tally.closed_by_limit, 1);
                     reset(stream);
                 } else {
-                    start_connection(stream, shared, tally, limits.idle, service);
+                    start_connection(stream, shared, tally, (limits.idle, &proxy), service);
                 }
             }
             Err(e)
@@ -299,18 +301,26 @@ fn start_connection<S: Service>(
     stream: TcpStream,
     shared: &Arc<Shared>,
     tally: &Arc<Tally>,
-    idle: Option<Duration>,
+    (idle, proxy): (Option<Duration>, &Option<worker::proxy::ProxyRule>),
     service: &S,
 ) {
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
     let tally_for_errors = Arc::clone(tally);
     let tally = Arc::clone(tally);
     let service = service.clone();
+    let proxy = proxy.clone();
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
+            // The header is read in the connection's own thread: a slow one stalls nobody.
+            if let Some(rule) = &proxy {
+                if rule.accept_blocking(&stream).is_err() {
+                    Tally::bump(&tally.proxy_errors, 1);
+                    return;
+                }
+            }
             let end = service.serve_blocking(stream, idle, &mut |read, written| {
                 Tally::bump(&tally.bytes_in, read);
                 Tally::bump(&tally.bytes_out, written);

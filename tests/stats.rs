@@ -176,6 +176,7 @@ fn stats_json_matches_the_documented_schema() {
             "datagrams_in",
             "datagrams_out",
             "datagrams_refused",
+            "proxy_errors",
         ];
         for c in counters {
             assert!(v["totals"][c].is_u64(), "totals.{c}");

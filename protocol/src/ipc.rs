@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::stats::Counters;
 
 /// Protocol version; a frame of another version is refused, never guessed at.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Largest body accepted; anything longer is a broken or hostile peer.
 pub const MAX_FRAME: usize = 256;
 
@@ -248,6 +248,7 @@ mod tests {
             datagrams_in: 8,
             datagrams_out: 9,
             datagrams_refused: 10,
+            proxy_errors: 11,
         }
     }
 

@@ -77,8 +77,11 @@ counters! {
     /// UDP datagrams echoed back.
     datagrams_out,
     /// UDP datagrams not echoed because their source could start an echo loop (see
-    /// `loops_back` in the worker's `udp` module).
+    /// `loops_back` in the worker's echo service).
     datagrams_refused,
+    /// Connections closed because their PROXY protocol header was missing, malformed, too
+    /// long, too slow, or came from a peer not allowed to send one (`--proxy-protocol`).
+    proxy_errors,
 }
 
 impl Counters {
@@ -107,7 +110,7 @@ mod tests {
     fn wire_order_round_trips_and_the_tally_loads_what_was_bumped() {
         let a: [u64; Counters::FIELDS] = std::array::from_fn(|i| i as u64 * 7 + 1);
         assert_eq!(Counters::from_array(a).to_array(), a);
-        assert_eq!(Counters::FIELDS, 10);
+        assert_eq!(Counters::FIELDS, 11);
         assert_eq!(Counters::NAMES[2], "bytes_in");
         assert_eq!(Counters::DOCS[2].trim(), "Bytes read from clients.");
         let t = AtomicCounters::default();

@@ -44,7 +44,19 @@ pub struct WorkerConfig {
     /// What the worker speaks.
     #[arg(long, value_enum, default_value_t = ServiceKind::Echo)]
     pub service: ServiceKind,
+    /// Expect a PROXY protocol header (v1 or v2) before each connection's data.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub proxy_protocol: bool,
+    /// Peers allowed to send a PROXY header (CIDRs, comma-separated).
+    #[arg(long, default_value = DEFAULT_PROXY_FROM)]
+    pub proxy_from: String,
+    /// Seconds a connection may take to send its PROXY header.
+    #[arg(long, default_value_t = 5.0)]
+    pub proxy_timeout: f64,
 }
+
+/// Who may send a PROXY header unless `--proxy-from` says otherwise: this host only.
+pub const DEFAULT_PROXY_FROM: &str = "127.0.0.0/8,::1";
 
 impl WorkerConfig {
     /// This config as `worker` subcommand arguments (after the subcommand name).
@@ -61,6 +73,9 @@ impl WorkerConfig {
             ("--max-conns", self.max_conns.to_string()),
             ("--idle-timeout", self.idle_timeout.to_string()),
             ("--service", self.service.name().to_string()),
+            ("--proxy-protocol", self.proxy_protocol.to_string()),
+            ("--proxy-from", self.proxy_from.clone()),
+            ("--proxy-timeout", self.proxy_timeout.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -75,6 +90,16 @@ impl WorkerConfig {
     /// The idle timeout, or `None` when idle connections are kept.
     pub fn idle(&self) -> Option<Duration> {
         (self.idle_timeout > 0.0).then(|| secs(self.idle_timeout))
+    }
+
+    /// The PROXY protocol rule, when `--proxy-protocol` is on (`--proxy-from` was validated
+    /// by the command line; an unparsable one here trusts nobody rather than everybody).
+    pub fn proxy(&self) -> Option<crate::proxy::ProxyRule> {
+        self.proxy_protocol.then(|| crate::proxy::ProxyRule {
+            from: crate::proxy::Networks::parse(&self.proxy_from)
+                .unwrap_or_else(|_| crate::proxy::Networks::nobody()),
+            timeout: secs(self.proxy_timeout),
+        })
     }
 
     /// The stats interval, or `None` when periodic reports are off.
@@ -108,6 +133,9 @@ mod tests {
             max_conns: 10,
             idle_timeout: 2.5,
             service: ServiceKind::Echo,
+            proxy_protocol: true,
+            proxy_from: "10.0.0.0/8".into(),
+            proxy_timeout: 2.0,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

@@ -5,11 +5,13 @@
 //!   the service it speaks.
 //! - [`service`]: the service interface every concurrency model drives.
 //! - [`echo`]: the echo service (TCP and UDP).
+//! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`config`]: a worker's settings, shared by fork (in memory) and exec (as flags).
 
 pub mod config;
 pub mod echo;
 pub mod event_loop;
+pub mod proxy;
 pub mod service;
 
 pub use config::WorkerConfig;

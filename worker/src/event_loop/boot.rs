@@ -106,6 +106,7 @@ impl<S: Service> Worker<S> {
             .map_err(|e| io_ctx("unblocking signals")(e.into()))?;
 
         let next_report = cfg.stats_every().map(|d| Instant::now() + d);
+        let proxy = cfg.proxy();
         let mut worker = Worker {
             cfg,
             service,
@@ -125,6 +126,8 @@ impl<S: Service> Worker<S> {
             next_idle_sweep: None,
             udp,
             udp_again: false,
+            proxy,
+            pending: Slab::new(),
             udp_port,
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);

@@ -7,6 +7,7 @@
 //! report counters to the master. Signals only wake the loop; the loop decides.
 
 mod boot;
+mod proxied;
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
@@ -124,6 +125,10 @@ struct Worker<S: Service> {
     udp_port: u16,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
+    /// `--proxy-protocol`: who may send a header, and how long it may take.
+    proxy: Option<crate::proxy::ProxyRule>,
+    /// Connections still owing their PROXY header.
+    pending: Slab<proxied::Pending>,
 }
 
 impl<S: Service> Worker<S> {
@@ -157,6 +162,9 @@ impl<S: Service> Worker<S> {
                             return Stop::Now("the master is gone");
                         }
                     }
+                    Token(t) if t >= proxied::PENDING_BASE => {
+                        self.on_pending(t - proxied::PENDING_BASE)
+                    }
                     Token(t) => self.on_connection_event(t - FIRST_CONN, event),
                 }
             }
@@ -185,6 +193,7 @@ impl<S: Service> Worker<S> {
             self.next_report,
             deadline,
             self.next_idle_sweep,
+            self.next_pending_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -215,6 +224,7 @@ impl<S: Service> Worker<S> {
 
     fn on_timers(&mut self) -> Option<Stop> {
         let now = Instant::now();
+        self.expire_pending(now);
         if self.next_idle_sweep.is_some_and(|t| now >= t) {
             self.next_idle_sweep = self.idle_sweep_every().map(|d| now + d);
             self.close_idle(now);
@@ -311,7 +321,7 @@ impl<S: Service> Worker<S> {
         self.udp_again = true;
     }
 
-    fn add_connection(&mut self, mut stream: TcpStream) {
+    fn add_connection(&mut self, stream: TcpStream) {
         self.counters.accepted += 1;
         if self.cfg.max_conns > 0 && self.conns.len() as u64 >= self.cfg.max_conns {
             // At the limit: reset at once (SO_LINGER 0 makes close send RST), so the client
@@ -329,6 +339,15 @@ impl<S: Service> Worker<S> {
         }
         // Echo is request/response shaped: don't let Nagle hold back a small reply.
         let _ = stream.set_nodelay(true);
+        if self.proxy.is_some() {
+            self.await_header(stream);
+        } else {
+            self.start_session(stream);
+        }
+    }
+
+    /// Makes an accepted connection (its PROXY header, if any, consumed) a service session.
+    fn start_session(&mut self, mut stream: TcpStream) {
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key() + FIRST_CONN);
         if let Err(e) = self.poll.registry().register(

@@ -1,0 +1,215 @@
+//! `--proxy-protocol`: the header a load balancer sends first is read and stripped before the
+//! service sees a byte, only from allowed peers, and anything else closes the connection with
+//! a counted error — in every mode, and end to end through the real HAProxy.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, wait_until};
+
+const MODES: [&[&str]; 4] = [
+    &["--mode", "process", "--spawn", "fork"],
+    &["--mode", "process", "--spawn", "exec"],
+    &["--mode", "thread"],
+    &["--mode", "fork-per-conn"],
+];
+
+fn start(mode: &[&str], extra: &[&str]) -> Server {
+    let mut args = vec!["--workers", "1", "--proxy-protocol"];
+    args.extend_from_slice(mode);
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn proxy_errors(server: &Server) -> u64 {
+    server.stats()["totals"]["proxy_errors"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Writes `parts` (with a pause between them, so they arrive apart), half-closes, and returns
+/// everything the server sent back before closing.
+fn exchange(addr: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
+    let mut s = common::client(addr);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if s.write_all(p).is_err() {
+            break;
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    back
+}
+
+fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(c), SocketAddr::V4(s)) = (client, server) else {
+        unreachable!("v4 only here")
+    };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&c.ip().octets());
+    h.extend_from_slice(&s.ip().octets());
+    h.extend_from_slice(&c.port().to_be_bytes());
+    h.extend_from_slice(&s.port().to_be_bytes());
+    h
+}
+
+#[test]
+fn headers_are_stripped_and_bad_ones_close_the_connection_in_every_mode() {
+    for mode in MODES {
+        let server = start(mode, &["--proxy-timeout", "1"]);
+        let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 7007\r\n";
+        assert_eq!(
+            exchange(server.addr, &[v1, b"hello"]),
+            b"hello",
+            "{mode:?} v1"
+        );
+        // v1 and data in one segment: the data after the header is not lost.
+        let mut joined = v1.to_vec();
+        joined.extend_from_slice(b"same segment");
+        assert_eq!(
+            exchange(server.addr, &[&joined]),
+            b"same segment",
+            "{mode:?}"
+        );
+        // v2, split across segments.
+        let h = v2_header("192.0.2.9:4000".parse().unwrap(), server.addr);
+        assert_eq!(
+            exchange(server.addr, &[&h[..7], &h[7..], b"binary"]),
+            b"binary",
+            "{mode:?} v2"
+        );
+        assert_eq!(proxy_errors(&server), 0, "{mode:?}");
+        // No header, a malformed one, and one that never completes: closed, nothing echoed.
+        assert_eq!(
+            exchange(server.addr, &[b"hello without header"]),
+            b"",
+            "{mode:?}"
+        );
+        assert_eq!(
+            exchange(server.addr, &[b"PROXY TCP9 x y 1 2\r\nhi"]),
+            b"",
+            "{mode:?}"
+        );
+        let t = Instant::now();
+        let mut slow = common::client(server.addr);
+        slow.write_all(b"PROXY TCP4 192.0.2.7").unwrap();
+        let mut back = Vec::new();
+        let _ = slow.read_to_end(&mut back);
+        assert!(back.is_empty(), "{mode:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{mode:?}: {:?}",
+            t.elapsed()
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || proxy_errors(&server) == 3),
+            "{mode:?}: {}",
+            server.stats()["totals"]
+        );
+    }
+}
+
+#[test]
+fn headers_from_peers_not_allowed_to_send_them_are_refused() {
+    for mode in MODES {
+        let server = start(mode, &["--proxy-from", "10.0.0.0/8"]);
+        let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 7007\r\n";
+        assert_eq!(exchange(server.addr, &[v1, b"lie"]), b"", "{mode:?}");
+        assert!(
+            wait_until(Duration::from_secs(10), || proxy_errors(&server) == 1),
+            "{mode:?}"
+        );
+    }
+    let out = Command::new(common::BIN)
+        .args(["--proxy-protocol", "--proxy-from", "10.0.0.0/33"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A free loopback port (closed again at once; the race with another process is harmless
+/// here: HAProxy would fail to bind and the test would say so).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn end_to_end_through_haproxy_with_send_proxy_v2() {
+    if Command::new("haproxy").arg("-v").output().is_err() {
+        eprintln!("haproxy is not installed (.ci/run installs it): skipping the HAProxy test");
+        return;
+    }
+    let server = Server::launch(
+        common::BIN,
+        &["--workers", "2", "--proxy-protocol"],
+        &[("PREFORK_ECHO_LOG", "debug")],
+        true,
+    )
+    .unwrap();
+    let dir = common::scratch_dir();
+    let front = free_port();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend echo\n  bind 127.0.0.1:{front}\n  default_backend prefork\n\
+             backend prefork\n  server s1 {} send-proxy-v2\n",
+            server.addr
+        ),
+    )
+    .unwrap();
+    let mut haproxy = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = common::KillOnDrop::new(haproxy.id() as i32);
+    let front: SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || TcpStream::connect(front)
+            .is_ok()),
+        "haproxy did not start"
+    );
+    let mut total = 0;
+    for i in 0..20 {
+        let msg = format!("through haproxy {i}\n").repeat(50);
+        let back = exchange(front, &[msg.as_bytes()]);
+        assert_eq!(back, msg.as_bytes(), "echo {i} through HAProxy");
+        total += msg.len() as u64;
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        server.stats()["totals"]["bytes_in"].as_u64() == Some(total)
+    }));
+    assert_eq!(
+        proxy_errors(&server),
+        0,
+        "the headers were read, never echoed"
+    );
+    // The real client (HAProxy's client side, here this test) is in the debug log, not
+    // HAProxy's own address alone.
+    assert!(
+        server.wait_for_log("connection from 127.0.0.1:", Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
