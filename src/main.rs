@@ -5,6 +5,7 @@
 mod blocking;
 mod cli;
 mod client;
+mod clients;
 mod config;
 mod control;
 mod fork_per_conn;

@@ -7,13 +7,14 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use protocol::stats::Counters;
-use slab::Slab;
 
+use crate::clients::{ClientId, Clients};
 use crate::stats::Snapshot;
 
 /// Longest request (line and headers) accepted.
@@ -160,29 +161,27 @@ fn labels(id: u32, generation: u32, pid: u32) -> String {
     format!("{{worker=\"{id}\",generation=\"{generation}\",pid=\"{pid}\"}}")
 }
 
-/// Names one scraper across calls (slot and serial, as for control clients).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScrapeId {
-    key: usize,
-    serial: u64,
-}
+/// Names one scraper across calls.
+pub type ScrapeId = ClientId;
 
 struct Scraper {
     stream: TcpStream,
-    serial: u64,
     request: Vec<u8>,
     answer: Vec<u8>,
     written: usize,
     waiting: bool,
-    deadline: Instant,
+}
+
+impl AsFd for Scraper {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 /// The metrics listener and its scrapers, driven by the owner's loop under tokens from `base`.
 pub struct MetricsServer {
     listener: TcpListener,
-    clients: Slab<Scraper>,
-    base: usize,
-    serial: u64,
+    clients: Clients<Scraper>,
 }
 
 impl MetricsServer {
@@ -196,9 +195,7 @@ impl MetricsServer {
     pub fn adopt(listener: std::net::TcpListener) -> MetricsServer {
         MetricsServer {
             listener: TcpListener::from_std(listener),
-            clients: Slab::new(),
-            base: usize::MAX,
-            serial: 0,
+            clients: Clients::new(),
         }
     }
 
@@ -209,26 +206,25 @@ impl MetricsServer {
 
     /// The listening descriptor, to hand to a successor.
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
         self.listener.as_raw_fd()
     }
 
     /// Watches the listener from `registry`, under tokens from `base` upwards.
     pub fn register(&mut self, registry: &Registry, base: usize) -> io::Result<()> {
-        self.base = base;
+        self.clients.set_base(base);
         registry.register(&mut self.listener, Token(base), Interest::READABLE)
     }
 
     /// Handles readiness of one of its tokens; `wants` hears of each scraper whose request is
     /// complete and valid (answer it with [`respond`](Self::respond)).
     pub fn handle(&mut self, registry: &Registry, token: Token, wants: &mut dyn FnMut(ScrapeId)) {
-        if token.0 == self.base {
+        if self.clients.is_listener(token) {
             self.accept(registry);
             return;
         }
-        let key = token.0 - self.base - 1;
+        let key = self.clients.key(token);
         if self.progress(key, wants) {
-            self.drop_client(registry, key);
+            self.clients.remove(registry, key);
         }
     }
 
@@ -249,58 +245,43 @@ impl MetricsServer {
 
     /// Sends the exposition to a scraper that asked for it.
     pub fn respond(&mut self, registry: &Registry, id: ScrapeId, body: &str) {
-        match self.clients.get_mut(id.key) {
-            Some(c) if c.serial == id.serial && c.waiting => {
-                c.waiting = false;
-                c.answer = http("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
+        match self.clients.get(id) {
+            Some(e) if e.state.waiting => {
+                e.state.waiting = false;
+                e.state.answer = http("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
             }
             _ => return,
         }
-        if self.progress(id.key, &mut |_| {}) {
-            self.drop_client(registry, id.key);
+        let key = Clients::<Scraper>::key_of(id);
+        if self.progress(key, &mut |_| {}) {
+            self.clients.remove(registry, key);
         }
     }
 
     /// Drops scrapers past their deadline.
     pub fn expire(&mut self, registry: &Registry, now: Instant) {
-        let late: Vec<usize> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for key in late {
-            self.drop_client(registry, key);
-        }
+        self.clients.expire(registry, now);
     }
 
     /// The earliest scraper deadline, for the owner's wait.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.iter().map(|(_, c)| c.deadline).min()
+        self.clients.next_deadline()
     }
 
     fn accept(&mut self, registry: &Registry) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
-                    let entry = self.clients.vacant_entry();
-                    let token = Token(self.base + 1 + entry.key());
-                    if registry
-                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    self.serial += 1;
-                    entry.insert(Scraper {
+                Ok((stream, _)) => {
+                    let scraper = Scraper {
                         stream,
-                        serial: self.serial,
                         request: Vec::new(),
                         answer: Vec::new(),
                         written: 0,
                         waiting: false,
-                        deadline: Instant::now() + DEADLINE,
-                    });
+                    };
+                    let _ = self
+                        .clients
+                        .add(registry, scraper, Instant::now() + DEADLINE);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -311,9 +292,10 @@ impl MetricsServer {
 
     /// Advances one scraper; `true` when it is done (answered, gone or misbehaving).
     fn progress(&mut self, key: usize, wants: &mut dyn FnMut(ScrapeId)) -> bool {
-        let Some(c) = self.clients.get_mut(key) else {
+        let Some((id, entry)) = self.clients.get_mut(key) else {
             return false;
         };
+        let c = &mut entry.state;
         if c.waiting {
             return false;
         }
@@ -336,10 +318,7 @@ impl MetricsServer {
                 match route(&c.request) {
                     Ok(()) => {
                         c.waiting = true;
-                        wants(ScrapeId {
-                            key,
-                            serial: c.serial,
-                        });
+                        wants(id);
                         return false;
                     }
                     Err(status) => c.answer = http(status, "text/plain", ""),
@@ -355,12 +334,6 @@ impl MetricsServer {
             }
         }
         true
-    }
-
-    fn drop_client(&mut self, registry: &Registry, key: usize) {
-        if let Some(mut c) = self.clients.try_remove(key) {
-            let _ = registry.deregister(&mut c.stream);
-        }
     }
 }
 

@@ -22,8 +22,9 @@ use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use interprocess::os::unix::uds_local_socket::{Listener, Stream};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use slab::Slab;
 use thiserror::Error;
+
+use crate::clients::Clients;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 256;
@@ -39,13 +40,9 @@ pub use connect::{default_path, request_within};
 
 pub use messages::{Request, Response};
 
-/// Names one control client across calls: a slot and a serial, so an answer deferred for a
-/// client that has since gone never reaches a newer client in the same slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientId {
-    key: usize,
-    serial: u64,
-}
+/// Names one control client across calls (an answer deferred for a client that has since
+/// gone never reaches a newer client in its slot).
+pub use crate::clients::ClientId;
 
 /// Why the control socket could not be set up or reached.
 #[derive(Debug, Error)]
@@ -117,21 +114,23 @@ impl Drop for Name {
 
 struct Client {
     stream: Stream,
-    serial: u64,
     request: Vec<u8>,
     /// The request was read and its answer is deferred.
     waiting: bool,
     answer: Vec<u8>,
     written: usize,
-    deadline: Instant,
+}
+
+impl AsFd for Client {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 /// The listening control socket and its clients, driven by the owner's mio loop.
 pub struct ControlServer {
     listener: Listener,
-    clients: Slab<Client>,
-    base: usize,
-    serial: u64,
+    clients: Clients<Client>,
     name: Name,
 }
 
@@ -190,9 +189,7 @@ impl ControlServer {
     fn serving(listener: Listener, path: &Path, id: Option<(u64, u64)>, owned: bool) -> Self {
         ControlServer {
             listener,
-            clients: Slab::new(),
-            base: usize::MAX,
-            serial: 0,
+            clients: Clients::new(),
             name: Name {
                 path: path.to_path_buf(),
                 id,
@@ -238,7 +235,7 @@ impl ControlServer {
 
     /// Watches the socket from `registry`, under tokens from `base` upwards.
     pub fn register(&mut self, registry: &Registry, base: usize) -> io::Result<()> {
-        self.base = base;
+        self.clients.set_base(base);
         registry.register(
             &mut SourceFd(&self.listener.as_fd().as_raw_fd()),
             Token(base),
@@ -251,95 +248,74 @@ impl ControlServer {
         self.name.owned = false;
     }
 
-    /// Handles readiness of one of its tokens; `answer` turns a request into the JSON line,
-    /// or `None` to answer later with [`respond`](Self::respond).
+    /// Handles readiness of one of its tokens; `answer` turns a request into its answer, or
+    /// `None` to answer later with [`respond`](Self::respond).
     pub fn handle(
         &mut self,
         registry: &Registry,
         token: Token,
         answer: &mut dyn FnMut(&Request, ClientId) -> Option<Response>,
     ) {
-        if token.0 == self.base {
+        if self.clients.is_listener(token) {
             self.accept(registry);
             return;
         }
-        let key = token.0 - self.base - 1;
+        let key = self.clients.key(token);
         if let Some(done) = self.progress(key, answer) {
             if let Some(why) = done {
                 protocol::log!("control client dropped: {why}");
             }
-            self.drop_client(registry, key);
+            self.clients.remove(registry, key);
         }
     }
 
     /// Sends a deferred answer; a client that has gone meanwhile is skipped.
     pub fn respond(&mut self, registry: &Registry, id: ClientId, answer: &Response) {
-        let line = answer.to_line();
-        match self.clients.get_mut(id.key) {
-            Some(c) if c.serial == id.serial && c.waiting => {
-                c.waiting = false;
-                c.answer = (line + "\n").into_bytes();
-                c.deadline = Instant::now() + CLIENT_DEADLINE;
+        match self.clients.get(id) {
+            Some(e) if e.state.waiting => {
+                e.state.waiting = false;
+                e.state.answer = (answer.to_line() + "\n").into_bytes();
+                e.deadline = Instant::now() + CLIENT_DEADLINE;
             }
             _ => return,
         }
-        if let Some(done) = self.progress(id.key, &mut |_, _| None) {
+        let key = Clients::<Client>::key_of(id);
+        if let Some(done) = self.progress(key, &mut |_, _| None) {
             if let Some(why) = done {
                 protocol::log!("control client dropped: {why}");
             }
-            self.drop_client(registry, id.key);
+            self.clients.remove(registry, key);
         }
     }
 
     /// Drops clients past their deadline (they stalled or never read).
     pub fn expire(&mut self, registry: &Registry) {
-        let now = Instant::now();
-        let late: Vec<usize> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for key in late {
+        for _ in 0..self.clients.expire(registry, Instant::now()) {
             protocol::log!(
                 "control client dropped: no complete exchange within {CLIENT_DEADLINE:?}"
             );
-            self.drop_client(registry, key);
         }
     }
 
     /// The earliest client deadline, for the owner's poll timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.iter().map(|(_, c)| c.deadline).min()
+        self.clients.next_deadline()
     }
 
     fn accept(&mut self, registry: &Registry) {
         loop {
             match self.listener.accept() {
                 Ok(stream) => {
-                    let entry = self.clients.vacant_entry();
-                    let token = Token(self.base + 1 + entry.key());
-                    let fd = stream.as_fd().as_raw_fd();
-                    if registry
-                        .register(
-                            &mut SourceFd(&fd),
-                            token,
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    self.serial += 1;
-                    entry.insert(Client {
+                    let client = Client {
                         stream,
-                        serial: self.serial,
                         waiting: false,
                         request: Vec::new(),
                         answer: Vec::new(),
                         written: 0,
-                        deadline: Instant::now() + CLIENT_DEADLINE,
-                    });
+                    };
+                    let _ = self
+                        .clients
+                        .add(registry, client, Instant::now() + CLIENT_DEADLINE);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -357,7 +333,8 @@ impl ControlServer {
         key: usize,
         answer: &mut dyn FnMut(&Request, ClientId) -> Option<Response>,
     ) -> Option<Option<String>> {
-        let c = self.clients.get_mut(key)?;
+        let (id, entry) = self.clients.get_mut(key)?;
+        let c = &mut entry.state;
         if c.waiting {
             return None;
         }
@@ -387,16 +364,12 @@ impl ControlServer {
             if newline > MAX_REQUEST {
                 return Some(Some(format!("request longer than {MAX_REQUEST} bytes")));
             }
-            let id = ClientId {
-                key,
-                serial: c.serial,
-            };
             let line = match Request::parse(&c.request[..newline]) {
                 Ok(req) => match answer(&req, id) {
                     Some(response) => response.to_line(),
                     None => {
                         c.waiting = true;
-                        c.deadline = Instant::now() + DEFERRED_DEADLINE;
+                        entry.deadline = Instant::now() + DEFERRED_DEADLINE;
                         return None;
                     }
                 },
@@ -416,12 +389,6 @@ impl ControlServer {
             }
         }
         Some(None)
-    }
-
-    fn drop_client(&mut self, registry: &Registry, key: usize) {
-        if let Some(c) = self.clients.try_remove(key) {
-            let _ = registry.deregister(&mut SourceFd(&c.stream.as_fd().as_raw_fd()));
-        }
     }
 }
 
