@@ -193,6 +193,9 @@ impl MetricsServer {
 
     /// Serves a listener handed over by the master this one replaced (binary upgrade).
     pub fn adopt(listener: std::net::TcpListener) -> MetricsServer {
+        // Inherited across exec: say what the loop needs rather than trust the old settings.
+        let _ = listener.set_nonblocking(true);
+        let _ = socket2::SockRef::from(&listener).set_cloexec(true);
         MetricsServer {
             listener: TcpListener::from_std(listener),
             clients: Clients::new(),

@@ -185,14 +185,20 @@ fn an_upgrade_under_user_keeps_serving_as_that_user() {
     };
     let dir = common::scratch_dir();
     let pid_file = dir.join("echo.pid");
-    let mut server = Server::start(&[
-        "--workers",
-        "2",
-        "--user",
-        "nobody",
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-    ]);
+    // The new master is exec'd as nobody: run a copy it can reach, wherever the checkout is.
+    let bin = common::BinaryCopy::new();
+    let mut server = Server::try_start(
+        &bin.path,
+        &[
+            "--workers",
+            "2",
+            "--user",
+            "nobody",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
     let mut held = server.connect();
     echo(&mut held, b"before");
     server.signal(Signal::SIGUSR2);

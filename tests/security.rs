@@ -211,7 +211,9 @@ fn a_control_socket_served_by_another_user_is_not_believed() {
     let dir = common::scratch_dir();
     set_mode(&dir, 0o1777);
     let fake = dir.join("prefork-echo-7007.sock");
-    let mut cmd = Command::new(common::BIN);
+    // A copy nobody can execute, wherever the checkout lives.
+    let bin = common::BinaryCopy::new();
+    let mut cmd = Command::new(&bin.path);
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "1", "--control"])
         .arg(&fake)
         .uid(user.uid.as_raw())

@@ -256,10 +256,15 @@ pub struct BinaryCopy {
 }
 
 impl BinaryCopy {
+    /// The copy lives in a world-traversable directory (mode 0755 under the temp dir), so a
+    /// process running as another user (`nobody`) can execute it wherever the checkout is.
     pub fn new() -> BinaryCopy {
+        use std::os::unix::fs::PermissionsExt;
         let dir = scratch_dir();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("prefork-echo");
         std::fs::copy(BIN, &path).expect("copying the binary");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         BinaryCopy { dir, path }
     }
 
