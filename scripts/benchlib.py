@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+# Cargo puts binaries under CARGO_TARGET_DIR when it is set (relative to where cargo runs,
+# which is ROOT for every build here), else under ROOT/target.
+def _target_dir(manifest_dir):
+    t = os.environ.get("CARGO_TARGET_DIR")
+    return (ROOT / t if not os.path.isabs(t) else Path(t)) if t else manifest_dir / "target"
+
+
+RELEASE = _target_dir(ROOT) / "release"
 SERVER = RELEASE / "prefork-echo"
 LOAD = RELEASE / "echo-load"
 _started = []
@@ -52,8 +59,8 @@ def build_peer(name):
     """Builds scripts/peers/NAME and returns its binary path."""
     manifest = ROOT / "scripts" / "peers" / name / "Cargo.toml"
     log(f"building peer {name}")
-    subprocess.run(["cargo", "build", "--release", "--manifest-path", str(manifest)], check=True)
-    return ROOT / "scripts" / "peers" / name / "target" / "release" / name
+    subprocess.run(["cargo", "build", "--release", "--manifest-path", str(manifest)], cwd=ROOT, check=True)
+    return _target_dir(ROOT / "scripts" / "peers" / name) / "release" / name
 
 
 def descendants(pid):
