@@ -175,6 +175,17 @@ pub struct ServeArgs {
     /// Write the master's pid here (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
+    /// With --service tftp: the directory served. Every name a client sends resolves beneath
+    /// it; `..`, absolute paths and symlinks leading out are refused (TFTP error 2).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// With --service tftp: accept write requests, creating new files only (never
+    /// overwriting one), each at most --tftp-max-file bytes.
+    #[arg(long)]
+    pub tftp_write: bool,
+    /// With --tftp-write: the largest file an upload may create, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = worker::tftp::DEFAULT_MAX_FILE)]
+    pub tftp_max_file: u64,
 }
 
 /// How a control command finds the server: its control socket.
@@ -239,6 +250,30 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     }
     if let Some(Err(e)) = args.metrics.as_deref().map(crate::listener::resolve) {
         return Err(Cli::command().error(ErrorKind::ValueValidation, format!("--metrics: {e}")));
+    }
+    let tftp = args.service == ServiceKind::Tftp;
+    let conflict = |msg: &str| Err(Cli::command().error(ErrorKind::ArgumentConflict, msg));
+    match (&args.root, tftp) {
+        (None, true) => {
+            return conflict("--service tftp needs --root DIR: the directory it serves");
+        }
+        (Some(_), false) => return conflict("--root is for --service tftp"),
+        (Some(root), true) if !root.is_dir() => {
+            return Err(Cli::command().error(
+                ErrorKind::ValueValidation,
+                format!("--root {}: not a directory", root.display()),
+            ));
+        }
+        (Some(root), true) if root.to_str().is_none() => {
+            return conflict("--root must be a UTF-8 path (it is passed to exec'd workers)");
+        }
+        _ => {}
+    }
+    if !tftp && args.tftp_write {
+        return conflict("--tftp-write is for --service tftp");
+    }
+    if tftp && (args.udp || args.proxy_protocol) {
+        return conflict("--service tftp is UDP only: --udp and --proxy-protocol are for echo");
     }
     if args.udp && args.mode == Mode::ForkPerConn {
         return Err(Cli::command().error(

@@ -1,7 +1,9 @@
 //! Fork-per-connection mode: the textbook forking server, for comparison. The master accepts;
 //! each connection gets a child process of its own that echoes with blocking I/O and exits.
+//! A datagram service (TFTP) is served as tftpd serves it: the master receives each request
+//! and forks a child that answers it and carries the whole transfer.
 //!
-//! Children report their byte counts once, as they exit, as one fixed-size record on a pipe
+//! Children report their counters once, as they exit, as one fixed-size record on a pipe
 //! shared by all of them: a write of at most PIPE_BUF bytes is atomic, so records from many
 //! children never interleave. The master reaps every child and keeps the tally.
 
@@ -12,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mio::net::TcpListener;
+use mio::net::{TcpListener, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
@@ -27,12 +29,18 @@ use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
-use worker::service::{End, Service};
+use worker::exchange::drive_blocking;
+use worker::service::{DatagramAnswer, End, Service};
 
 const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
 const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
-/// bytes in, bytes out, error flag, idle-closed flag: four little-endian u64s.
-const RECORD: usize = 40;
+/// A child's counters, little-endian u64s in wire order (well under PIPE_BUF).
+const RECORD: usize = Counters::FIELDS * 8;
+/// Children at most when `--max-conns` sets no limit, for a datagram service: every request
+/// datagram forks, and a flood of them must not fork without end.
+const DEFAULT_MAX_DATAGRAM_CHILDREN: u64 = 512;
+/// Request datagrams taken per loop turn.
+const DATAGRAMS_PER_TURN: usize = 64;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -55,9 +63,17 @@ pub fn run<S: Service>(
     let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     let lp = ServeLoop::new(Some(sigs), &mut control)?;
     let metrics = metrics.map(|m| lp.watch_metrics(m)).transpose()?;
-    let mut listener = TcpListener::from_std(StdListener::from(OwnedFd::from(listener)));
+    let listener =
+        if listener.r#type().context("reading the socket's type")? == socket2::Type::DGRAM {
+            Source::Datagram(UdpSocket::from_std(std::net::UdpSocket::from(listener)))
+        } else {
+            Source::Stream(TcpListener::from_std(StdListener::from(OwnedFd::from(
+                listener,
+            ))))
+        };
+    let fd = listener.raw_fd();
     lp.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
+        .register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)
         .context("watching the listener")?;
     let (reports, report_tx) = io::pipe().context("creating the report pipe")?;
     // Children write their one record with a blocking write; only the master reads, and it
@@ -80,6 +96,7 @@ pub fn run<S: Service>(
         service,
         lp,
         listener: Some(listener),
+        receive_again: false,
         reports,
         report_tx,
         partial: Vec::new(),
@@ -96,12 +113,29 @@ pub fn run<S: Service>(
     server.serve()
 }
 
+/// What the master receives from: connections, or request datagrams.
+enum Source {
+    Stream(TcpListener),
+    Datagram(UdpSocket),
+}
+
+impl Source {
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Source::Stream(l) => l.as_raw_fd(),
+            Source::Datagram(u) => u.as_raw_fd(),
+        }
+    }
+}
+
 struct ForkServer<S: Service> {
     cfg: SingleProcessConfig,
     service: S,
     /// The poll, signals and control socket (a connection's child drops the signals).
     lp: ServeLoop,
-    listener: Option<TcpListener>,
+    listener: Option<Source>,
+    /// A full turn of request datagrams was taken: more may be waiting.
+    receive_again: bool,
     reports: io::PipeReader,
     report_tx: io::PipeWriter,
     partial: Vec<u8>,
@@ -134,7 +168,12 @@ impl<S: Service> ForkServer<S> {
                 .lp
                 .wait(
                     Instant::now(),
-                    [deadline, self.stats_log.next(), control],
+                    [
+                        deadline,
+                        self.stats_log.next(),
+                        control,
+                        self.receive_again.then(Instant::now),
+                    ],
                     None,
                 )
                 .context("waiting for events")?;
@@ -142,7 +181,11 @@ impl<S: Service> ForkServer<S> {
             for r in ready {
                 match r {
                     Ready::Signal(sig) => pending.push(sig),
-                    Ready::Source(LISTENER) => self.accept_all(),
+                    Ready::Source(LISTENER) => match &self.listener {
+                        Some(Source::Stream(_)) => self.accept_all(),
+                        Some(Source::Datagram(_)) => self.receive_all(),
+                        None => {}
+                    },
                     Ready::Source(REPORTS) => self.read_reports(),
                     Ready::Source(_) => {}
                     Ready::Metrics(t) => {
@@ -166,6 +209,9 @@ impl<S: Service> ForkServer<S> {
                         }
                     }
                 }
+            }
+            if std::mem::take(&mut self.receive_again) {
+                self.receive_all();
             }
             for sig in pending {
                 self.on_signal(sig);
@@ -248,7 +294,7 @@ impl<S: Service> ForkServer<S> {
     }
 
     fn accept_all(&mut self) {
-        while let Some(listener) = &self.listener {
+        while let Some(Source::Stream(listener)) = &self.listener {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -300,6 +346,63 @@ impl<S: Service> ForkServer<S> {
         }
     }
 
+    /// Takes request datagrams; each forks a child that answers it.
+    fn receive_all(&mut self) {
+        let mut buf = vec![0u8; worker::exchange::SCRATCH];
+        for _ in 0..DATAGRAMS_PER_TURN {
+            let Some(Source::Datagram(udp)) = &self.listener else {
+                return;
+            };
+            let (n, peer) = match udp.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.counters.io_errors += 1;
+                    continue;
+                }
+            };
+            self.counters.datagrams_in += 1;
+            let limit = match self.cfg.limits.max_conns {
+                0 => DEFAULT_MAX_DATAGRAM_CHILDREN,
+                n => n,
+            };
+            if self.children.len() as u64 >= limit {
+                // No process to spare: the request is dropped and the client retries.
+                self.counters.closed_by_limit += 1;
+                continue;
+            }
+            let keep = [
+                udp.as_raw_fd(),
+                self.report_tx.as_fd().as_raw_fd(),
+                -1,
+                -1,
+                -1,
+            ];
+            let lp = &mut self.lp;
+            let (service, report_tx) = (&self.service, &self.report_tx);
+            let datagram = &buf[..n];
+            let forked = fork_child(
+                Lineage::Worker,
+                keep,
+                &[],
+                || lp.drop_signals(),
+                || datagram_child(service, (datagram, peer, udp), report_tx),
+            );
+            match forked {
+                Ok(pid) => {
+                    self.children.insert(pid, Instant::now());
+                }
+                Err(e) => {
+                    self.counters.accept_errors += 1;
+                    protocol::log!("cannot fork for a request: {e}");
+                }
+            }
+        }
+        // More may be waiting: the listener is edge-triggered, so look again next turn.
+        self.receive_again = true;
+    }
+
     fn read_reports(&mut self) {
         let mut buf = [0u8; RECORD * 64];
         loop {
@@ -317,11 +420,9 @@ impl<S: Service> ForkServer<S> {
                 b.copy_from_slice(&rec[i * 8..i * 8 + 8]);
                 u64::from_le_bytes(b)
             };
-            self.counters.bytes_in += field(0);
-            self.counters.bytes_out += field(1);
-            self.counters.io_errors += field(2).min(1);
-            self.counters.closed_by_limit += field(3).min(1);
-            self.counters.proxy_errors += field(4).min(1);
+            let mut c = Counters::from_array(std::array::from_fn(field));
+            c.active = 0; // the gauge is the number of children, counted here
+            self.counters.add(&c);
         }
         self.partial.drain(..whole);
     }
@@ -361,34 +462,68 @@ impl<S: Service> ForkServer<S> {
     }
 }
 
+/// Writes a child's counters as its one record.
+fn report(c: &Counters, to: &io::PipeWriter) {
+    let mut rec = [0u8; RECORD];
+    for (chunk, v) in rec.chunks_exact_mut(8).zip(c.to_array()) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    let _ = (&*to).write_all(&rec);
+}
+
 /// A connection's child: default signal dispositions (it has no graceful state to keep), the
 /// service's conversation, report, exit.
 fn child<S: Service>(
     service: &S,
     stream: io::Result<std::net::TcpStream>,
     (idle, proxy): (Option<Duration>, &Option<worker::proxy::ProxyRule>),
-    report: &io::PipeWriter,
+    to: &io::PipeWriter,
 ) -> i32 {
     // `fork_child` reset TERM and QUIT to their defaults: either ends this child at once.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let Ok(stream) = stream else { return 1 };
-    let mut rec = [0u8; RECORD];
+    let mut c = Counters::default();
     if let Some(rule) = proxy {
         if rule.accept_blocking(&stream).is_err() {
-            rec[32..].copy_from_slice(&1u64.to_le_bytes());
-            let _ = (&*report).write_all(&rec);
+            c.proxy_errors = 1;
+            report(&c, to);
             return 0;
         }
     }
-    let (mut read, mut written) = (0u64, 0u64);
     let end = service.serve_blocking(stream, idle, &mut |r, w| {
-        read += r;
-        written += w;
+        c.bytes_in += r;
+        c.bytes_out += w;
     });
-    rec[..8].copy_from_slice(&read.to_le_bytes());
-    rec[8..16].copy_from_slice(&written.to_le_bytes());
-    rec[16..24].copy_from_slice(&u64::from(end == End::Error).to_le_bytes());
-    rec[24..32].copy_from_slice(&u64::from(end == End::Idle).to_le_bytes());
-    let _ = (&*report).write_all(&rec);
+    c.io_errors = u64::from(end == End::Error);
+    c.closed_by_limit = u64::from(end == End::Idle);
+    report(&c, to);
+    0
+}
+
+/// A request datagram's child: the service answers it from here, and an exchange it begins
+/// (a TFTP transfer) runs to its end in this process.
+fn datagram_child<S: Service>(
+    service: &S,
+    (datagram, peer, shared): (&[u8], SocketAddr, &UdpSocket),
+    to: &io::PipeWriter,
+) -> i32 {
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let mut c = Counters::default();
+    let local = shared
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    match service.answer_datagram(datagram, peer, local) {
+        DatagramAnswer::Refuse => c.datagrams_refused += 1,
+        DatagramAnswer::Ignore => {}
+        DatagramAnswer::Reply(reply) => match shared.send_to(&reply, peer) {
+            Ok(_) => c.datagrams_out += 1,
+            Err(_) => c.io_errors += 1,
+        },
+        DatagramAnswer::Begin(mut x) => {
+            c.transfers += 1;
+            drive_blocking(&mut x, &mut c, &|| false);
+        }
+    }
+    report(&c, to);
     0
 }

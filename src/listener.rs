@@ -78,10 +78,11 @@ pub fn adopt_udp(fd: std::os::fd::OwnedFd) -> std::io::Result<std::net::UdpSocke
     Ok(socket.into())
 }
 
-/// Takes over a listening socket someone else bound (systemd socket activation).
+/// Takes over the service's socket someone else bound (systemd socket activation, or the old
+/// master in an upgrade): a listening TCP socket, or the UDP socket of a datagram service.
 pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Socket> {
     let socket = Socket::from(fd);
-    if !socket.is_listener()? {
+    if socket.r#type()? != Type::DGRAM && !socket.is_listener()? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "the inherited descriptor is not a listening socket",

@@ -34,7 +34,7 @@ use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use cli::{Cli, Command, Mode, ServeArgs};
-use worker::service::ServiceKind;
+use worker::service::{ServiceKind, Transport};
 
 fn main() -> ExitCode {
     protocol::log::init();
@@ -129,6 +129,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             proxy_protocol: args.proxy_protocol,
             proxy_from: args.proxy_from.clone(),
             proxy_timeout: args.proxy_timeout,
+            root: args.root.clone(),
+            tftp_write: args.tftp_write,
+            tftp_max_file: args.tftp_max_file,
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -167,7 +170,13 @@ fn serve(args: ServeArgs) -> Result<()> {
             );
             s
         }
-        (None, None) => listener::bind(listener::resolve(&args.listen)?, args.backlog)?,
+        (None, None) => {
+            let at = listener::resolve(&args.listen)?;
+            match args.service.transport() {
+                Transport::Stream => listener::bind(at, args.backlog)?,
+                Transport::Datagram => listener::bind_udp(at)?.into(),
+            }
+        }
     };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
     let udp = match (args.udp, inherited_udp) {
@@ -275,6 +284,12 @@ fn run_mode(
     let echo = worker::echo::Echo {
         max_unsent: settings.worker.max_unsent,
     };
+    let tftp = || -> Result<worker::tftp::Tftp> {
+        let w = &settings.worker;
+        let root = w.root.as_deref().unwrap_or(std::path::Path::new("."));
+        worker::tftp::Tftp::new(root, w.tftp_write, w.tftp_max_file)
+            .with_context(|| format!("--root {}", root.display()))
+    };
     let limits = blocking::Limits::of(&settings.worker);
     let proxy = settings.worker.proxy();
     let single_process = || blocking::SingleProcessConfig {
@@ -308,10 +323,13 @@ fn run_mode(
                     "--workers {workers} is ignored in fork-per-conn mode: the master accepts and forks one child per connection"
                 );
             }
+            let sockets = (control_server, metrics);
             match args.service {
                 ServiceKind::Echo => {
-                    let sockets = (control_server, metrics);
                     fork_per_conn::run(single_process(), echo, socket, addr, sockets)
+                }
+                ServiceKind::Tftp => {
+                    fork_per_conn::run(single_process(), tftp()?, socket, addr, sockets)
                 }
             }
         }
@@ -321,10 +339,10 @@ fn run_mode(
                 udp,
                 base: single_process(),
             };
+            let sockets = (control_server, metrics);
             match args.service {
-                ServiceKind::Echo => {
-                    thread_mode::run(cfg, echo, socket, addr, (control_server, metrics))
-                }
+                ServiceKind::Echo => thread_mode::run(cfg, echo, socket, addr, sockets),
+                ServiceKind::Tftp => thread_mode::run(cfg, tftp()?, socket, addr, sockets),
             }
         }
     }

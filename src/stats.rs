@@ -243,8 +243,17 @@ impl Snapshot {
         }
         let _ = writeln!(
             out,
-            "udp (--udp): datagrams in={} out={} refused={} (loop-prone sources)",
+            "udp: datagrams in={} out={} refused={} (loop-prone sources)",
             t.datagrams_in, t.datagrams_out, t.datagrams_refused
+        );
+        let _ = writeln!(
+            out,
+            "transfers (--service tftp): started={} done={} failed={} bytes={} retransmits={}",
+            t.transfers,
+            t.transfers_done,
+            t.transfers_failed,
+            human_bytes(t.transfer_bytes as f64),
+            t.retransmits
         );
         out
     }

@@ -21,7 +21,8 @@ use crate::control::{ControlServer, Request};
 use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
-use worker::service::{DatagramAnswer, End, Service};
+use worker::exchange::{count_end, drive_blocking};
+use worker::service::{Abort, DatagramAnswer, End, Exchange, Service};
 
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
 /// and keeps thousands of threads' reserved address space modest (the default is 2 MiB).
@@ -42,6 +43,8 @@ pub struct ThreadConfig {
 
 struct Shared {
     accepting: AtomicBool,
+    /// The server will not wait for transfers any longer: they tell their peers and end.
+    cut: AtomicBool,
     active: AtomicUsize,
 }
 
@@ -78,9 +81,18 @@ pub fn run<S: Service>(
     (mut control, metrics): (ControlServer, Option<crate::metrics::MetricsServer>),
 ) -> Result<()> {
     protocol::log::set_role("thread-mode");
-    let listener = Arc::new(TcpListener::from(std::os::fd::OwnedFd::from(listener)));
+    // A datagram service (TFTP) comes with its UDP socket where the listener would be: no
+    // acceptor threads then, only the datagram threads.
+    let (listener, udp) =
+        if listener.r#type().context("reading the socket's type")? == socket2::Type::DGRAM {
+            (None, Some(std::net::UdpSocket::from(listener)))
+        } else {
+            let l = TcpListener::from(std::os::fd::OwnedFd::from(listener));
+            (Some(Arc::new(l)), cfg.udp)
+        };
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
+        cut: AtomicBool::new(false),
         active: AtomicUsize::new(0),
     });
     let started = Instant::now();
@@ -92,8 +104,11 @@ pub fn run<S: Service>(
     let tallies: Vec<Arc<Tally>> = (0..cfg.acceptors).map(|_| Arc::default()).collect();
     let mut acceptors = Vec::new();
     for (i, tally) in tallies.iter().enumerate() {
+        let Some(listener) = listener.as_ref() else {
+            break;
+        };
         let (l, s, t, svc, proxy) = (
-            Arc::clone(&listener),
+            Arc::clone(listener),
             Arc::clone(&shared),
             Arc::clone(tally),
             service.clone(),
@@ -108,7 +123,7 @@ pub fn run<S: Service>(
     }
     // Only the acceptors hold the listener from here on, so joining them closes it.
     drop(listener);
-    if let Some(udp) = cfg.udp.as_ref() {
+    if let Some(udp) = udp.as_ref() {
         udp.set_nonblocking(false)
             .context("making the UDP socket blocking")?;
         udp.set_read_timeout(Some(Duration::from_millis(u64::from(ACCEPT_TICK))))
@@ -120,17 +135,18 @@ pub fn run<S: Service>(
                 Arc::clone(tally),
                 service.clone(),
             );
+            let limits = cfg.base.limits;
             acceptors.push(
                 thread::Builder::new()
                     .name(format!("udp-{i}"))
-                    .spawn(move || udp_loop(&u, &s, &t, &svc))
+                    .spawn(move || udp_loop(&u, &s, &t, limits, &svc))
                     .context("starting a UDP thread")?,
             );
         }
     }
     crate::announce(addr, "thread", cfg.acceptors);
 
-    let mut udp_main = cfg.udp;
+    let mut udp_main = udp;
     let mut drain_deadline: Option<Instant> = None;
     let mut stats_log = StatsLog::new(cfg.base.log_stats, Instant::now());
     loop {
@@ -150,6 +166,7 @@ pub fn run<S: Service>(
             }
             if Instant::now() >= deadline {
                 protocol::log!("drain timeout; closing {active} connection(s)");
+                cut_transfers(&shared);
                 stats_log.finish(|| snapshot(&tallies, started, true));
                 return Ok(());
             }
@@ -208,6 +225,7 @@ pub fn run<S: Service>(
                 }
                 (Some(Action::GracefulStop), Some(_)) | (Some(Action::StopNow), _) => {
                     protocol::log!("SIG{}: stopping now", signals::name(sig));
+                    cut_transfers(&shared);
                     return Ok(());
                 }
                 (Some(Action::Reload), _) => {
@@ -269,20 +287,40 @@ fn accept_loop<S: Service>(
     }
 }
 
-/// Answers datagrams as the service says, with blocking I/O, until the server stops.
-fn udp_loop<S: Service>(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tally, service: &S) {
+/// Asks transfer threads to tell their peers the server is going, and gives them a moment to.
+fn cut_transfers(shared: &Shared) {
+    shared.cut.store(true, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_millis(500);
+    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Answers datagrams as the service says, with blocking I/O, until the server stops; an
+/// exchange a datagram begins (a TFTP transfer) gets a thread of its own.
+fn udp_loop<S: Service>(
+    udp: &std::net::UdpSocket,
+    shared: &Arc<Shared>,
+    tally: &Arc<Tally>,
+    limits: Limits,
+    service: &S,
+) {
     let mut buf = vec![0u8; 65_536];
-    let own_port = udp.local_addr().map_or(0, |a| a.port());
+    let local = udp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     while shared.accepting.load(Ordering::SeqCst) {
         match udp.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 Tally::bump(&tally.datagrams_in, 1);
-                match service.answer_datagram(&buf[..n], peer, own_port) {
+                match service.answer_datagram(&buf[..n], peer, local) {
                     DatagramAnswer::Refuse => Tally::bump(&tally.datagrams_refused, 1),
-                    DatagramAnswer::Reply(reply) => match udp.send_to(reply, peer) {
+                    DatagramAnswer::Ignore => {}
+                    DatagramAnswer::Reply(reply) => match udp.send_to(&reply, peer) {
                         Ok(_) => Tally::bump(&tally.datagrams_out, 1),
                         Err(_) => Tally::bump(&tally.io_errors, 1),
                     },
+                    DatagramAnswer::Begin(x) => start_exchange(x, shared, tally, limits),
                 }
             }
             Err(e)
@@ -294,6 +332,35 @@ fn udp_loop<S: Service>(udp: &std::net::UdpSocket, shared: &Shared, tally: &Tall
                 ) => {}
             Err(_) => Tally::bump(&tally.io_errors, 1),
         }
+    }
+}
+
+/// Runs an exchange in a thread of its own, counted as active while it lives.
+fn start_exchange<X: Exchange>(mut x: X, shared: &Arc<Shared>, tally: &Arc<Tally>, limits: Limits) {
+    Tally::bump(&tally.transfers, 1);
+    if limits.full(shared.active.load(Ordering::SeqCst) as u64) {
+        let mut c = Counters::default();
+        c.closed_by_limit += 1;
+        let end = x.abort(Abort::Busy, &mut c);
+        count_end(end, &mut c);
+        tally.add(&c);
+        return;
+    }
+    let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
+    let (shared, tally2) = (Arc::clone(shared), Arc::clone(tally));
+    let spawned = thread::Builder::new()
+        .name("transfer".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || {
+            let _active = active;
+            let mut c = Counters::default();
+            drive_blocking(&mut x, &mut c, &|| shared.cut.load(Ordering::Relaxed));
+            tally2.add(&c);
+        });
+    if spawned.is_err() {
+        // Out of threads: the exchange (and its socket) is dropped; its peer will time out.
+        Tally::bump(&tally.accept_errors, 1);
+        Tally::bump(&tally.transfers_failed, 1);
     }
 }
 

@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::stats::Counters;
 
 /// Protocol version; a frame of another version is refused, never guessed at.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Largest body accepted; anything longer is a broken or hostile peer.
 pub const MAX_FRAME: usize = 256;
 
@@ -249,6 +249,11 @@ mod tests {
             datagrams_out: 9,
             datagrams_refused: 10,
             proxy_errors: 11,
+            transfers: 12,
+            transfers_done: 13,
+            transfers_failed: 14,
+            transfer_bytes: 15,
+            retransmits: 16,
         }
     }
 

@@ -45,6 +45,12 @@ macro_rules! counters {
         }
 
         impl AtomicCounters {
+            /// Adds every counter of `c` (a thread's own tally, handed in when it ends).
+            pub fn add(&self, c: &Counters) {
+                use std::sync::atomic::Ordering::Relaxed;
+                $(self.$name.fetch_add(c.$name, Relaxed);)+
+            }
+
             /// A snapshot of every counter.
             pub fn load(&self) -> Counters {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -82,6 +88,17 @@ counters! {
     /// Connections closed because their PROXY protocol header was missing, malformed, too
     /// long, too slow, or came from a peer not allowed to send one (`--proxy-protocol`).
     proxy_errors,
+    /// Transfers started by a datagram service (TFTP read and write requests accepted).
+    transfers,
+    /// Transfers that ended with every block acknowledged.
+    transfers_done,
+    /// Transfers that ended otherwise: timed out, aborted by the peer, refused mid-way, or cut
+    /// by a stop.
+    transfers_failed,
+    /// File bytes a transfer moved (sent or received), counted once however often resent.
+    transfer_bytes,
+    /// Packets sent again because no acknowledgement came in time.
+    retransmits,
 }
 
 impl Counters {
@@ -110,7 +127,7 @@ mod tests {
     fn wire_order_round_trips_and_the_tally_loads_what_was_bumped() {
         let a: [u64; Counters::FIELDS] = std::array::from_fn(|i| i as u64 * 7 + 1);
         assert_eq!(Counters::from_array(a).to_array(), a);
-        assert_eq!(Counters::FIELDS, 11);
+        assert_eq!(Counters::FIELDS, 16);
         assert_eq!(Counters::NAMES[2], "bytes_in");
         assert_eq!(Counters::DOCS[2].trim(), "Bytes read from clients.");
         let t = AtomicCounters::default();

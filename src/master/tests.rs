@@ -174,6 +174,9 @@ fn settings(workers: u32) -> Settings {
             proxy_protocol: false,
             proxy_from: worker::config::DEFAULT_PROXY_FROM.into(),
             proxy_timeout: 5.0,
+            root: None,
+            tftp_write: false,
+            tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
         },
     }
 }

@@ -53,6 +53,15 @@ pub struct WorkerConfig {
     /// Seconds a connection may take to send its PROXY header.
     #[arg(long, default_value_t = 5.0)]
     pub proxy_timeout: f64,
+    /// The directory TFTP serves (`--service tftp`).
+    #[arg(long)]
+    pub root: Option<std::path::PathBuf>,
+    /// TFTP accepts write requests (new files only).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub tftp_write: bool,
+    /// Largest file a TFTP upload may create, in bytes.
+    #[arg(long, default_value_t = crate::tftp::DEFAULT_MAX_FILE)]
+    pub tftp_max_file: u64,
 }
 
 /// Who may send a PROXY header unless `--proxy-from` says otherwise: this host only.
@@ -76,8 +85,15 @@ impl WorkerConfig {
             ("--proxy-protocol", self.proxy_protocol.to_string()),
             ("--proxy-from", self.proxy_from.clone()),
             ("--proxy-timeout", self.proxy_timeout.to_string()),
+            ("--tftp-write", self.tftp_write.to_string()),
+            ("--tftp-max-file", self.tftp_max_file.to_string()),
         ]
         .into_iter()
+        .chain(
+            self.root
+                .iter()
+                .map(|r| ("--root", r.display().to_string())),
+        )
         .flat_map(|(k, v)| [k.to_string(), v])
         .collect()
     }
@@ -136,6 +152,9 @@ mod tests {
             proxy_protocol: true,
             proxy_from: "10.0.0.0/8".into(),
             proxy_timeout: 2.0,
+            root: Some("/srv/tftp".into()),
+            tftp_write: true,
+            tftp_max_file: 99,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

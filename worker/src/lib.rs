@@ -5,14 +5,18 @@
 //!   the service it speaks.
 //! - [`service`]: the service interface every concurrency model drives.
 //! - [`echo`]: the echo service (TCP and UDP).
+//! - [`tftp`]: the TFTP service (UDP, a transfer per request).
+//! - [`exchange`]: driving a service's per-request conversations with blocking waits.
 //! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`config`]: a worker's settings, shared by fork (in memory) and exec (as flags).
 
 pub mod config;
 pub mod echo;
 pub mod event_loop;
+pub mod exchange;
 pub mod proxy;
 pub mod service;
+pub mod tftp;
 
 pub use config::WorkerConfig;
 pub use event_loop::{EXIT_BOOT_FAILURE, HANDLED_SIGNALS, run};

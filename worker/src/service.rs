@@ -4,11 +4,15 @@
 //! Every concurrency model drives the same [`Service`]: process mode's event loop through
 //! [`Session`]s (one per connection, driven on readiness), thread and fork-per-conn modes
 //! through [`Service::serve_blocking`] (one thread or process per connection), and all of them
-//! pass each UDP datagram to [`Service::answer_datagram`].
+//! pass each UDP datagram to [`Service::answer_datagram`]. A datagram may begin an
+//! [`Exchange`]: a conversation on a socket of its own with its own timers (a TFTP transfer),
+//! which process mode drives in its event loop and the other modes in a thread or process of
+//! its own ([`crate::exchange::drive_blocking`]).
 //!
 //! Adding a service: a module of its own (see `echo/`) implementing these traits, and a
 //! variant of [`ServiceKind`] that `--service NAME` selects. Nothing in the master changes.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,6 +25,17 @@ pub enum ServiceKind {
     /// RFC 862 echo over TCP (and UDP with `--udp`): every byte comes back, in order.
     #[default]
     Echo,
+    /// TFTP (RFC 1350 with options): files from `--root`, over UDP only.
+    Tftp,
+}
+
+/// What the engine binds for a service: a TCP listener, or one UDP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A listening TCP socket the workers accept from (and a UDP one too with `--udp`).
+    Stream,
+    /// Only a UDP socket, every worker receiving from it.
+    Datagram,
 }
 
 impl ServiceKind {
@@ -28,6 +43,15 @@ impl ServiceKind {
     pub fn name(self) -> &'static str {
         match self {
             ServiceKind::Echo => "echo",
+            ServiceKind::Tftp => "tftp",
+        }
+    }
+
+    /// The socket the engine binds for it.
+    pub fn transport(self) -> Transport {
+        match self {
+            ServiceKind::Echo => Transport::Stream,
+            ServiceKind::Tftp => Transport::Datagram,
         }
     }
 }
@@ -54,13 +78,77 @@ pub enum End {
     Idle,
 }
 
-/// What to do with one datagram.
-#[derive(Debug, PartialEq, Eq)]
-pub enum DatagramAnswer<'a> {
+/// What to do with one datagram that arrived on the shared socket.
+#[derive(Debug)]
+pub enum DatagramAnswer<'a, X> {
     /// Send these bytes back to the sender.
-    Reply(&'a [u8]),
+    Reply(Cow<'a, [u8]>),
     /// Send nothing, and count it as refused (a source that could start a loop).
     Refuse,
+    /// Send nothing (a stray packet the protocol says to drop).
+    Ignore,
+    /// Start this conversation on its own socket (counted in `transfers`).
+    Begin(X),
+}
+
+/// How a call into an [`Exchange`] left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Still going: wait for its socket or its deadline.
+    Going,
+    /// Over, successfully (counted in `transfers_done`).
+    Done,
+    /// Over, unsuccessfully (counted in `transfers_failed`).
+    Failed,
+}
+
+/// A conversation begun by one datagram and carried on over a UDP socket of its own (its
+/// port is TFTP's transfer ID), with its own retransmission timer. Its socket is
+/// non-blocking; the driver calls [`Exchange::on_time`] first (to send the opening packet),
+/// then `on_readable` when the socket is readable and `on_time` when the deadline passes.
+pub trait Exchange: Send + 'static {
+    /// Its own socket, to watch.
+    fn socket(&self) -> &std::net::UdpSocket;
+    /// When it next needs [`Exchange::on_time`] (a retransmission or giving up).
+    fn deadline(&self) -> Instant;
+    /// Reads every waiting datagram and answers it. `scratch` is a shared receive buffer.
+    fn on_readable(&mut self, scratch: &mut [u8], counters: &mut Counters) -> Step;
+    /// Sends what is due at `now`: the first packet, a retransmission, or the end.
+    fn on_time(&mut self, now: Instant, counters: &mut Counters) -> Step;
+    /// Ends it before its time: tell the peer why, if the protocol can. Returns how it
+    /// ended (`Done` if nothing was left to do but linger).
+    fn abort(&mut self, why: Abort, counters: &mut Counters) -> Step;
+}
+
+/// Why the engine ends an exchange before its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// The worker already holds as many as `--max-conns` allows.
+    Busy,
+    /// The server is stopping and will not wait any longer.
+    Stopping,
+}
+
+/// The exchange of a service that has none (echo): a type with no values.
+#[derive(Debug)]
+pub enum NoExchange {}
+
+impl Exchange for NoExchange {
+    fn socket(&self) -> &std::net::UdpSocket {
+        match *self {}
+    }
+    fn deadline(&self) -> Instant {
+        match *self {}
+    }
+    fn on_readable(&mut self, _: &mut [u8], _: &mut Counters) -> Step {
+        match *self {}
+    }
+    fn on_time(&mut self, _: Instant, _: &mut Counters) -> Step {
+        match *self {}
+    }
+    fn abort(&mut self, _: Abort, _: &mut Counters) -> Step {
+        match *self {}
+    }
 }
 
 /// One TCP connection of a service inside an event loop (process mode).
@@ -82,6 +170,8 @@ pub trait Session {
 pub trait Service: Clone + Send + Sync + 'static {
     /// A connection's state in an event loop.
     type Session: Session;
+    /// A conversation a datagram begins ([`NoExchange`] for services without one).
+    type Exchange: Exchange;
 
     /// Its `--service` name, for log lines.
     fn name(&self) -> &'static str;
@@ -99,11 +189,12 @@ pub trait Service: Clone + Send + Sync + 'static {
         moved: &mut dyn FnMut(u64, u64),
     ) -> End;
 
-    /// The answer to one datagram that arrived from `peer` on a socket bound to `own_port`.
+    /// The answer to one datagram that arrived from `peer` on the shared socket bound to
+    /// `local`.
     fn answer_datagram<'a>(
         &self,
         datagram: &'a [u8],
         peer: SocketAddr,
-        own_port: u16,
-    ) -> DatagramAnswer<'a>;
+        local: SocketAddr,
+    ) -> DatagramAnswer<'a, Self::Exchange>;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 pub use datagram::loops_back;
 pub use session::Connection;
 
-use crate::service::{DatagramAnswer, End, Service};
+use crate::service::{DatagramAnswer, End, NoExchange, Service};
 
 /// The echo service; `max_unsent` bounds what one connection may owe (back-pressure).
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +22,7 @@ pub struct Echo {
 
 impl Service for Echo {
     type Session = Connection;
+    type Exchange = NoExchange;
 
     fn name(&self) -> &'static str {
         "echo"
@@ -44,12 +45,12 @@ impl Service for Echo {
         &self,
         datagram: &'a [u8],
         peer: SocketAddr,
-        own_port: u16,
-    ) -> DatagramAnswer<'a> {
-        if loops_back(peer, own_port) {
+        local: SocketAddr,
+    ) -> DatagramAnswer<'a, NoExchange> {
+        if loops_back(peer, local.port()) {
             DatagramAnswer::Refuse
         } else {
-            DatagramAnswer::Reply(datagram)
+            DatagramAnswer::Reply(datagram.into())
         }
     }
 }

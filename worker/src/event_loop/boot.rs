@@ -2,6 +2,7 @@
 //! the event loop, and telling the master it is ready.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use thiserror::Error;
 
 use super::{HANDLED_SIGNALS, LISTENER, MASTER, Phase, SCRATCH, SIGNALS, UDP, Worker};
 use crate::config::WorkerConfig;
-use crate::service::Service;
+use crate::service::{Service, Transport};
 
 /// Why a worker could not start.
 #[derive(Debug, Error)]
@@ -26,6 +27,9 @@ pub enum BootError {
     /// The inherited listening descriptor is not a listening socket.
     #[error("descriptor {0} is not a listening socket")]
     NotListening(i32),
+    /// The inherited datagram descriptor is not a UDP socket.
+    #[error("descriptor {0} is not a datagram socket")]
+    NotDatagram(i32),
     /// A system call failed while setting up.
     #[error("{what}: {source}")]
     Io {
@@ -34,6 +38,35 @@ pub enum BootError {
         /// The failure.
         source: io::Error,
     },
+}
+
+/// Wraps the inherited listening socket, refusing a descriptor that is not one.
+fn adopt_listener(fd: OwnedFd, raw: i32) -> Result<TcpListener, BootError> {
+    if !getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
+        // Don't close what is not ours to interpret.
+        std::mem::forget(fd);
+        return Err(BootError::NotListening(raw));
+    }
+    let std_listener = std::net::TcpListener::from(fd);
+    // O_NONBLOCK lives on the shared open file, so every worker sees the master's setting;
+    // set it anyway rather than depend on it.
+    std_listener
+        .set_nonblocking(true)
+        .map_err(io_ctx("making the listener non-blocking"))?;
+    Ok(TcpListener::from_std(std_listener))
+}
+
+/// Wraps an inherited UDP socket, refusing a descriptor that is not one.
+fn adopt_udp(fd: OwnedFd, raw: i32) -> Result<UdpSocket, BootError> {
+    if getsockopt(&fd, sockopt::SockType).ok() != Some(nix::sys::socket::SockType::Datagram) {
+        std::mem::forget(fd);
+        return Err(BootError::NotDatagram(raw));
+    }
+    let std_udp = std::net::UdpSocket::from(fd);
+    std_udp
+        .set_nonblocking(true)
+        .map_err(io_ctx("making the UDP socket non-blocking"))?;
+    Ok(UdpSocket::from_std(std_udp))
 }
 
 fn io_ctx(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
@@ -50,41 +83,35 @@ impl<S: Service> Worker<S> {
                 OwnedFd::from_raw_fd(cfg.ipc_fd),
             )
         };
-        if !getsockopt(&listen_fd, sockopt::AcceptConn).unwrap_or(false) {
-            // Don't close what is not ours to interpret.
-            std::mem::forget(listen_fd);
-            return Err(BootError::NotListening(cfg.listen_fd));
-        }
-        let std_listener = std::net::TcpListener::from(listen_fd);
-        // O_NONBLOCK lives on the shared open file, so every worker sees the master's setting;
-        // set it anyway rather than depend on it.
-        std_listener
-            .set_nonblocking(true)
-            .map_err(io_ctx("making the listener non-blocking"))?;
-        let mut listener = TcpListener::from_std(std_listener);
         let reporter = Reporter::new(ipc_fd).map_err(io_ctx("opening the IPC channel"))?;
-        let mut udp = if cfg.udp_fd >= 0 {
-            // SAFETY: as above: inherited from the master for this process alone.
-            let fd = unsafe { OwnedFd::from_raw_fd(cfg.udp_fd) };
-            let std_udp = std::net::UdpSocket::from(fd);
-            std_udp
-                .set_nonblocking(true)
-                .map_err(io_ctx("making the UDP socket non-blocking"))?;
-            Some(UdpSocket::from_std(std_udp))
-        } else {
-            None
+        // A datagram service's one socket comes as the "listening" descriptor: the master
+        // binds what the service's transport needs and hands it over alike.
+        let (mut listener, shared_udp) = match cfg.service.transport() {
+            Transport::Stream => (Some(adopt_listener(listen_fd, cfg.listen_fd)?), None),
+            Transport::Datagram => (None, Some(adopt_udp(listen_fd, cfg.listen_fd)?)),
         };
-        let udp_port = udp
+        let mut udp = match shared_udp {
+            Some(u) => Some(u),
+            None if cfg.udp_fd >= 0 => {
+                // SAFETY: as above: inherited from the master for this process alone.
+                let fd = unsafe { OwnedFd::from_raw_fd(cfg.udp_fd) };
+                Some(adopt_udp(fd, cfg.udp_fd)?)
+            }
+            None => None,
+        };
+        let udp_local = udp
             .as_ref()
             .and_then(|u| u.local_addr().ok())
-            .map_or(0, |a| a.port());
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
 
         let poll = Poll::new().map_err(io_ctx("creating the event loop"))?;
         let mut signals = Signals::new(HANDLED_SIGNALS).map_err(io_ctx("installing signals"))?;
         let registry = poll.registry();
-        registry
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(io_ctx("watching the listener"))?;
+        if let Some(l) = listener.as_mut() {
+            registry
+                .register(l, LISTENER, Interest::READABLE)
+                .map_err(io_ctx("watching the listener"))?;
+        }
         registry
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(io_ctx("watching signals"))?;
@@ -111,7 +138,7 @@ impl<S: Service> Worker<S> {
             cfg,
             service,
             poll,
-            listener: Some(listener),
+            listener,
             signals,
             reporter,
             conns: Slab::new(),
@@ -128,7 +155,8 @@ impl<S: Service> Worker<S> {
             udp_again: false,
             proxy,
             pending: Slab::new(),
-            udp_port,
+            udp_local,
+            exchanges: Slab::new(),
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker

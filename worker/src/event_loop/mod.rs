@@ -10,9 +10,12 @@ mod boot;
 mod proxied;
 
 use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::sockopt;
 use signal_hook::consts::{SIGHUP, SIGQUIT, SIGTERM};
@@ -21,7 +24,9 @@ use slab::Slab;
 
 use crate::config::WorkerConfig;
 use crate::echo::Echo;
-use crate::service::{DatagramAnswer, Drive, Service, ServiceKind, Session};
+use crate::exchange::count_end;
+use crate::service::{Abort, DatagramAnswer, Drive, Exchange, Service, ServiceKind, Session, Step};
+use crate::tftp::Tftp;
 use protocol::ipc::{Message, Reporter};
 use protocol::log;
 use protocol::stats::Counters;
@@ -41,6 +46,11 @@ const SIGNALS: Token = Token(1);
 const MASTER: Token = Token(2);
 const UDP: Token = Token(3);
 const FIRST_CONN: usize = 4;
+/// Tokens of exchanges (TFTP transfers) start here; connections stay below.
+const EXCHANGE_BASE: usize = usize::MAX / 4;
+/// Exchanges a worker holds at most when `--max-conns` sets no limit: each is a socket and
+/// an open file, and a flood of requests must not exhaust the descriptor table.
+const DEFAULT_MAX_EXCHANGES: usize = 512;
 /// Datagrams echoed per loop turn before the connections get their turn again.
 const DATAGRAMS_PER_TURN: usize = 64;
 
@@ -82,6 +92,16 @@ pub fn run(cfg: WorkerConfig) -> i32 {
             };
             serve_with(cfg, echo)
         }
+        ServiceKind::Tftp => {
+            let root = cfg.root.clone().unwrap_or_default();
+            match Tftp::new(&root, cfg.tftp_write, cfg.tftp_max_file) {
+                Ok(tftp) => serve_with(cfg, tftp),
+                Err(e) => {
+                    protocol::log!("cannot start: cannot open --root {}: {e}", root.display());
+                    EXIT_BOOT_FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -119,10 +139,12 @@ struct Worker<S: Service> {
     accept_again: bool,
     /// Next sweep for idle connections.
     next_idle_sweep: Option<Instant>,
-    /// The shared UDP socket, with `--udp`.
+    /// The shared UDP socket: with `--udp`, or a datagram service's only socket.
     udp: Option<UdpSocket>,
-    /// The UDP socket's port (a service may refuse datagrams from it: loops).
-    udp_port: u16,
+    /// The UDP socket's address (a service may refuse datagrams from its port: loops).
+    udp_local: SocketAddr,
+    /// Conversations datagrams began (TFTP transfers), each on a socket of its own.
+    exchanges: Slab<S::Exchange>,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
     /// `--proxy-protocol`: who may send a header, and how long it may take.
@@ -165,6 +187,7 @@ impl<S: Service> Worker<S> {
                     Token(t) if t >= proxied::PENDING_BASE => {
                         self.on_pending(t - proxied::PENDING_BASE)
                     }
+                    Token(t) if t >= EXCHANGE_BASE => self.on_exchange(t - EXCHANGE_BASE),
                     Token(t) => self.on_connection_event(t - FIRST_CONN, event),
                 }
             }
@@ -194,6 +217,7 @@ impl<S: Service> Worker<S> {
             deadline,
             self.next_idle_sweep,
             self.next_pending_deadline(),
+            self.exchanges.iter().map(|(_, x)| x.deadline()).min(),
         ]
         .into_iter()
         .flatten()
@@ -225,6 +249,7 @@ impl<S: Service> Worker<S> {
     fn on_timers(&mut self) -> Option<Stop> {
         let now = Instant::now();
         self.expire_pending(now);
+        self.exchanges_on_time(now);
         if self.next_idle_sweep.is_some_and(|t| now >= t) {
             self.next_idle_sweep = self.idle_sweep_every().map(|d| now + d);
             self.close_idle(now);
@@ -242,7 +267,9 @@ impl<S: Service> Worker<S> {
             }
         }
         match self.phase {
-            Phase::Draining { .. } if self.conns.is_empty() => Some(Stop::Drained),
+            Phase::Draining { .. } if self.conns.is_empty() && self.exchanges.is_empty() => {
+                Some(Stop::Drained)
+            }
             Phase::Draining { deadline } if now >= deadline => Some(Stop::DrainTimeout),
             _ => None,
         }
@@ -288,37 +315,120 @@ impl<S: Service> Worker<S> {
         }
     }
 
-    /// Answers each waiting datagram as the service says. UDP promises no delivery: an answer
-    /// that finds the send buffer full is dropped (and not counted as sent).
+    /// Answers each waiting datagram as the service says; an exchange one begins starts at
+    /// once, so a flood of requests holds at most one exchange beyond the limit at a time. UDP
+    /// promises no delivery: an answer that finds the send buffer full is dropped (and not
+    /// counted as sent).
     fn serve_datagrams(&mut self) {
-        let Some(udp) = &self.udp else { return };
+        // Out of `self` for the turn, so a begun exchange can be started in the middle of it.
+        let Some(udp) = self.udp.take() else { return };
         for _ in 0..DATAGRAMS_PER_TURN {
             match udp.recv_from(&mut self.scratch) {
                 Ok((n, peer)) => {
                     self.counters.datagrams_in += 1;
                     let answer =
                         self.service
-                            .answer_datagram(&self.scratch[..n], peer, self.udp_port);
+                            .answer_datagram(&self.scratch[..n], peer, self.udp_local);
                     let reply = match answer {
                         DatagramAnswer::Reply(reply) => reply,
                         DatagramAnswer::Refuse => {
                             self.counters.datagrams_refused += 1;
                             continue;
                         }
+                        DatagramAnswer::Ignore => continue,
+                        DatagramAnswer::Begin(x) => {
+                            self.start_exchange(x);
+                            continue;
+                        }
                     };
-                    match udp.send_to(reply, peer) {
+                    match udp.send_to(&reply, peer) {
                         Ok(_) => self.counters.datagrams_out += 1,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => self.counters.io_errors += 1,
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.udp = Some(udp);
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // An ICMP error from an earlier send (port unreachable): not fatal.
                 Err(_) => self.counters.io_errors += 1,
             }
         }
+        self.udp = Some(udp);
         self.udp_again = true;
+    }
+
+    /// Watches a new exchange's socket and lets it send its first packet.
+    fn start_exchange(&mut self, mut x: S::Exchange) {
+        self.counters.transfers += 1;
+        let limit = match self.cfg.max_conns {
+            0 => DEFAULT_MAX_EXCHANGES,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        if self.exchanges.len() >= limit {
+            self.counters.closed_by_limit += 1;
+            let end = x.abort(Abort::Busy, &mut self.counters);
+            count_end(end, &mut self.counters);
+            return;
+        }
+        let entry = self.exchanges.vacant_entry();
+        let fd = x.socket().as_raw_fd();
+        let token = Token(EXCHANGE_BASE + entry.key());
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            protocol::log!("cannot watch a new transfer: {e}");
+            self.counters.io_errors += 1;
+            count_end(Step::Failed, &mut self.counters);
+            return;
+        }
+        let key = entry.key();
+        entry.insert(x);
+        self.exchange_step(key, |x, c, _| x.on_time(Instant::now(), c));
+    }
+
+    /// Runs one call into exchange `key`; ends it if the call did.
+    fn exchange_step(
+        &mut self,
+        key: usize,
+        call: impl FnOnce(&mut S::Exchange, &mut Counters, &mut [u8]) -> Step,
+    ) {
+        let Some(x) = self.exchanges.get_mut(key) else {
+            return; // a stale event for an exchange already ended this turn
+        };
+        let step = call(x, &mut self.counters, &mut self.scratch);
+        if step != Step::Going {
+            self.end_exchange(key, step);
+        }
+    }
+
+    fn end_exchange(&mut self, key: usize, step: Step) {
+        if let Some(x) = self.exchanges.try_remove(key) {
+            let fd = x.socket().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            count_end(step, &mut self.counters);
+        }
+    }
+
+    fn on_exchange(&mut self, key: usize) {
+        self.exchange_step(key, |x, c, scratch| x.on_readable(scratch, c));
+    }
+
+    /// Retransmissions and ends that fell due.
+    fn exchanges_on_time(&mut self, now: Instant) {
+        let due: Vec<usize> = self
+            .exchanges
+            .iter()
+            .filter(|(_, x)| x.deadline() <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in due {
+            self.exchange_step(key, |x, c, _| x.on_time(now, c));
+        }
     }
 
     fn add_connection(&mut self, stream: TcpStream) {
@@ -456,6 +566,10 @@ impl<S: Service> Worker<S> {
     fn finish(mut self, stop: Stop) -> i32 {
         if matches!(stop, Stop::DrainTimeout | Stop::Now(_)) {
             self.counters.closed_by_limit += self.conns.len() as u64;
+        }
+        let keys: Vec<usize> = self.exchanges.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.exchange_step(key, |x, c, _| x.abort(Abort::Stopping, c));
         }
         let open = self.conns.len();
         self.conns.clear();

@@ -1,0 +1,388 @@
+//! `--service tftp` against hostile and unlucky peers: names that try to leave the root,
+//! malformed packets, strangers on a transfer's port, duplicate ACKs, floods of requests,
+//! packet loss and duplication, and reloads and stops while transfers run.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::tftp::*;
+use common::{BIN, Rng, Server, wait_until};
+use nix::sys::signal::Signal;
+
+fn start(mode: &str, root: &Path, extra: &[&str]) -> Server {
+    let root = root.to_str().unwrap();
+    let mut args = vec!["--service", "tftp", "--root", root, "--mode", mode];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--stats-interval", "0.2"]);
+    Server::start(&args)
+}
+
+/// Downloads `name` with the raw client, acknowledging every block; returns the bytes.
+fn fetch(server: std::net::SocketAddr, name: &str) -> Vec<u8> {
+    let c = udp_client();
+    c.send_to(&request(false, name.as_bytes(), "octet", &[]), server)
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let (p, from) = recv(&c, "DATA");
+        assert_eq!(head(&p).0, 3, "{}", String::from_utf8_lossy(&p));
+        got.extend_from_slice(&p[4..]);
+        c.send_to(&ack(head(&p).1), from).unwrap();
+        if p.len() < 516 {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn names_that_lead_out_of_the_root_are_refused_in_every_mode() {
+    let root = root_with(&[513]);
+    let outside = root.parent().unwrap();
+    std::fs::write(outside.join("secret"), b"not yours").unwrap();
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../..", root.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("..", root.join("sub/home")).unwrap();
+    let secret = outside.join("secret").display().to_string();
+    let hostile: Vec<Vec<u8>> = vec![
+        b"../secret".to_vec(),
+        b"sub/../../secret".to_vec(),
+        secret.as_bytes().to_vec(),
+        b"/etc/passwd".to_vec(),
+        b"out".to_vec(),
+        b"abs".to_vec(),
+        b"sub/up/secret".to_vec(),
+        b"sub".to_vec(),
+        b".".to_vec(),
+    ];
+    for mode in ["process", "thread", "fork-per-conn"] {
+        let server = start(mode, &root, &[]);
+        let c = udp_client();
+        for name in &hostile {
+            c.send_to(&request(false, name, "octet", &[]), server.addr)
+                .unwrap();
+            let (p, _) = recv(&c, "the refusal");
+            assert_eq!(
+                head(&p),
+                (5, 2),
+                "{mode}: {:?} got {:?}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(&p)
+            );
+        }
+        // Literal odd names are just names: not found, not an escape; a symlink that stays
+        // inside the root is followed.
+        c.send_to(&request(false, b"..%2fsecret", "octet", &[]), server.addr)
+            .unwrap();
+        assert_eq!(head(&recv(&c, "not found").0), (5, 1));
+        assert_eq!(fetch(server.addr, "sub/home/f513").len(), 513, "{mode}");
+        assert_eq!(fetch(server.addr, "f513").len(), 513, "{mode}");
+    }
+}
+
+#[test]
+fn malformed_packets_get_an_error_or_silence_and_harm_nobody() {
+    let root = root_with(&[513]);
+    let server = start("process", &root, &["--workers", "1"]);
+    let workers = server.workers();
+    let c = udp_client();
+    let error_code = |packet: &[u8]| {
+        c.send_to(packet, server.addr).unwrap();
+        let (p, _) = recv(&c, "an ERROR");
+        assert_eq!(head(&p).0, 5, "{p:?}");
+        head(&p).1
+    };
+    assert_eq!(error_code(b"\x00"), 4); // short
+    assert_eq!(error_code(b"\x00\x09f513\x00octet\x00"), 4); // unknown opcode
+    assert_eq!(error_code(b"\x00\x01f513\x00octet"), 4); // no final NUL
+    assert_eq!(error_code(b"\x00\x01f513\x00mail\x00"), 4); // mode
+    assert_eq!(
+        error_code(&request(false, b"f513", "octet", &[("blksize", "7")])),
+        8
+    );
+    assert_eq!(
+        error_code(&request(false, b"f513", "octet", &[("blksize", "x")])),
+        8
+    );
+    assert_eq!(
+        error_code(&request(false, b"f513", "octet", &[("timeout", "0")])),
+        8
+    );
+    assert_eq!(
+        error_code(&request(false, b"f513", "octet", &[("windowsize", "0")])),
+        8
+    );
+    // Seeded garbage, including truncated requests and packets that are not requests, in
+    // rounds of 50 each closed by a request that must be answered (so no round can overflow
+    // the socket's receive buffer, and every datagram is accounted for).
+    let mut rng = Rng::new(99);
+    let mut sent = 8;
+    for round in 0..40 {
+        for i in 0..50 {
+            let n = rng.range(0, 700);
+            let mut p = rng.bytes(n);
+            if i % 3 == 0 && p.len() > 2 {
+                p[0] = 0;
+                p[1] = rng.range(1, 6) as u8;
+            }
+            c.send_to(&p, server.addr).unwrap();
+        }
+        let sync = request(false, format!("missing-{round}").as_bytes(), "octet", &[]);
+        c.send_to(&sync, server.addr).unwrap();
+        sent += 51;
+        // Answers to the garbage (errors, or a transfer a random request began) come first.
+        while head(&recv(&c, "the round's closing answer").0) != (5, 1) {}
+    }
+    // Still the same worker, still serving, and every datagram was received and judged.
+    assert_eq!(fetch(server.addr, "f513").len(), 513);
+    assert_eq!(server.workers(), workers);
+    let ok = wait_until(Duration::from_secs(30), || {
+        server.stats()["totals"]["datagrams_in"].as_u64() == Some(sent + 1)
+    });
+    assert!(ok, "expected {} datagrams: {}", sent + 1, server.stats());
+}
+
+#[test]
+fn a_stranger_gets_error_5_and_duplicate_acks_resend_nothing() {
+    let root = root_with(&[5000]);
+    let server = start("process", &root, &["--workers", "1"]);
+    let c = udp_client();
+    // A 10 s retransmission timeout: any DATA seen twice below is the Sorcerer's Apprentice
+    // bug (an answer to a duplicate ACK), not a timer.
+    c.send_to(
+        &request(false, b"f5000", "octet", &[("timeout", "10")]),
+        server.addr,
+    )
+    .unwrap();
+    let (p, tid) = recv(&c, "OACK");
+    assert_eq!(head(&p).0, 6);
+    c.send_to(&ack(0), tid).unwrap();
+    let stranger = udp_client();
+    let mut blocks = Vec::new();
+    let mut got = Vec::new();
+    loop {
+        let (p, from) = recv(&c, "DATA");
+        assert_eq!(from, tid, "every packet comes from the transfer's port");
+        let (op, block) = head(&p);
+        assert_eq!(op, 3);
+        blocks.push(block);
+        if blocks.len() == 1 {
+            // Someone else talks to the transfer's port: told off, transfer undisturbed.
+            stranger.send_to(&ack(1), tid).unwrap();
+            let (e, _) = recv(&stranger, "ERROR 5");
+            assert_eq!(head(&e), (5, 5));
+        }
+        got.extend_from_slice(&p[4..]);
+        // Every ACK twice: the second must not make the server send anything.
+        c.send_to(&ack(block), tid).unwrap();
+        c.send_to(&ack(block), tid).unwrap();
+        if p.len() < 516 {
+            break;
+        }
+    }
+    assert_eq!(got, std::fs::read(root.join("f5000")).unwrap());
+    assert_eq!(
+        blocks,
+        (1..=10).collect::<Vec<u16>>(),
+        "each block exactly once"
+    );
+    let t = server.stats()["totals"].clone();
+    assert_eq!(t["retransmits"].as_u64(), Some(0), "{t}");
+}
+
+#[test]
+fn a_flood_of_requests_is_bounded_by_max_conns() {
+    let root = root_with(&[1 << 20]);
+    let server = start("process", &root, &["--workers", "1", "--max-conns", "3"]);
+    let worker = server.workers()[0];
+    let fds = || std::fs::read_dir(format!("/proc/{worker}/fd")).map_or(0, |d| d.count());
+    let before = fds();
+    // Three transfers held open (never acknowledged), then a fourth: "server busy".
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let c = udp_client();
+            c.send_to(&request(false, b"f1048576", "octet", &[]), server.addr)
+                .unwrap();
+            assert_eq!(head(&recv(&c, "DATA 1").0), (3, 1));
+            c
+        })
+        .collect();
+    let c = udp_client();
+    c.send_to(&request(false, b"f1048576", "octet", &[]), server.addr)
+        .unwrap();
+    let (p, _) = recv(&c, "busy");
+    assert_eq!(head(&p), (5, 0), "{}", String::from_utf8_lossy(&p));
+    assert!(String::from_utf8_lossy(&p).contains("busy"));
+    // A flood from many ports: the worker's descriptors stay bounded by the limit.
+    let flood = udp_client();
+    for _ in 0..3000 {
+        let _ = flood.send_to(&request(false, b"f1048576", "octet", &[]), server.addr);
+    }
+    let mut peak = 0;
+    for _ in 0..50 {
+        peak = peak.max(fds());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        peak <= before + 3 * 2 + 2,
+        "descriptors grew from {before} to {peak}"
+    );
+    let ok = wait_until(Duration::from_secs(30), || {
+        server.stats()["totals"]["closed_by_limit"].as_u64() >= Some(100)
+    });
+    assert!(ok, "{}", server.stats());
+    assert_eq!(server.workers(), vec![worker]);
+    drop(held);
+}
+
+/// Downloads through a relay that drops 5% and duplicates 5% of the packets each way: with
+/// tftp-hpa (lock-step, 512-byte blocks) and atftp (1468-byte blocks, windows of 8).
+fn through_loss(mode: &str) {
+    let root = root_with(&[30_000, 200_000]);
+    let server = start(mode, &root, &["--workers", "2"]);
+    let relay = LossyRelay::start(server.addr, 5, 5, 7);
+    let out = root.parent().unwrap();
+    if have("tftp") {
+        let local = out.join("lossy-hpa");
+        let o = tftp_hpa_get(relay.addr, "f30000", &local);
+        assert_same(
+            &format!("{mode}: tftp-hpa through loss"),
+            &o,
+            &local,
+            &root.join("f30000"),
+        );
+    }
+    if have("atftp") {
+        let local = out.join("lossy-atftp");
+        let opts = ["blksize 1468", "windowsize 8", "timeout 1"];
+        let o = atftp_get(relay.addr, "f200000", &local, &opts);
+        let what = format!("{mode}: atftp windowed through loss");
+        assert_same(&what, &o, &local, &root.join("f200000"));
+    }
+    let t = server.stats()["totals"].clone();
+    assert_eq!(t["io_errors"].as_u64(), Some(0), "{t}");
+}
+
+#[test]
+fn transfers_complete_through_loss_and_duplication_in_process_mode() {
+    through_loss("process");
+}
+
+#[test]
+fn transfers_complete_through_loss_and_duplication_in_thread_mode() {
+    through_loss("thread");
+}
+
+#[test]
+fn transfers_complete_through_loss_and_duplication_in_fork_per_conn_mode() {
+    through_loss("fork-per-conn");
+}
+
+#[test]
+fn transfers_in_progress_finish_across_a_reload_and_a_graceful_stop() {
+    let root = root_with(&[20_000]);
+    let original = std::fs::read(root.join("f20000")).unwrap();
+    let mut server = start(
+        "process",
+        &root,
+        &["--workers", "1", "--drain-timeout", "60"],
+    );
+    let old = server.workers();
+    // Start a download and take its first block only.
+    let c = udp_client();
+    c.send_to(
+        &request(false, b"f20000", "octet", &[("timeout", "10")]),
+        server.addr,
+    )
+    .unwrap();
+    let (oack, tid) = recv(&c, "OACK");
+    assert_eq!(head(&oack).0, 6);
+    c.send_to(&ack(0), tid).unwrap();
+    let (first, _) = recv(&c, "DATA 1");
+    // Reload: a new generation serves new requests while the old worker finishes this one.
+    let out = server.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(wait_until(Duration::from_secs(30), || {
+        let w = server.workers();
+        w.len() == 2 && w.contains(&old[0])
+    }));
+    assert_eq!(
+        fetch(server.addr, "f20000"),
+        original,
+        "the new generation serves"
+    );
+    let mut got = first[4..].to_vec();
+    let mut block = head(&first).1;
+    loop {
+        c.send_to(&ack(block), tid).unwrap();
+        let (p, _) = recv(&c, "DATA from the draining worker");
+        block = head(&p).1;
+        got.extend_from_slice(&p[4..]);
+        if p.len() < 516 {
+            c.send_to(&ack(block), tid).unwrap();
+            break;
+        }
+    }
+    assert_eq!(got, original);
+    assert!(
+        wait_until(Duration::from_secs(30), || !server
+            .workers()
+            .contains(&old[0])),
+        "the old worker exits once its transfer is done"
+    );
+    // A graceful stop waits for a transfer in progress too.
+    c.send_to(
+        &request(false, b"f20000", "octet", &[("timeout", "10")]),
+        server.addr,
+    )
+    .unwrap();
+    let (_, tid) = recv(&c, "OACK");
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_for_log("draining", Duration::from_secs(30)));
+    let mut got = Vec::new();
+    let mut block = 0;
+    loop {
+        c.send_to(&ack(block), tid).unwrap();
+        let (p, _) = recv(&c, "DATA while stopping");
+        block = head(&p).1;
+        got.extend_from_slice(&p[4..]);
+        if p.len() < 516 {
+            c.send_to(&ack(block), tid).unwrap();
+            break;
+        }
+    }
+    assert_eq!(got, original);
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn tftp_options_that_do_not_fit_are_usage_errors() {
+    let dir = common::scratch_dir();
+    let d = dir.to_str().unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--service", "tftp"], "needs --root"),
+        (
+            vec!["--service", "tftp", "--root", "/nonexistent/dir"],
+            "not a directory",
+        ),
+        (vec!["--service", "tftp", "--root", f], "not a directory"),
+        (vec!["--root", d], "--root is for --service tftp"),
+        (vec!["--tftp-write"], "--tftp-write is for --service tftp"),
+        (vec!["--service", "tftp", "--root", d, "--udp"], "UDP only"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,223 @@
+//! The TFTP service (RFC 1350; options RFC 2347/2348/2349/7440): files from `--root`, read
+//! only unless `--tftp-write`, over UDP only.
+//!
+//! A request arrives on the shared socket (port 69 or `--listen`); the worker that receives
+//! it answers from a new socket of its own (the transfer ID), and the transfer is an
+//! [`Exchange`] the engine drives: in the event loop (process mode), in a thread (thread
+//! mode) or in a process (fork-per-conn, tftpd's classic model).
+
+mod link;
+mod netascii;
+mod options;
+pub mod packet;
+mod receive;
+mod root;
+mod send;
+
+use std::borrow::Cow;
+use std::io::{BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::stats::Counters;
+
+use crate::echo::loops_back;
+use crate::service::{Abort, DatagramAnswer, Drive, End, Exchange, Service, Session, Step};
+use link::Link;
+use packet::{Code, Mode, Refusal, Request};
+pub use receive::Receiving;
+pub use root::Root;
+pub use send::Sending;
+
+/// Largest upload `--tftp-max-file` allows unless told otherwise.
+pub const DEFAULT_MAX_FILE: u64 = 32 << 20;
+
+/// The TFTP service.
+#[derive(Debug, Clone)]
+pub struct Tftp {
+    root: Arc<Root>,
+    write: bool,
+    max_file: u64,
+}
+
+impl Tftp {
+    /// Serves the files beneath `root`; `write` allows uploads of new files up to `max_file`.
+    pub fn new(root: &Path, write: bool, max_file: u64) -> std::io::Result<Tftp> {
+        Ok(Tftp {
+            root: Arc::new(Root::open(root)?),
+            write,
+            max_file,
+        })
+    }
+
+    /// Starts the transfer a request asks for, or says why not.
+    fn begin(
+        &self,
+        req: &Request<'_>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Transfer, Refusal> {
+        let (file, size) = if req.write {
+            if !self.write {
+                return Err(Refusal::new(
+                    Code::Access,
+                    "writes are disabled (--tftp-write)",
+                ));
+            }
+            (None, None)
+        } else {
+            let (f, size) = self.root.open_read(req.filename)?;
+            (Some(f), Some(size))
+        };
+        let settings = options::negotiate(&req.options, req.mode, size, self.max_file)?;
+        // The transfer's own port, on the address the request came to (a wildcard listen
+        // address lets the kernel choose the route back).
+        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| {
+                Refusal::new(Code::Undefined, format!("no socket for the transfer: {e}"))
+            })?;
+        let link = Link::new(socket, peer, settings.timeout);
+        let oack = (!settings.taken.is_empty()).then(|| packet::oack(&settings.taken));
+        let sizes = (settings.blksize, settings.window);
+        let netascii = req.mode == Mode::Netascii;
+        Ok(match file {
+            Some(f) => {
+                let reader = BufReader::with_capacity(64 * 1024, f);
+                let source: Box<dyn Read + Send> = if netascii {
+                    Box::new(netascii::Encoder::new(reader))
+                } else {
+                    Box::new(reader)
+                };
+                Transfer::Send(Box::new(Sending::new(link, source, sizes, oack)))
+            }
+            None => {
+                let created = self.root.create(req.filename)?;
+                Transfer::Receive(Box::new(Receiving::new(
+                    link,
+                    created,
+                    sizes,
+                    oack,
+                    (netascii, self.max_file),
+                )))
+            }
+        })
+    }
+}
+
+/// One transfer: a download or an upload.
+#[derive(Debug)]
+pub enum Transfer {
+    /// A read request being served.
+    Send(Box<Sending>),
+    /// A write request being served.
+    Receive(Box<Receiving>),
+}
+
+impl Exchange for Transfer {
+    fn socket(&self) -> &UdpSocket {
+        match self {
+            Transfer::Send(s) => &s.link().socket,
+            Transfer::Receive(r) => &r.link().socket,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self {
+            Transfer::Send(s) => s.link().deadline,
+            Transfer::Receive(r) => r.link().deadline,
+        }
+    }
+
+    fn on_readable(&mut self, scratch: &mut [u8], counters: &mut Counters) -> Step {
+        match self {
+            Transfer::Send(s) => s.on_readable(scratch, counters),
+            Transfer::Receive(r) => r.on_readable(scratch, counters),
+        }
+    }
+
+    fn on_time(&mut self, now: Instant, counters: &mut Counters) -> Step {
+        match self {
+            Transfer::Send(s) => s.on_time(now, counters),
+            Transfer::Receive(r) => r.on_time(now, counters),
+        }
+    }
+
+    fn abort(&mut self, why: Abort, counters: &mut Counters) -> Step {
+        let why = match why {
+            Abort::Busy => Refusal::new(Code::Undefined, "server busy, try again later"),
+            Abort::Stopping => Refusal::new(Code::Undefined, "server shutting down"),
+        };
+        match self {
+            Transfer::Send(s) => s.abort(why, counters),
+            Transfer::Receive(r) => r.abort(why, counters),
+        }
+    }
+}
+
+impl Service for Tftp {
+    type Session = NoStream;
+    type Exchange = Transfer;
+
+    fn name(&self) -> &'static str {
+        "tftp"
+    }
+
+    fn session(&self, stream: mio::net::TcpStream) -> NoStream {
+        NoStream(stream)
+    }
+
+    fn serve_blocking(
+        &self,
+        _stream: std::net::TcpStream,
+        _idle: Option<Duration>,
+        _moved: &mut dyn FnMut(u64, u64),
+    ) -> End {
+        End::Eof
+    }
+
+    fn answer_datagram<'a>(
+        &self,
+        datagram: &'a [u8],
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> DatagramAnswer<'a, Transfer> {
+        // A request "from" port 69 or another service port is forged or another server's
+        // reply: answering could start a loop.
+        if loops_back(peer, local.port()) {
+            return DatagramAnswer::Refuse;
+        }
+        let refused = |r: Refusal| DatagramAnswer::Reply(Cow::Owned(r.packet()));
+        match packet::request(datagram) {
+            Err(r) => refused(r),
+            Ok(None) => DatagramAnswer::Ignore,
+            Ok(Some(req)) => match self.begin(&req, peer, local) {
+                Ok(t) => DatagramAnswer::Begin(t),
+                Err(r) => refused(r),
+            },
+        }
+    }
+}
+
+/// TFTP speaks no TCP (the engine binds it no TCP socket); a stream handed to it anyway is
+/// closed at once.
+#[derive(Debug)]
+pub struct NoStream(mio::net::TcpStream);
+
+impl Session for NoStream {
+    fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
+        &mut self.0
+    }
+    fn note_peer_closed(&mut self) {}
+    fn last_active(&self) -> Instant {
+        Instant::now()
+    }
+    fn owed(&self) -> usize {
+        0
+    }
+    fn drive(&mut self, _: &mut [u8], _: &mut Counters) -> std::io::Result<Drive> {
+        Ok(Drive::Finished)
+    }
+}

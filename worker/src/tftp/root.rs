@@ -1,0 +1,210 @@
+//! The one directory a TFTP server may touch (`--root`). Every name a client sends is
+//! resolved by the kernel beneath a descriptor of that directory (`openat2` with
+//! `RESOLVE_BENEATH`), so `..`, absolute paths and symlinks that lead out fail in the kernel
+//! itself, atomically: there is no check-then-open window for a symlink swap to slip through.
+//!
+//! The directory is opened afresh for each request rather than held open, so a
+//! fork-per-conn child (which keeps only the descriptors it is given) and a worker see the
+//! same thing, as tftpd does with its working directory.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use super::packet::{Code, Refusal};
+
+/// The served directory.
+#[derive(Debug)]
+pub struct Root {
+    path: PathBuf,
+}
+
+/// A file a write request created, to remove again if the upload does not complete.
+#[derive(Debug)]
+pub struct Created {
+    parent: OwnedFd,
+    name: Vec<u8>,
+}
+
+impl Created {
+    /// Removes the partial file (best effort: it may already be gone).
+    pub fn remove(&self) {
+        let _ = unlinkat(
+            &self.parent,
+            OsStr::from_bytes(&self.name),
+            UnlinkatFlags::NoRemoveDir,
+        );
+    }
+}
+
+/// Beneath the root, never through a magic link (`/proc/self/fd/...`).
+fn beneath() -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS
+}
+
+/// A client name as a relative path, or the refusal: absolute names and `..` components
+/// are refused outright (the kernel would refuse them too; this gives the clearer message).
+fn relative(name: &[u8]) -> Result<&Path, Refusal> {
+    let path = Path::new(OsStr::from_bytes(name));
+    if path.is_absolute() {
+        return Err(Refusal::new(Code::Access, "absolute paths are refused"));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(Refusal::new(Code::Access, "\"..\" is refused"));
+    }
+    Ok(path)
+}
+
+/// The refusal for a failed open.
+fn refusal(e: Errno) -> Refusal {
+    match e {
+        Errno::ENOENT | Errno::ENOTDIR => Refusal::new(Code::NotFound, "file not found"),
+        Errno::EEXIST => Refusal::new(Code::Exists, "file already exists"),
+        // EXDEV: the path leads out of the root; ELOOP: a symlink where none may be.
+        Errno::EACCES | Errno::EPERM | Errno::EXDEV | Errno::ELOOP | Errno::EISDIR => {
+            Refusal::new(Code::Access, "access violation")
+        }
+        Errno::ENOSPC | Errno::EDQUOT => Refusal::new(Code::DiskFull, "disk full"),
+        Errno::ENOSYS => Refusal::new(Code::Undefined, "this kernel lacks openat2 (Linux >= 5.6)"),
+        _ => Refusal::new(Code::Undefined, "cannot open the file"),
+    }
+}
+
+impl Root {
+    /// The root at `path`, checked to be a directory this process can open.
+    pub fn open(path: &Path) -> std::io::Result<Root> {
+        let root = Root {
+            path: path.to_path_buf(),
+        };
+        root.dir()?;
+        Ok(root)
+    }
+
+    fn dir(&self) -> nix::Result<OwnedFd> {
+        nix::fcntl::open(
+            &self.path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    }
+
+    /// Opens a regular file beneath the root for reading; its size comes along.
+    pub fn open_read(&self, name: &[u8]) -> Result<(File, u64), Refusal> {
+        let path = relative(name)?;
+        // O_NONBLOCK: opening a FIFO someone left in the root must not hang the worker.
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+            .resolve(beneath());
+        let fd = openat2(self.dir().map_err(refusal)?, path, how).map_err(refusal)?;
+        let st = fstat(&fd).map_err(refusal)?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(Refusal::new(Code::Access, "not a regular file"));
+        }
+        Ok((File::from(fd), st.st_size.max(0) as u64))
+    }
+
+    /// Creates a new file beneath the root (never an existing one, never through a symlink).
+    pub fn create(&self, name: &[u8]) -> Result<(File, Created), Refusal> {
+        let path = relative(name)?;
+        let (parent, base) = match (path.parent(), path.file_name()) {
+            (Some(p), Some(b)) => (p, b),
+            _ => return Err(Refusal::new(Code::Access, "not a file name")),
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(beneath());
+        let dir = openat2(self.dir().map_err(refusal)?, parent, how).map_err(refusal)?;
+        let fd = openat(
+            &dir,
+            base,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .map_err(refusal)?;
+        Ok((
+            File::from(fd),
+            Created {
+                parent: dir,
+                name: base.as_bytes().to_vec(),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn scratch_dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tftp-root-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("root/sub")).unwrap();
+        d
+    }
+
+    #[test]
+    fn names_resolve_beneath_the_root_only() {
+        let d = scratch_dir("read");
+        std::fs::write(d.join("secret"), b"outside").unwrap();
+        std::fs::write(d.join("root/sub/f"), b"inside").unwrap();
+        std::os::unix::fs::symlink("../secret", d.join("root/out")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.join("root/abs")).unwrap();
+        std::os::unix::fs::symlink("sub/f", d.join("root/in")).unwrap();
+        let root = Root::open(&d.join("root")).unwrap();
+        let read = |n: &str| {
+            root.open_read(n.as_bytes()).map(|(mut f, size)| {
+                let mut s = String::new();
+                f.read_to_string(&mut s).unwrap();
+                (s, size)
+            })
+        };
+        assert_eq!(read("sub/f").unwrap(), ("inside".to_string(), 6));
+        assert_eq!(read("./sub//f").unwrap().0, "inside");
+        assert_eq!(read("in").unwrap().0, "inside"); // a symlink that stays inside is fine
+        for hostile in [
+            "../secret",
+            "sub/../../secret",
+            "/etc/passwd",
+            "out",
+            "abs",
+            "sub",
+        ] {
+            assert_eq!(read(hostile).unwrap_err().code, Code::Access, "{hostile}");
+        }
+        assert_eq!(read("missing").unwrap_err().code, Code::NotFound);
+        assert_eq!(read("sub/f/x").unwrap_err().code, Code::NotFound);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn creation_makes_new_files_only_and_can_be_undone() {
+        let d = scratch_dir("create");
+        std::fs::write(d.join("root/old"), b"keep").unwrap();
+        std::os::unix::fs::symlink("../victim", d.join("root/link")).unwrap();
+        let root = Root::open(&d.join("root")).unwrap();
+        assert_eq!(root.create(b"old").unwrap_err().code, Code::Exists);
+        assert_eq!(root.create(b"link").unwrap_err().code, Code::Exists);
+        assert_eq!(root.create(b"../victim").unwrap_err().code, Code::Access);
+        assert_eq!(root.create(b"link/x").unwrap_err().code, Code::Access);
+        assert!(!d.join("victim").exists());
+        assert_eq!(std::fs::read(d.join("root/old")).unwrap(), b"keep");
+        let (_f, created) = root.create(b"sub/new").unwrap();
+        assert!(d.join("root/sub/new").exists());
+        created.remove();
+        assert!(!d.join("root/sub/new").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
