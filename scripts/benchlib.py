@@ -182,6 +182,29 @@ def load(target, server_pid=None, budget=None, **opts):
         return p.returncode, None
 
 
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, installed into target/py on first use."""
+    py = ROOT / "target" / "py"
+    sys.path.insert(0, str(py))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("installing matplotlib into target/py")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(py),
+                        "matplotlib"], check=True)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def median(xs):
+    """The median of a non-empty list."""
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 @atexit.register
 def _cleanup():
     for s in list(_started):

@@ -147,6 +147,7 @@ struct Worker<S: Service> {
     exchanges: Slab<S::Exchange>,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
+
     /// `--proxy-protocol`: who may send a header, and how long it may take.
     proxy: Option<crate::proxy::ProxyRule>,
     /// Connections still owing their PROXY header.

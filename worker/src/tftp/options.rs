@@ -14,7 +14,7 @@ pub const MAX_BLKSIZE: usize = 65464;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes a transfer may have in flight (windowsize × blksize): memory per transfer is bounded
 /// by this, whatever the client asks for; the server may choose a smaller window (RFC 7440).
-pub const MAX_WINDOW_BYTES: usize = 1 << 20;
+pub const MAX_WINDOW_BYTES: usize = 256 << 10;
 /// Largest window the server takes.
 pub const MAX_WINDOW: usize = 64;
 

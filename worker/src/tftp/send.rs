@@ -103,11 +103,11 @@ impl Sending {
         Ok(())
     }
 
-    /// Sends every packet of the window.
+    /// Sends every packet of the window (in one call where the kernel allows).
     fn send_window(&self, counters: &mut Counters) -> u64 {
-        for p in &self.window {
-            self.link.send(p, counters);
-        }
+        let packets: Vec<&[u8]> = self.window.iter().map(Vec::as_slice).collect();
+        self.link
+            .send_segments(&packets, 4 + self.blksize, counters);
         self.window.len() as u64
     }
 
