@@ -29,16 +29,13 @@ use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
-use worker::exchange::drive_blocking;
+use worker::exchange::{drive_blocking, max_exchanges};
 use worker::service::{DatagramAnswer, End, Service};
 
 const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
 const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
 /// A child's counters, little-endian u64s in wire order (well under PIPE_BUF).
 const RECORD: usize = Counters::FIELDS * 8;
-/// Children at most when `--max-conns` sets no limit, for a datagram service: every request
-/// datagram forks, and a flood of them must not fork without end.
-const DEFAULT_MAX_DATAGRAM_CHILDREN: u64 = 512;
 /// Request datagrams taken per loop turn.
 const DATAGRAMS_PER_TURN: usize = 64;
 /// After an immediate stop is asked of the children, how long before SIGKILL.
@@ -363,11 +360,8 @@ impl<S: Service> ForkServer<S> {
                 }
             };
             self.counters.datagrams_in += 1;
-            let limit = match self.cfg.limits.max_conns {
-                0 => DEFAULT_MAX_DATAGRAM_CHILDREN,
-                n => n,
-            };
-            if self.children.len() as u64 >= limit {
+            // Every request datagram forks: a flood must not fork without end.
+            if self.children.len() as u64 >= max_exchanges(self.cfg.limits.max_conns) {
                 // No process to spare: the request is dropped and the client retries.
                 self.counters.closed_by_limit += 1;
                 continue;
@@ -382,10 +376,12 @@ impl<S: Service> ForkServer<S> {
             let lp = &mut self.lp;
             let (service, report_tx) = (&self.service, &self.report_tx);
             let datagram = &buf[..n];
+            // The child handles TERM itself: a transfer cut short tells its client and
+            // removes a partial upload.
             let forked = fork_child(
                 Lineage::Worker,
                 keep,
-                &[],
+                &[signal_hook::consts::SIGTERM],
                 || lp.drop_signals(),
                 || datagram_child(service, (datagram, peer, udp), report_tx),
             );
@@ -507,6 +503,10 @@ fn datagram_child<S: Service>(
     (datagram, peer, shared): (&[u8], SocketAddr, &UdpSocket),
     to: &io::PipeWriter,
 ) -> i32 {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Should this fail, TERM does nothing here and the master's SIGKILL after its grace
+    // period ends the child.
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     let mut c = Counters::default();
     let local = shared
@@ -521,7 +521,9 @@ fn datagram_child<S: Service>(
         },
         DatagramAnswer::Begin(mut x) => {
             c.transfers += 1;
-            drive_blocking(&mut x, &mut c, &|| false);
+            drive_blocking(&mut x, &mut c, &|| {
+                stop.load(std::sync::atomic::Ordering::Relaxed)
+            });
         }
     }
     report(&c, to);

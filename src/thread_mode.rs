@@ -21,7 +21,7 @@ use crate::control::{ControlServer, Request};
 use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
-use worker::exchange::{count_end, drive_blocking};
+use worker::exchange::{count_end, drive_blocking, max_exchanges};
 use worker::service::{Abort, DatagramAnswer, End, Exchange, Service};
 
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
@@ -338,7 +338,7 @@ fn udp_loop<S: Service>(
 /// Runs an exchange in a thread of its own, counted as active while it lives.
 fn start_exchange<X: Exchange>(mut x: X, shared: &Arc<Shared>, tally: &Arc<Tally>, limits: Limits) {
     Tally::bump(&tally.transfers, 1);
-    if limits.full(shared.active.load(Ordering::SeqCst) as u64) {
+    if shared.active.load(Ordering::SeqCst) as u64 >= max_exchanges(limits.max_conns) {
         let mut c = Counters::default();
         c.closed_by_limit += 1;
         let end = x.abort(Abort::Busy, &mut c);

@@ -386,3 +386,47 @@ fn tftp_options_that_do_not_fit_are_usage_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn an_upload_cut_by_a_stop_is_told_and_leaves_no_partial_file() {
+    let root = root_with(&[]);
+    for mode in ["process", "thread", "fork-per-conn"] {
+        let name = format!("partial-{mode}");
+        let mut server = start(mode, &root, &["--tftp-write", "--drain-timeout", "1"]);
+        let c = udp_client();
+        c.send_to(&request(true, name.as_bytes(), "octet", &[]), server.addr)
+            .unwrap();
+        let (p, tid) = recv(&c, "ACK 0");
+        assert_eq!(head(&p), (4, 0), "{mode}");
+        for n in 1..=3u16 {
+            let mut d = vec![0, 3];
+            d.extend_from_slice(&n.to_be_bytes());
+            d.extend_from_slice(&[b'y'; 512]);
+            c.send_to(&d, tid).unwrap();
+            assert_eq!(head(&recv(&c, "ACK").0), (4, n), "{mode}");
+        }
+        assert!(root.join(&name).exists(), "{mode}: the upload is under way");
+        // The client goes quiet; the stop's drain deadline passes; the upload is cut.
+        server.signal(Signal::SIGTERM);
+        let p = loop {
+            // The server may first repeat its last ACK (its own timer): skip those.
+            let (p, _) = recv(&c, "the server's goodbye");
+            if head(&p) != (4, 3) {
+                break p;
+            }
+        };
+        assert_eq!(head(&p), (5, 0), "{mode}: {}", String::from_utf8_lossy(&p));
+        assert!(
+            String::from_utf8_lossy(&p).contains("shutting down"),
+            "{mode}"
+        );
+        let status = server
+            .wait_exit(Duration::from_secs(30))
+            .expect("the server exits");
+        assert!(status.success(), "{mode}: {status:?}");
+        assert!(
+            !root.join(&name).exists(),
+            "{mode}: the partial upload was left behind"
+        );
+    }
+}

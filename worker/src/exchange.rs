@@ -12,6 +12,19 @@ use crate::service::{Abort, Exchange, Step};
 
 /// Longest wait between looks at `stop`.
 const TICK: Duration = Duration::from_millis(100);
+/// Exchanges a worker (or a whole thread or fork-per-conn server) holds at most when
+/// `--max-conns` sets no limit: each is a socket, an open file and a window of buffers (or a
+/// thread, or a process), and a flood of requests must not exhaust any of them.
+pub const DEFAULT_MAX_EXCHANGES: u64 = 512;
+
+/// The most exchanges `max_conns` (the `--max-conns` value; 0: no limit set) allows.
+pub fn max_exchanges(max_conns: u64) -> u64 {
+    match max_conns {
+        0 => DEFAULT_MAX_EXCHANGES,
+        n => n,
+    }
+}
+
 /// A receive buffer for the largest UDP datagram.
 pub const SCRATCH: usize = 65536;
 

@@ -24,7 +24,7 @@ use slab::Slab;
 
 use crate::config::WorkerConfig;
 use crate::echo::Echo;
-use crate::exchange::count_end;
+use crate::exchange::{count_end, max_exchanges};
 use crate::service::{Abort, DatagramAnswer, Drive, Exchange, Service, ServiceKind, Session, Step};
 use crate::tftp::Tftp;
 use protocol::ipc::{Message, Reporter};
@@ -48,9 +48,6 @@ const UDP: Token = Token(3);
 const FIRST_CONN: usize = 4;
 /// Tokens of exchanges (TFTP transfers) start here; connections stay below.
 const EXCHANGE_BASE: usize = usize::MAX / 4;
-/// Exchanges a worker holds at most when `--max-conns` sets no limit: each is a socket and
-/// an open file, and a flood of requests must not exhaust the descriptor table.
-const DEFAULT_MAX_EXCHANGES: usize = 512;
 /// Datagrams echoed per loop turn before the connections get their turn again.
 const DATAGRAMS_PER_TURN: usize = 64;
 
@@ -364,11 +361,7 @@ impl<S: Service> Worker<S> {
     /// Watches a new exchange's socket and lets it send its first packet.
     fn start_exchange(&mut self, mut x: S::Exchange) {
         self.counters.transfers += 1;
-        let limit = match self.cfg.max_conns {
-            0 => DEFAULT_MAX_EXCHANGES,
-            n => usize::try_from(n).unwrap_or(usize::MAX),
-        };
-        if self.exchanges.len() >= limit {
+        if self.exchanges.len() as u64 >= max_exchanges(self.cfg.max_conns) {
             self.counters.closed_by_limit += 1;
             let end = x.abort(Abort::Busy, &mut self.counters);
             count_end(end, &mut self.counters);
