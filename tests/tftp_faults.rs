@@ -20,6 +20,20 @@ fn start(mode: &str, root: &Path, extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
+/// Asks for `name` with a 10 s retransmission timeout (so nothing below is a timer's doing)
+/// and takes the OACK; returns the transfer's address. The first DATA follows `ack(0)`.
+fn begin_slow(
+    c: &std::net::UdpSocket,
+    server: std::net::SocketAddr,
+    name: &[u8],
+) -> std::net::SocketAddr {
+    c.send_to(&request(false, name, "octet", &[("timeout", "10")]), server)
+        .unwrap();
+    let (p, tid) = recv(c, "OACK");
+    assert_eq!(head(&p).0, 6, "{}", String::from_utf8_lossy(&p));
+    tid
+}
+
 /// Downloads `name` with the raw client, acknowledging every block; returns the bytes.
 fn fetch(server: std::net::SocketAddr, name: &str) -> Vec<u8> {
     let c = udp_client();
@@ -153,13 +167,7 @@ fn a_stranger_gets_error_5_and_duplicate_acks_resend_nothing() {
     let c = udp_client();
     // A 10 s retransmission timeout: any DATA seen twice below is the Sorcerer's Apprentice
     // bug (an answer to a duplicate ACK), not a timer.
-    c.send_to(
-        &request(false, b"f5000", "octet", &[("timeout", "10")]),
-        server.addr,
-    )
-    .unwrap();
-    let (p, tid) = recv(&c, "OACK");
-    assert_eq!(head(&p).0, 6);
+    let tid = begin_slow(&c, server.addr, b"f5000");
     c.send_to(&ack(0), tid).unwrap();
     let stranger = udp_client();
     let mut blocks = Vec::new();
@@ -294,13 +302,7 @@ fn transfers_in_progress_finish_across_a_reload_and_a_graceful_stop() {
     let old = server.workers();
     // Start a download and take its first block only.
     let c = udp_client();
-    c.send_to(
-        &request(false, b"f20000", "octet", &[("timeout", "10")]),
-        server.addr,
-    )
-    .unwrap();
-    let (oack, tid) = recv(&c, "OACK");
-    assert_eq!(head(&oack).0, 6);
+    let tid = begin_slow(&c, server.addr, b"f20000");
     c.send_to(&ack(0), tid).unwrap();
     let (first, _) = recv(&c, "DATA 1");
     // Reload: a new generation serves new requests while the old worker finishes this one.
@@ -335,12 +337,7 @@ fn transfers_in_progress_finish_across_a_reload_and_a_graceful_stop() {
         "the old worker exits once its transfer is done"
     );
     // A graceful stop waits for a transfer in progress too.
-    c.send_to(
-        &request(false, b"f20000", "octet", &[("timeout", "10")]),
-        server.addr,
-    )
-    .unwrap();
-    let (_, tid) = recv(&c, "OACK");
+    let tid = begin_slow(&c, server.addr, b"f20000");
     server.signal(Signal::SIGTERM);
     assert!(server.wait_for_log("draining", Duration::from_secs(30)));
     let mut got = Vec::new();

@@ -7,15 +7,14 @@
 //! report counters to the master. Signals only wake the loop; the loop decides.
 
 mod boot;
+mod datagrams;
 mod proxied;
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::sockopt;
 use signal_hook::consts::{SIGHUP, SIGQUIT, SIGTERM};
@@ -24,8 +23,7 @@ use slab::Slab;
 
 use crate::config::WorkerConfig;
 use crate::echo::Echo;
-use crate::exchange::{count_end, max_exchanges};
-use crate::service::{Abort, DatagramAnswer, Drive, Exchange, Service, ServiceKind, Session, Step};
+use crate::service::{Abort, Drive, Exchange, Service, ServiceKind, Session};
 use crate::tftp::Tftp;
 use protocol::ipc::{Message, Reporter};
 use protocol::log;
@@ -310,118 +308,6 @@ impl<S: Service> Worker<S> {
                     return;
                 }
             }
-        }
-    }
-
-    /// Answers each waiting datagram as the service says; an exchange one begins starts at
-    /// once, so a flood of requests holds at most one exchange beyond the limit at a time. UDP
-    /// promises no delivery: an answer that finds the send buffer full is dropped (and not
-    /// counted as sent).
-    fn serve_datagrams(&mut self) {
-        // Out of `self` for the turn, so a begun exchange can be started in the middle of it.
-        let Some(udp) = self.udp.take() else { return };
-        for _ in 0..DATAGRAMS_PER_TURN {
-            match udp.recv_from(&mut self.scratch) {
-                Ok((n, peer)) => {
-                    self.counters.datagrams_in += 1;
-                    let answer =
-                        self.service
-                            .answer_datagram(&self.scratch[..n], peer, self.udp_local);
-                    let reply = match answer {
-                        DatagramAnswer::Reply(reply) => reply,
-                        DatagramAnswer::Refuse => {
-                            self.counters.datagrams_refused += 1;
-                            continue;
-                        }
-                        DatagramAnswer::Ignore => continue,
-                        DatagramAnswer::Begin(x) => {
-                            self.start_exchange(x);
-                            continue;
-                        }
-                    };
-                    match udp.send_to(&reply, peer) {
-                        Ok(_) => self.counters.datagrams_out += 1,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => self.counters.io_errors += 1,
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.udp = Some(udp);
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // An ICMP error from an earlier send (port unreachable): not fatal.
-                Err(_) => self.counters.io_errors += 1,
-            }
-        }
-        self.udp = Some(udp);
-        self.udp_again = true;
-    }
-
-    /// Watches a new exchange's socket and lets it send its first packet.
-    fn start_exchange(&mut self, mut x: S::Exchange) {
-        self.counters.transfers += 1;
-        if self.exchanges.len() as u64 >= max_exchanges(self.cfg.max_conns) {
-            self.counters.closed_by_limit += 1;
-            let end = x.abort(Abort::Busy, &mut self.counters);
-            count_end(end, &mut self.counters);
-            return;
-        }
-        let entry = self.exchanges.vacant_entry();
-        let fd = x.socket().as_raw_fd();
-        let token = Token(EXCHANGE_BASE + entry.key());
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-        {
-            protocol::log!("cannot watch a new transfer: {e}");
-            self.counters.io_errors += 1;
-            count_end(Step::Failed, &mut self.counters);
-            return;
-        }
-        let key = entry.key();
-        entry.insert(x);
-        self.exchange_step(key, |x, c, _| x.on_time(Instant::now(), c));
-    }
-
-    /// Runs one call into exchange `key`; ends it if the call did.
-    fn exchange_step(
-        &mut self,
-        key: usize,
-        call: impl FnOnce(&mut S::Exchange, &mut Counters, &mut [u8]) -> Step,
-    ) {
-        let Some(x) = self.exchanges.get_mut(key) else {
-            return; // a stale event for an exchange already ended this turn
-        };
-        let step = call(x, &mut self.counters, &mut self.scratch);
-        if step != Step::Going {
-            self.end_exchange(key, step);
-        }
-    }
-
-    fn end_exchange(&mut self, key: usize, step: Step) {
-        if let Some(x) = self.exchanges.try_remove(key) {
-            let fd = x.socket().as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-            count_end(step, &mut self.counters);
-        }
-    }
-
-    fn on_exchange(&mut self, key: usize) {
-        self.exchange_step(key, |x, c, scratch| x.on_readable(scratch, c));
-    }
-
-    /// Retransmissions and ends that fell due.
-    fn exchanges_on_time(&mut self, now: Instant) {
-        let due: Vec<usize> = self
-            .exchanges
-            .iter()
-            .filter(|(_, x)| x.deadline() <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for key in due {
-            self.exchange_step(key, |x, c, _| x.on_time(now, c));
         }
     }
 

@@ -8,7 +8,7 @@
 //! children never interleave. The master reaps every child and keeps the tally.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -17,11 +17,15 @@ use anyhow::{Context, Result};
 use mio::net::{TcpListener, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
+
+mod child;
+
+use child::{child, datagram_child};
 
 use crate::blocking::{SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
@@ -29,8 +33,8 @@ use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::spawn::{Lineage, fork_child, reap_exited};
 use crate::stats::{Snapshot, WorkerRow};
-use worker::exchange::{drive_blocking, max_exchanges};
-use worker::service::{DatagramAnswer, End, Service};
+use worker::exchange::max_exchanges;
+use worker::service::Service;
 
 const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
 const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
@@ -329,17 +333,22 @@ impl<S: Service> ForkServer<S> {
                 || lp.drop_signals(),
                 || child(service, std_stream.try_clone(), (idle, proxy), report_tx),
             );
-            match forked {
-                Ok(pid) => {
-                    self.children.insert(pid, Instant::now());
-                }
-                Err(e) => {
-                    // Out of processes: this client is closed; the server goes on.
-                    self.counters.accept_errors += 1;
-                    protocol::log!("cannot fork for a connection: {e}");
-                }
-            }
+            self.adopt(forked, "a connection");
             // The parent's copy of the connection closes here; the child holds its own.
+        }
+    }
+
+    /// Records a child forked for `what`; out of processes, that client is dropped and the
+    /// server goes on.
+    fn adopt(&mut self, forked: io::Result<Pid>, what: &str) {
+        match forked {
+            Ok(pid) => {
+                self.children.insert(pid, Instant::now());
+            }
+            Err(e) => {
+                self.counters.accept_errors += 1;
+                protocol::log!("cannot fork for {what}: {e}");
+            }
         }
     }
 
@@ -385,15 +394,7 @@ impl<S: Service> ForkServer<S> {
                 || lp.drop_signals(),
                 || datagram_child(service, (datagram, peer, udp), report_tx),
             );
-            match forked {
-                Ok(pid) => {
-                    self.children.insert(pid, Instant::now());
-                }
-                Err(e) => {
-                    self.counters.accept_errors += 1;
-                    protocol::log!("cannot fork for a request: {e}");
-                }
-            }
+            self.adopt(forked, "a request");
         }
         // More may be waiting: the listener is edge-triggered, so look again next turn.
         self.receive_again = true;
@@ -456,76 +457,4 @@ impl<S: Service> ForkServer<S> {
         };
         Snapshot::new("fork-per-conn", uptime, 1, vec![row], &Counters::default())
     }
-}
-
-/// Writes a child's counters as its one record.
-fn report(c: &Counters, to: &io::PipeWriter) {
-    let mut rec = [0u8; RECORD];
-    for (chunk, v) in rec.chunks_exact_mut(8).zip(c.to_array()) {
-        chunk.copy_from_slice(&v.to_le_bytes());
-    }
-    let _ = (&*to).write_all(&rec);
-}
-
-/// A connection's child: default signal dispositions (it has no graceful state to keep), the
-/// service's conversation, report, exit.
-fn child<S: Service>(
-    service: &S,
-    stream: io::Result<std::net::TcpStream>,
-    (idle, proxy): (Option<Duration>, &Option<worker::proxy::ProxyRule>),
-    to: &io::PipeWriter,
-) -> i32 {
-    // `fork_child` reset TERM and QUIT to their defaults: either ends this child at once.
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    let Ok(stream) = stream else { return 1 };
-    let mut c = Counters::default();
-    if let Some(rule) = proxy {
-        if rule.accept_blocking(&stream).is_err() {
-            c.proxy_errors = 1;
-            report(&c, to);
-            return 0;
-        }
-    }
-    let end = service.serve_blocking(stream, idle, &mut |r, w| {
-        c.bytes_in += r;
-        c.bytes_out += w;
-    });
-    c.io_errors = u64::from(end == End::Error);
-    c.closed_by_limit = u64::from(end == End::Idle);
-    report(&c, to);
-    0
-}
-
-/// A request datagram's child: the service answers it from here, and an exchange it begins
-/// (a TFTP transfer) runs to its end in this process.
-fn datagram_child<S: Service>(
-    service: &S,
-    (datagram, peer, shared): (&[u8], SocketAddr, &UdpSocket),
-    to: &io::PipeWriter,
-) -> i32 {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Should this fail, TERM does nothing here and the master's SIGKILL after its grace
-    // period ends the child.
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    let mut c = Counters::default();
-    let local = shared
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    match service.answer_datagram(datagram, peer, local) {
-        DatagramAnswer::Refuse => c.datagrams_refused += 1,
-        DatagramAnswer::Ignore => {}
-        DatagramAnswer::Reply(reply) => match shared.send_to(&reply, peer) {
-            Ok(_) => c.datagrams_out += 1,
-            Err(_) => c.io_errors += 1,
-        },
-        DatagramAnswer::Begin(mut x) => {
-            c.transfers += 1;
-            drive_blocking(&mut x, &mut c, &|| {
-                stop.load(std::sync::atomic::Ordering::Relaxed)
-            });
-        }
-    }
-    report(&c, to);
-    0
 }
