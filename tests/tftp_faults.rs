@@ -34,6 +34,26 @@ fn begin_slow(
     tid
 }
 
+/// Carries a download on from `block` (acknowledged first) to its end, collecting the data.
+fn finish(
+    c: &std::net::UdpSocket,
+    tid: std::net::SocketAddr,
+    mut block: u16,
+    got: &mut Vec<u8>,
+    awaiting: &str,
+) {
+    loop {
+        c.send_to(&ack(block), tid).unwrap();
+        let (p, _) = recv(c, awaiting);
+        block = head(&p).1;
+        got.extend_from_slice(&p[4..]);
+        if p.len() < 516 {
+            c.send_to(&ack(block), tid).unwrap();
+            return;
+        }
+    }
+}
+
 /// Downloads `name` with the raw client, acknowledging every block; returns the bytes.
 fn fetch(server: std::net::SocketAddr, name: &str) -> Vec<u8> {
     let c = udp_client();
@@ -318,17 +338,13 @@ fn transfers_in_progress_finish_across_a_reload_and_a_graceful_stop() {
         "the new generation serves"
     );
     let mut got = first[4..].to_vec();
-    let mut block = head(&first).1;
-    loop {
-        c.send_to(&ack(block), tid).unwrap();
-        let (p, _) = recv(&c, "DATA from the draining worker");
-        block = head(&p).1;
-        got.extend_from_slice(&p[4..]);
-        if p.len() < 516 {
-            c.send_to(&ack(block), tid).unwrap();
-            break;
-        }
-    }
+    finish(
+        &c,
+        tid,
+        head(&first).1,
+        &mut got,
+        "DATA from the draining worker",
+    );
     assert_eq!(got, original);
     assert!(
         wait_until(Duration::from_secs(30), || !server
@@ -341,17 +357,7 @@ fn transfers_in_progress_finish_across_a_reload_and_a_graceful_stop() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_for_log("draining", Duration::from_secs(30)));
     let mut got = Vec::new();
-    let mut block = 0;
-    loop {
-        c.send_to(&ack(block), tid).unwrap();
-        let (p, _) = recv(&c, "DATA while stopping");
-        block = head(&p).1;
-        got.extend_from_slice(&p[4..]);
-        if p.len() < 516 {
-            c.send_to(&ack(block), tid).unwrap();
-            break;
-        }
-    }
+    finish(&c, tid, 0, &mut got, "DATA while stopping");
     assert_eq!(got, original);
     let status = server
         .wait_exit(Duration::from_secs(30))
