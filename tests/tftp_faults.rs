@@ -433,3 +433,43 @@ fn an_upload_cut_by_a_stop_is_told_and_leaves_no_partial_file() {
         );
     }
 }
+
+#[test]
+fn a_server_run_as_a_user_reads_and_writes_only_what_that_user_may() {
+    let Some(user) = common::nobody() else { return };
+    let root = root_with(&[513]);
+    std::fs::write(root.join("root-only"), b"secret").unwrap();
+    std::fs::set_permissions(
+        root.join("root-only"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let server = start(
+        "process",
+        &root,
+        &["--user", "nobody", "--tftp-write", "--workers", "1"],
+    );
+    let worker = server.workers()[0];
+    assert_eq!(
+        common::status(worker).ruid,
+        user.uid.as_raw(),
+        "the worker serves as nobody"
+    );
+    assert_eq!(fetch(server.addr, "f513").len(), 513);
+    let c = udp_client();
+    c.send_to(&request(false, b"root-only", "octet", &[]), server.addr)
+        .unwrap();
+    assert_eq!(
+        head(&recv(&c, "refusal").0),
+        (5, 2),
+        "a file nobody may not read"
+    );
+    c.send_to(&request(true, b"upload", "octet", &[]), server.addr)
+        .unwrap();
+    assert_eq!(
+        head(&recv(&c, "refusal").0),
+        (5, 2),
+        "a directory nobody may not write"
+    );
+    assert!(!root.join("upload").exists());
+}

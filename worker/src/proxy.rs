@@ -155,6 +155,9 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
 pub fn read_blocking(stream: &TcpStream, timeout: Duration) -> Result<Header, io::Error> {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; MAX_HEADER];
+    // A socket accepted by mio (fork-per-conn's master) arrives non-blocking: its first peek
+    // would fail with "would block" whenever the header is a moment behind the connection.
+    stream.set_nonblocking(false)?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
