@@ -348,19 +348,30 @@ fn start_exchange<X: Exchange>(mut x: X, shared: &Arc<Shared>, tally: &Arc<Tally
     }
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
     let (shared, tally2) = (Arc::clone(shared), Arc::clone(tally));
+    // The exchange follows the thread over a channel, so that if no thread can be started it
+    // is still here to tell its client (and remove a partial upload).
+    let (handoff, arrival) = std::sync::mpsc::channel::<X>();
     let spawned = thread::Builder::new()
         .name("transfer".into())
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _active = active;
+            let Ok(mut x) = arrival.recv() else { return };
             let mut c = Counters::default();
             drive_blocking(&mut x, &mut c, &|| shared.cut.load(Ordering::Relaxed));
             tally2.add(&c);
         });
-    if spawned.is_err() {
-        // Out of threads: the exchange (and its socket) is dropped; its peer will time out.
-        Tally::bump(&tally.accept_errors, 1);
-        Tally::bump(&tally.transfers_failed, 1);
+    let refused = match spawned {
+        Ok(_) => handoff.send(x).err().map(|e| e.0),
+        Err(_) => Some(x),
+    };
+    if let Some(mut x) = refused {
+        // Out of threads: counted as an accept error, as for connections.
+        let mut c = Counters::default();
+        c.accept_errors += 1;
+        let end = x.abort(Abort::Busy, &mut c);
+        count_end(end, &mut c);
+        tally.add(&c);
     }
 }
 

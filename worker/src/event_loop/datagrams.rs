@@ -79,7 +79,9 @@ impl<S: Service> Worker<S> {
         {
             protocol::log!("cannot watch a new transfer: {e}");
             self.counters.io_errors += 1;
-            count_end(Step::Failed, &mut self.counters);
+            // Told, and a partial upload removed, as when the worker is full.
+            let end = x.abort(Abort::Busy, &mut self.counters);
+            count_end(end, &mut self.counters);
             return;
         }
         let key = entry.key();
