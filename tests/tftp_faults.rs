@@ -473,3 +473,37 @@ fn a_server_run_as_a_user_reads_and_writes_only_what_that_user_may() {
     );
     assert!(!root.join("upload").exists());
 }
+
+#[test]
+fn a_binary_upgrade_hands_over_the_udp_socket_and_finishes_transfers() {
+    let root = root_with(&[20_000]);
+    let original = std::fs::read(root.join("f20000")).unwrap();
+    let pid_file = root.parent().unwrap().join("tftp.pid");
+    let mut server = start(
+        "process",
+        &root,
+        &["--workers", "1", "--pid-file", pid_file.to_str().unwrap()],
+    );
+    let c = udp_client();
+    let tid = begin_slow(&c, server.addr, b"f20000");
+    server.signal(Signal::SIGUSR2);
+    // The new master serves new requests on the same port while the old worker goes on.
+    assert!(wait_until(Duration::from_secs(30), || {
+        common::read_pid(&pid_file) != server.pid
+    }));
+    let new_pid = common::read_pid(&pid_file);
+    let _new = common::KillOnDrop::new(new_pid);
+    assert_eq!(
+        fetch(server.addr, "f20000"),
+        original,
+        "the new master serves"
+    );
+    let mut got = Vec::new();
+    finish(&c, tid, 0, &mut got, "DATA from the old generation");
+    assert_eq!(got, original);
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old master exits");
+    assert!(status.success(), "{status:?}\n{}", server.stderr());
+    assert_eq!(fetch(server.addr, "f20000"), original);
+}
