@@ -94,6 +94,32 @@ pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
+/// How many connections wait in a listening socket's accept queue, and its limit (the
+/// backlog as the kernel applies it), from `TCP_INFO`: for a listener, Linux reports the
+/// queue's length in `tcpi_unacked` and its limit in `tcpi_sacked`. `None` for anything that
+/// is not a listening TCP socket.
+pub fn accept_queue(socket: &impl std::os::fd::AsRawFd) -> Option<crate::stats::AcceptQueue> {
+    // SAFETY: `tcp_info` is plain integers, so all-zero is a valid value; getsockopt writes
+    // at most `len` bytes into it and the length back into `len`, both ours for the call.
+    let (info, rc) = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (info, rc)
+    };
+    // 10 is TCP_LISTEN in the kernel's state numbering.
+    (rc == 0 && info.tcpi_state == 10).then_some(crate::stats::AcceptQueue {
+        waiting: info.tcpi_unacked,
+        limit: info.tcpi_sacked,
+    })
+}
+
 /// The address actually bound (the real port when 0 was asked for).
 pub fn local_addr(socket: &Socket) -> std::io::Result<SocketAddr> {
     socket.local_addr()?.as_socket().ok_or_else(|| {
@@ -117,6 +143,21 @@ mod tests {
             e.starts_with("cannot use listen address \"not an address\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_accept_queue_counts_connections_nobody_accepted_yet() {
+        let l = bind("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let addr = local_addr(&l).unwrap();
+        let q = accept_queue(&l).unwrap();
+        assert_eq!((q.waiting, q.limit), (0, 8));
+        let held: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert_eq!(accept_queue(&l).unwrap().waiting, 3);
+        let udp = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(accept_queue(&udp).is_none());
+        drop(held);
     }
 
     #[test]

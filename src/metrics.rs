@@ -116,6 +116,21 @@ pub fn render(snap: &Snapshot) -> String {
             snap.lifecycle.upgrades_failed as f64,
         ),
     ];
+    let mut single = single.to_vec();
+    if let Some(q) = snap.accept_queue {
+        single.push((
+            "accept_queue_length",
+            "gauge",
+            "Connections the kernel holds that no worker has accepted yet.",
+            f64::from(q.waiting),
+        ));
+        single.push((
+            "accept_queue_limit",
+            "gauge",
+            "The most the accept queue holds (the backlog as the kernel applies it).",
+            f64::from(q.limit),
+        ));
+    }
     for (name, kind, help, v) in single {
         lines.push(format!("prefork_echo_{name} {v}"));
         section(&mut out, name, kind, help, &mut lines);

@@ -38,6 +38,20 @@ pub struct Snapshot {
     /// What the master has done since it started (process mode; zeros elsewhere).
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// Connections the kernel holds that no worker has accepted yet (process and
+    /// fork-per-conn modes; `null` elsewhere and for a datagram service).
+    #[serde(default)]
+    pub accept_queue: Option<AcceptQueue>,
+}
+
+/// The listening socket's accept queue: a queue that stays near its limit means the workers
+/// cannot keep up, and the kernel will soon drop handshakes.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Connections waiting to be accepted.
+    pub waiting: u32,
+    /// The most it holds (`--backlog`, as capped by `net.core.somaxconn`).
+    pub limit: u32,
 }
 
 /// The master's life-cycle events, counted since it started.
@@ -126,6 +140,7 @@ impl Snapshot {
             totals,
             abandoned_slots: Vec::new(),
             lifecycle: Lifecycle::default(),
+            accept_queue: None,
         }
     }
 
@@ -234,6 +249,13 @@ impl Snapshot {
                 .jain_index
                 .map_or("n/a".to_string(), |j| format!("{j:.3}"))
         );
+        if let Some(q) = self.accept_queue {
+            let _ = writeln!(
+                out,
+                "accept queue: {} waiting (limit {})",
+                q.waiting, q.limit
+            );
+        }
         if !self.abandoned_slots.is_empty() {
             let _ = writeln!(
                 out,

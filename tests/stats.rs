@@ -256,3 +256,27 @@ fn a_live_control_socket_is_not_stolen_by_a_second_server() {
         "the first server still answers"
     );
 }
+
+#[test]
+fn the_accept_queue_shows_connections_no_worker_has_taken() {
+    let server = Server::start(&["--workers", "1", "--backlog", "16"]);
+    let worker = server.workers()[0];
+    let queue = |s: &Server| s.stats()["accept_queue"].clone();
+    assert_eq!(queue(&server)["limit"], 16, "{}", queue(&server));
+    // A stopped worker accepts nothing: the kernel queues the connections, and stats say so.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGSTOP).unwrap();
+    let mut held: Vec<_> = (0..5).map(|_| server.connect()).collect();
+    let seen = common::wait_until(Duration::from_secs(30), || queue(&server)["waiting"] == 5);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGCONT).unwrap();
+    assert!(seen, "{}", queue(&server));
+    for c in &mut held {
+        common::echo(c, b"queued, then served\n");
+    }
+    assert_eq!(queue(&server)["waiting"], 0);
+    let text = server.ctl(&["stats"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("accept queue: 0 waiting (limit 16)"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+}

@@ -455,6 +455,11 @@ impl<S: Service> ForkServer<S> {
             last_report_age_secs: Some(0.0),
             counters: c,
         };
-        Snapshot::new("fork-per-conn", uptime, 1, vec![row], &Counters::default())
+        let mut snap = Snapshot::new("fork-per-conn", uptime, 1, vec![row], &Counters::default());
+        snap.accept_queue = match &self.listener {
+            Some(Source::Stream(l)) => crate::listener::accept_queue(l),
+            _ => None,
+        };
+        snap
     }
 }

@@ -38,6 +38,10 @@ impl<S: System> Master<S> {
             &self.retired,
         );
         snap.lifecycle = self.lifecycle;
+        snap.accept_queue = self
+            .listener
+            .as_ref()
+            .and_then(crate::listener::accept_queue);
         snap.abandoned_slots = (0..self.settings.workers)
             .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
             .collect();
