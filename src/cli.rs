@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// How workers are started in process mode.
     #[arg(long, value_enum, default_value_t = Spawn::Fork)]
     pub spawn: Spawn,
+    /// How new connections reach the workers (process mode): one listening socket they all
+    /// accept from, or one SO_REUSEPORT socket per worker slot with connections steered
+    /// evenly by the client's port.
+    #[arg(long, value_enum, default_value_t = crate::balance::Balance::Shared)]
+    pub balance: crate::balance::Balance,
     /// Listen backlog: connections the kernel queues before one is accepted.
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(i32).range(1..))]
@@ -274,6 +279,9 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     }
     if tftp && (args.udp || args.proxy_protocol) {
         return conflict("--service tftp is UDP only: --udp and --proxy-protocol are for echo");
+    }
+    if args.balance == crate::balance::Balance::Reuseport && args.mode != Mode::Process {
+        return conflict("--balance reuseport is for --mode process (one socket per worker slot)");
     }
     if args.udp && args.mode == Mode::ForkPerConn {
         return Err(Cli::command().error(

@@ -2,6 +2,7 @@
 //! and hands over to the master (process mode) or the thread server. Errors end here as one
 //! line and exit code 1; clap's usage errors exit 2.
 
+mod balance;
 mod blocking;
 mod cli;
 mod client;
@@ -33,6 +34,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
+use balance::{Balance, Listeners};
 use cli::{Cli, Command, Mode, ServeArgs};
 use worker::service::{ServiceKind, Transport};
 
@@ -158,9 +160,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         control: inherited_control,
         metrics: inherited_metrics,
         totals: inherited_totals,
+        slots: inherited_slots,
     } = spawn::from_predecessor();
+    // With --balance reuseport, the sockets of slots 1 and up (slot 0's is `socket`).
+    let mut more_slots = Vec::new();
     let socket = match (inherited, systemd::listen_fd()) {
         (Some(fd), _) => {
+            for slot in inherited_slots {
+                more_slots.push(listener::adopt(slot).context("a slot's socket handed over")?);
+            }
             listener::adopt(fd).context("the listener handed over by the old master")?
         }
         (None, Some(fd)) => {
@@ -172,9 +180,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         (None, None) => {
             let at = listener::resolve(&args.listen)?;
-            match args.service.transport() {
-                Transport::Stream => listener::bind(at, args.backlog)?,
-                Transport::Datagram => listener::bind_udp(at)?.into(),
+            let datagram = args.service.transport() == Transport::Datagram;
+            match (args.balance, datagram) {
+                // Every slot's socket is bound now, before root is dropped: a group takes new
+                // members only from the user that formed it.
+                (Balance::Reuseport, _) => {
+                    let (mut all, _) =
+                        balance::bind_group(at, args.backlog, base.workers as usize, datagram)?;
+                    more_slots = all.split_off(1);
+                    all.remove(0)
+                }
+                (Balance::Shared, false) => listener::bind(at, args.backlog)?,
+                (Balance::Shared, true) => listener::bind_udp(at)?.into(),
             }
         }
     };
@@ -245,7 +262,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args,
         settings,
         base,
-        (socket, udp),
+        (socket, more_slots, udp),
         addr,
         control,
         (control_server, metrics),
@@ -264,7 +281,11 @@ fn run_mode(
     args: ServeArgs,
     settings: master::Settings,
     base: master::Settings,
-    (socket, udp): (socket2::Socket, Option<std::net::UdpSocket>),
+    (socket, more_slots, udp): (
+        socket2::Socket,
+        Vec<socket2::Socket>,
+        Option<std::net::UdpSocket>,
+    ),
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
@@ -315,7 +336,14 @@ fn run_mode(
                 totals,
                 udp,
             };
-            master::run(cfg, settings, socket, addr, control_server, metrics)
+            let listeners = match args.balance {
+                Balance::Shared => Listeners::shared(socket),
+                Balance::Reuseport => {
+                    let all = std::iter::once(socket).chain(more_slots).collect();
+                    Listeners::reuseport(all, addr, args.backlog)?
+                }
+            };
+            master::run(cfg, settings, listeners, addr, control_server, metrics)
         }
         Mode::ForkPerConn => {
             if args.workers.is_some_and(|n| n > 1) {

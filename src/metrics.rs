@@ -405,6 +405,7 @@ mod tests {
             uptime_secs: 1.0,
             last_report_age_secs: Some(0.5),
             counters: c,
+            accept_queue: None,
         }];
         let snap = Snapshot::new("process", 2.0, 3, rows, &Counters::default());
         let text = render(&snap);

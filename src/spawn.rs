@@ -30,6 +30,18 @@ pub struct Spawned {
 pub const ENV_LISTEN_FD: &str = "PREFORK_ECHO_LISTEN_FD";
 /// Names the pipe on which a new master tells its predecessor it is serving.
 pub const ENV_UPGRADE_FD: &str = "PREFORK_ECHO_UPGRADE_FD";
+/// Names the inherited sockets of slots 1 and up of a new master (`--balance reuseport`),
+/// comma-separated.
+const ENV_SLOT_FDS: &str = "PREFORK_ECHO_SLOT_FDS";
+
+/// A comma-separated list of descriptors.
+fn slot_list(fds: &[RawFd]) -> String {
+    fds.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Names the inherited UDP socket of a new master (with `--udp`).
 pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 /// Names the inherited control socket of a new master.
@@ -142,7 +154,7 @@ pub fn spawn_worker(
     };
     let pid = fork_child(
         Lineage::Worker,
-        [listener, child_end.as_raw_fd(), cfg.udp_fd, -1, -1],
+        &mut [listener, child_end.as_raw_fd(), cfg.udp_fd],
         &worker::HANDLED_SIGNALS,
         || {
             if plan.is_none() {
@@ -166,8 +178,10 @@ pub fn spawn_worker(
 /// What a new master inherits from the old one in a binary upgrade.
 #[derive(Debug)]
 pub struct Handover {
-    /// The TCP listener.
+    /// The listening socket (slot 0's with `--balance reuseport`).
     pub listener: RawFd,
+    /// With `--balance reuseport`: the sockets of slots 1 and up, in order.
+    pub slots: Vec<RawFd>,
     /// The UDP socket, with `--udp`.
     pub udp: Option<RawFd>,
     /// The control socket's listener: handed over by descriptor, never unlinked and rebound,
@@ -201,6 +215,7 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             ENV_CONTROL_FD,
             ENV_METRICS_FD,
             ENV_TOTALS,
+            ENV_SLOT_FDS,
             "LISTEN_PID",
             "LISTEN_FDS",
             "LISTEN_FDNAMES",
@@ -212,17 +227,19 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             (ENV_CONTROL_FD, handover.control.to_string()),
             (ENV_METRICS_FD, metrics.to_string()),
             (ENV_TOTALS, handover.totals.clone()),
+            (ENV_SLOT_FDS, slot_list(&handover.slots)),
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    let keep = [
+    let mut keep = vec![
         handover.listener,
         handover.ready,
         udp,
         handover.control,
         metrics,
     ];
-    fork_child(Lineage::Successor, keep, &[], shed, || {
+    keep.extend_from_slice(&handover.slots);
+    fork_child(Lineage::Successor, &mut keep, &[], shed, || {
         plan.exec();
         127
     })
@@ -243,6 +260,8 @@ pub struct Inherited {
     pub metrics: Option<std::os::fd::OwnedFd>,
     /// The old master's totals (JSON), if it sent them.
     pub totals: Option<String>,
+    /// With `--balance reuseport`: the sockets of slots 1 and up.
+    pub slots: Vec<std::os::fd::OwnedFd>,
 }
 
 /// What a predecessor master handed to this process (all `None` outside an upgrade).
@@ -262,11 +281,21 @@ pub fn from_predecessor() -> Inherited {
         control: fd(ENV_CONTROL_FD),
         metrics: fd(ENV_METRICS_FD),
         totals: std::env::var(ENV_TOTALS).ok(),
+        slots: std::env::var(ENV_SLOT_FDS)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|raw| {
+                let raw: RawFd = raw.parse().ok()?;
+                // SAFETY: as above: left open across exec for this process alone, wrapped once.
+                (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+            })
+            .collect(),
     };
     // Read once: the variables must not reach this master's own workers or successor.
     for name in [
         ENV_LISTEN_FD,
         ENV_UPGRADE_FD,
+        ENV_SLOT_FDS,
         ENV_UDP_FD,
         ENV_CONTROL_FD,
         ENV_METRICS_FD,
@@ -343,7 +372,7 @@ pub enum Lineage {
 /// included (it is caught and ends the child with [`EXIT_CHILD_PANIC`]).
 pub fn fork_child(
     lineage: Lineage,
-    keep: [RawFd; 5],
+    keep: &mut [RawFd],
     own_handlers: &[i32],
     shed: impl FnOnce(),
     child: impl FnOnce() -> i32,
@@ -419,7 +448,8 @@ fn reset_signals(own_handlers: &[i32], lineage: Lineage) {
 /// clears close-on-exec on `keep`:
 /// a worker holds the listener and its own channel, never its siblings' channels (which would
 /// hide their end-of-file from the master) or the master's event loop.
-fn close_all_but(mut keep: [RawFd; 5]) {
+fn close_all_but(keep: &mut [RawFd]) {
+    // In place: the child must not allocate.
     keep.sort_unstable();
     let mut next: u32 = 3;
     for &fd in keep.iter().filter(|&&fd| fd >= 0) {
@@ -475,7 +505,7 @@ mod tests {
         let outcome = std::panic::catch_unwind(|| {
             fork_child(
                 Lineage::Worker,
-                [tx_fd, -1, -1, -1, -1],
+                &mut [tx_fd],
                 &[],
                 || {},
                 || panic!("a worker bug"),

@@ -84,6 +84,10 @@ pub struct WorkerRow {
     pub last_report_age_secs: Option<f64>,
     /// Its counters as of that report.
     pub counters: Counters,
+    /// Connections waiting in its own socket's accept queue (`--balance reuseport`; with a
+    /// shared socket the queue is the pool's, in the snapshot's `accept_queue`).
+    #[serde(default)]
+    pub accept_queue: Option<u32>,
 }
 
 /// How evenly accepted connections are spread over the live workers.
@@ -342,6 +346,7 @@ mod tests {
             state: "running".into(),
             uptime_secs: 1.0,
             last_report_age_secs: Some(0.1),
+            accept_queue: None,
             counters: Counters {
                 accepted,
                 active,

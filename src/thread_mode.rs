@@ -67,6 +67,7 @@ fn snapshot(tallies: &[Arc<Tally>], started: Instant, draining: bool) -> Snapsho
             uptime_secs: uptime,
             last_report_age_secs: Some(0.0),
             counters: t.load(),
+            accept_queue: None,
         })
         .collect();
     Snapshot::new("thread", uptime, 1, rows, &Counters::default())

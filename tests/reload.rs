@@ -6,13 +6,13 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::churn::{churning_load, finish};
 use common::{Server, echo, echo_to_eof, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 fn ctl(server: &Server, args: &[&str]) -> std::process::Output {
     server.ctl(args)
@@ -20,31 +20,6 @@ fn ctl(server: &Server, args: &[&str]) -> std::process::Output {
 
 fn generation(server: &Server) -> u64 {
     server.stats()["generation"].as_u64().unwrap()
-}
-
-/// Starts echo-load in the background: `conns` connections that each reconnect after 5 round
-/// trips, so connections keep opening and closing throughout.
-fn churning_load(server: &Server, conns: &str, secs: &str) -> Child {
-    Command::new(common::echo_load())
-        .args(["--target", &server.addr.to_string(), "--connections", conns])
-        .args([
-            "--duration",
-            secs,
-            "--reconnect-every",
-            "5",
-            "--size",
-            "256",
-        ])
-        .args(["--threads", "2", "--timeout", "5", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting echo-load")
-}
-
-fn finish(load: Child) -> Value {
-    let out = load.wait_with_output().expect("echo-load");
-    serde_json::from_slice(&out.stdout).expect("echo-load report")
 }
 
 fn ten_reloads_under_load_drop_nothing(spawn: &str) {

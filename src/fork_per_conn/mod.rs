@@ -315,20 +315,14 @@ impl<S: Service> ForkServer<S> {
             }
             let idle = self.cfg.limits.idle;
             let proxy = &self.cfg.proxy;
-            let keep = [
-                std_stream.as_raw_fd(),
-                self.report_tx.as_fd().as_raw_fd(),
-                -1,
-                -1,
-                -1,
-            ];
+            let mut keep = [std_stream.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
             let lp = &mut self.lp;
             let report_tx = &self.report_tx;
             let service = &self.service;
             // The child handles no signal itself: TERM and QUIT end it (default actions).
             let forked = fork_child(
                 Lineage::Worker,
-                keep,
+                &mut keep,
                 &[],
                 || lp.drop_signals(),
                 || child(service, std_stream.try_clone(), (idle, proxy), report_tx),
@@ -375,13 +369,7 @@ impl<S: Service> ForkServer<S> {
                 self.counters.closed_by_limit += 1;
                 continue;
             }
-            let keep = [
-                udp.as_raw_fd(),
-                self.report_tx.as_fd().as_raw_fd(),
-                -1,
-                -1,
-                -1,
-            ];
+            let mut keep = [udp.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
             let lp = &mut self.lp;
             let (service, report_tx) = (&self.service, &self.report_tx);
             let datagram = &buf[..n];
@@ -389,7 +377,7 @@ impl<S: Service> ForkServer<S> {
             // removes a partial upload.
             let forked = fork_child(
                 Lineage::Worker,
-                keep,
+                &mut keep,
                 &[signal_hook::consts::SIGTERM],
                 || lp.drop_signals(),
                 || datagram_child(service, (datagram, peer, udp), report_tx),
@@ -454,6 +442,7 @@ impl<S: Service> ForkServer<S> {
             uptime_secs: uptime,
             last_report_age_secs: Some(0.0),
             counters: c,
+            accept_queue: None,
         };
         let mut snap = Snapshot::new("fork-per-conn", uptime, 1, vec![row], &Counters::default());
         snap.accept_queue = match &self.listener {

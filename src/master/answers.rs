@@ -27,6 +27,12 @@ impl<S: System> Master<S> {
                 uptime_secs: now.duration_since(w.started).as_secs_f64(),
                 last_report_age_secs: w.last_report.map(|t| now.duration_since(t).as_secs_f64()),
                 counters: w.counters,
+                accept_queue: self
+                    .listener
+                    .as_ref()
+                    .filter(|l| l.balance() == crate::balance::Balance::Reuseport)
+                    .and_then(|l| l.queue(w.id))
+                    .map(|q| q.waiting),
             })
             .collect();
         rows.sort_by_key(|r| (r.generation, r.id));
@@ -38,10 +44,7 @@ impl<S: System> Master<S> {
             &self.retired,
         );
         snap.lifecycle = self.lifecycle;
-        snap.accept_queue = self
-            .listener
-            .as_ref()
-            .and_then(crate::listener::accept_queue);
+        snap.accept_queue = self.listener.as_ref().and_then(|l| l.total_queue());
         snap.abandoned_slots = (0..self.settings.workers)
             .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
             .collect();

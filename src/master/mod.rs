@@ -35,8 +35,8 @@ use protocol::ipc::Message;
 use protocol::stats::Counters;
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
-use socket2::Socket;
 
+use crate::balance::Listeners;
 use crate::cli::Spawn;
 use crate::control::{ClientId, ControlServer, Request};
 use crate::liveness::AwakeClock;
@@ -89,12 +89,12 @@ enum Event {
     SuccessorReady,
 }
 
-/// Runs the process-mode server on `listener` until it is stopped. `Ok` is a requested stop;
+/// Runs the process-mode server on `listeners` until it is stopped. `Ok` is a requested stop;
 /// `Err` says why the master gave up.
 pub fn run(
     cfg: MasterConfig,
     settings: Settings,
-    listener: Socket,
+    listener: Listeners,
     addr: SocketAddr,
     control: ControlServer,
     metrics: Option<crate::metrics::MetricsServer>,
@@ -113,7 +113,8 @@ struct Master<S: System> {
     cfg: MasterConfig,
     /// The settings in force for the serving generation.
     settings: Settings,
-    listener: Option<Socket>,
+    /// The listening socket(s): one shared, or one per slot (`--balance`).
+    listener: Option<Listeners>,
     addr: SocketAddr,
     /// The poll, signals and control socket (a fork-mode child drops the signals).
     lp: ServeLoop,
@@ -146,7 +147,7 @@ impl<S: System> Master<S> {
         sys: S,
         cfg: MasterConfig,
         settings: Settings,
-        listener: Socket,
+        listener: Listeners,
         addr: SocketAddr,
         mut control: ControlServer,
         signals: Option<Signals>,
@@ -218,6 +219,7 @@ impl<S: System> Master<S> {
     /// `wait` overrides how long to wait for events (tests pass zero).
     fn turn(&mut self, wait: Option<Duration>) -> Result<bool> {
         self.manage_workers();
+        self.update_balance();
         self.check_reload();
         self.announce_when_ready();
         if self.phase != Phase::Running && self.workers.is_empty() && self.successor.is_none() {

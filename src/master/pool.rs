@@ -16,6 +16,7 @@ use worker::WorkerConfig;
 
 use super::supervision::WorkerProc;
 use super::{FIRST_WORKER, Master, Phase, System, descriptor_room};
+use crate::balance::Balance;
 
 /// Respawn policy for one pool slot: a worker that dies soon after it started is respawned
 /// with exponential backoff, and after [`Backoff::LIMIT`] such deaths in a row the slot is
@@ -230,9 +231,9 @@ impl<S: System> Master<S> {
     pub(super) fn spawn(&mut self, id: u32, generation: u32, mut cfg: WorkerConfig) -> Result<()> {
         let listener = self
             .listener
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| anyhow!("the listener is closed"))?
-            .as_raw_fd();
+            .for_slot(id)?;
         cfg.id = id;
         cfg.generation = generation;
         let lp = &mut self.lp;
@@ -310,6 +311,17 @@ impl<S: System> Master<S> {
             return Err("the server is stopping".into());
         }
         descriptor_room(workers)?;
+        if let (Some(l), Some(top)) = (self.listener.as_mut(), workers.checked_sub(1)) {
+            // --balance reuseport: the new slots' sockets, or a clear refusal now.
+            l.for_slot(top).map_err(|e| {
+                format!(
+                    "no socket for slot {top}: {:#} (a reuseport group takes new sockets only \
+                     from the user that bound it: with --user, start with as many workers as \
+                     you will need)",
+                    anyhow::Error::from(e)
+                )
+            })?;
+        }
         if workers == self.settings.workers {
             // Also a way to retry abandoned slots.
             self.slots.iter_mut().for_each(|s| *s = Backoff::default());
@@ -326,6 +338,8 @@ impl<S: System> Master<S> {
         if let Some(r) = self.reload.as_mut() {
             r.settings.workers = workers;
         }
+        // Out of the rotation before their workers stop accepting (--balance reuseport).
+        self.update_balance();
         let now = self.sys.now();
         for (_, w) in self.workers.iter_mut() {
             if w.id >= workers && w.start_draining(now) {
@@ -333,6 +347,35 @@ impl<S: System> Master<S> {
             }
         }
         Ok(())
+    }
+
+    /// With `--balance reuseport`: steers new connections to the pool's slots (those not
+    /// abandoned), and closes the sockets of slots beyond the pool that no worker holds any
+    /// more, highest first. A no-op for a shared listener.
+    pub(super) fn update_balance(&mut self) {
+        let Some(listeners) = self.listener.as_mut() else {
+            return;
+        };
+        if listeners.balance() != Balance::Reuseport {
+            return;
+        }
+        let mut slots: Vec<u32> = (0..self.settings.workers)
+            .filter(|&id| !self.slots.get(id as usize).is_some_and(|s| s.abandoned))
+            .collect();
+        if slots.is_empty() {
+            slots.push(0);
+        }
+        if let Err(e) = listeners.steer(&slots) {
+            protocol::warn!("cannot steer new connections to slots {slots:?}: {e}");
+        }
+        let held = self.workers.iter().map(|(_, w)| w.id as usize + 1).max();
+        let reloading = self.reload.as_ref().map(|r| r.settings.workers as usize);
+        let keep = [held, reloading, Some(self.settings.workers as usize)]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(1);
+        listeners.close_from(keep);
     }
 
     pub(super) fn signal_all(&mut self, sig: Signal) {

@@ -98,6 +98,9 @@ impl<S: System> Master<S> {
         self.generation = r.generation;
         self.settings = r.settings;
         self.slots = vec![Backoff::default(); self.settings.workers as usize];
+        // Slots the new generation does not fill leave the rotation before their old workers
+        // stop accepting (--balance reuseport).
+        self.update_balance();
         let mut retiring = 0;
         let now = self.sys.now();
         for (_, w) in self.workers.iter_mut() {

@@ -182,6 +182,10 @@ fn settings(workers: u32) -> Settings {
 }
 
 fn rig(workers: u32) -> Rig {
+    rig_with(workers, crate::balance::Balance::Shared)
+}
+
+fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "prefork-echo-policy-{}-{}",
@@ -190,8 +194,21 @@ fn rig(workers: u32) -> Rig {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let control = ControlServer::bind(&dir.join("ctl.sock"), None).unwrap();
-    let listener = crate::listener::bind("127.0.0.1:0".parse().unwrap(), 8).unwrap();
-    let addr = crate::listener::local_addr(&listener).unwrap();
+    let (listener, addr) = match balance {
+        crate::balance::Balance::Shared => {
+            let l = crate::listener::bind("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+            let addr = crate::listener::local_addr(&l).unwrap();
+            (crate::balance::Listeners::shared(l), addr)
+        }
+        crate::balance::Balance::Reuseport => {
+            let (all, addr) =
+                crate::balance::bind_group("127.0.0.1:0".parse().unwrap(), 8, 1, false).unwrap();
+            (
+                crate::balance::Listeners::reuseport(all, addr, 8).unwrap(),
+                addr,
+            )
+        }
+    };
     let world = Fake(Rc::new(RefCell::new(World {
         now: Some(Instant::now()),
         ..World::default()
@@ -585,4 +602,36 @@ fn a_ready_successor_retires_this_master_without_a_stop() {
         "this master drains"
     );
     assert!(r.m.successor.is_none());
+}
+
+#[test]
+fn a_slot_leaves_the_rotation_before_its_worker_drains_and_its_socket_outlives_the_worker() {
+    let mut r = rig_with(3, crate::balance::Balance::Reuseport);
+    let pids = r.serving();
+    let listeners = |r: &Rig| {
+        let l = r.m.listener.as_ref().unwrap();
+        (l.steered().to_vec(), l.len())
+    };
+    assert_eq!(listeners(&r), (vec![0, 1, 2], 3));
+    r.m.scale(1).unwrap();
+    // By the time slots 1 and 2 are told to drain, no new connection goes to them ...
+    assert_eq!(
+        Rig::killed(&r.acts(), Signal::SIGTERM),
+        vec![pids[1], pids[2]]
+    );
+    assert_eq!(listeners(&r), (vec![0], 3));
+    // ... and each socket closes only once no worker holds it, from the top.
+    // (The death is reaped at the end of a turn; the next one closes.)
+    r.world.die(pids[2], "exited 0");
+    r.turn();
+    r.turn();
+    assert_eq!(listeners(&r), (vec![0], 2));
+    r.world.die(pids[1], "exited 0");
+    r.turn();
+    r.turn();
+    assert_eq!(listeners(&r), (vec![0], 1));
+    // Growing again binds new sockets into the group and steers to them.
+    r.m.scale(2).unwrap();
+    r.turn();
+    assert_eq!(listeners(&r), (vec![0, 1], 2));
 }

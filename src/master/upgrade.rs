@@ -32,11 +32,11 @@ impl<S: System> Master<S> {
         if self.successor.is_some() {
             anyhow::bail!("an upgrade is already under way");
         }
-        let listener = self
+        let listeners = self
             .listener
             .as_ref()
             .ok_or_else(|| anyhow!("the listener is closed"))?
-            .as_raw_fd();
+            .fds();
         let control = self
             .control
             .as_ref()
@@ -48,7 +48,8 @@ impl<S: System> Master<S> {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
         let handover = Handover {
-            listener,
+            listener: listeners[0],
+            slots: listeners[1..].to_vec(),
             udp: self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd),
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),

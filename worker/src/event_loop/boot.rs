@@ -146,6 +146,7 @@ impl<S: Service> Worker<S> {
             scratch: vec![0; SCRATCH],
             phase: Phase::Serving,
             accept_paused_until: None,
+            accept_until: None,
             last_accept_error_log: None,
             next_report,
             again: Vec::new(),

@@ -58,6 +58,8 @@ const SCRATCH: usize = 64 * 1024;
 const ACCEPT_BATCH: usize = 4;
 /// How long to stop accepting after the process or system ran out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How long a draining worker with a socket of its own goes on accepting from it.
+const OWN_SOCKET_LINGER: Duration = Duration::from_millis(300);
 /// Longest the loop sleeps with nothing to do, so timers stay honest.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -126,6 +128,8 @@ struct Worker<S: Service> {
     scratch: Vec<u8>,
     phase: Phase,
     accept_paused_until: Option<Instant>,
+    /// Draining with a socket of its own: accept until then (see `start_drain`).
+    accept_until: Option<Instant>,
     last_accept_error_log: Option<Instant>,
     next_report: Option<Instant>,
     /// Connections that yielded with work left; driven again before the next wait.
@@ -211,6 +215,7 @@ impl<S: Service> Worker<S> {
             self.accept_paused_until,
             self.next_report,
             deadline,
+            self.accept_until,
             self.next_idle_sweep,
             self.next_pending_deadline(),
             self.exchanges.iter().map(|(_, x)| x.deadline()).min(),
@@ -246,6 +251,21 @@ impl<S: Service> Worker<S> {
         let now = Instant::now();
         self.expire_pending(now);
         self.exchanges_on_time(now);
+        if self.accept_until.is_some_and(|t| now >= t) {
+            self.accept_until = None;
+            self.accept_paused_until = None;
+            // Everything still queued, batch after batch, before the socket goes.
+            loop {
+                self.accept_again = false;
+                self.accept_all();
+                if !self.accept_again {
+                    break;
+                }
+            }
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+        }
         if self.next_idle_sweep.is_some_and(|t| now >= t) {
             self.next_idle_sweep = self.idle_sweep_every().map(|d| now + d);
             self.close_idle(now);
@@ -263,7 +283,11 @@ impl<S: Service> Worker<S> {
             }
         }
         match self.phase {
-            Phase::Draining { .. } if self.conns.is_empty() && self.exchanges.is_empty() => {
+            Phase::Draining { .. }
+                if self.conns.is_empty()
+                    && self.exchanges.is_empty()
+                    && self.listener.is_none() =>
+            {
                 Some(Stop::Drained)
             }
             Phase::Draining { deadline } if now >= deadline => Some(Stop::DrainTimeout),
@@ -410,7 +434,17 @@ impl<S: Service> Worker<S> {
     }
 
     fn start_drain(&mut self) {
-        if let Some(mut listener) = self.listener.take() {
+        let own = self
+            .listener
+            .as_ref()
+            .is_some_and(|l| nix::sys::socket::getsockopt(l, sockopt::ReusePort).unwrap_or(false));
+        if own {
+            // A socket of this slot's own (--balance reuseport): nobody else may accept what
+            // waits in it. The master has already steered new connections elsewhere; take
+            // what is queued, and what finishes its handshake for a moment more, then let go.
+            self.accept_until = Some(Instant::now() + OWN_SOCKET_LINGER);
+            self.accept_all();
+        } else if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
             // Dropping closes only this process's copy; the others keep accepting.
         }

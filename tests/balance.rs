@@ -1,0 +1,210 @@
+//! `--balance`: one shared listening socket, or one SO_REUSEPORT socket per worker slot with
+//! connections steered evenly; either way the pool grows, shrinks, reloads and upgrades under
+//! churning load without refusing, resetting or cutting a connection.
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::churn::{churning_load, finish};
+use common::{BIN, Server, echo, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn accepted_by_worker(server: &Server) -> Vec<u64> {
+    let s = server.stats();
+    s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["counters"]["accepted"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn reuseport_spreads_connections_opened_one_at_a_time() {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "reuseport",
+        "--stats-interval",
+        "0.2",
+    ]);
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..50 {
+        let mut c = server.connect();
+        echo(&mut c, format!("one at a time {i}\n").as_bytes());
+        held.push(c);
+    }
+    let mut split = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            split = accepted_by_worker(&server);
+            split.iter().sum::<u64>() == 50
+        }),
+        "{split:?}"
+    );
+    // Steered by the client's port: an even split, give or take a skipped port.
+    assert!(split.iter().all(|&n| (20..=30).contains(&n)), "{split:?}");
+}
+
+#[test]
+fn a_slots_queue_waits_for_the_worker_that_replaces_a_dead_one() {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "reuseport",
+        "--stats-interval",
+        "0.2",
+    ]);
+    let victim = server.stats()["workers"][0]["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
+    // Half of these are steered to the stopped worker's socket and wait in its queue.
+    let mut held: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
+    let queued = wait_until(Duration::from_secs(30), || {
+        server.stats()["workers"][0]["accept_queue"].as_u64() >= Some(3)
+    });
+    assert!(queued, "{}", server.stats());
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    // The master keeps the socket; the respawned worker takes over its queue.
+    for c in &mut held {
+        echo(c, b"waited in the queue of a dead worker\n");
+    }
+    assert!(!server.workers().contains(&victim));
+}
+
+/// Grows and shrinks the pool five times under 200 churning connections; nothing may fail.
+fn scaling_under_churn_drops_nothing(balance: &str) {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        balance,
+        "--stats-interval",
+        "0.2",
+    ]);
+    let load = churning_load(&server, "200", "8");
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, n) in ["4", "2", "3", "1", "4", "2"].into_iter().enumerate() {
+        let out = server.ctl(&["scale", n]);
+        assert!(
+            out.status.success(),
+            "scale {i} to {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want: usize = n.parse().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || server.workers().len() == want),
+            "scale {i} to {n}: workers {:?}",
+            server.workers()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let r = finish(load);
+    assert_eq!(r["errors"]["total"], 0, "{balance}: {}", r["errors"]);
+    assert!(r["round_trips"].as_u64() > Some(1000), "{r}");
+}
+
+#[test]
+fn scaling_under_churn_drops_nothing_with_a_shared_socket() {
+    scaling_under_churn_drops_nothing("shared");
+}
+
+#[test]
+fn scaling_under_churn_drops_nothing_with_reuseport() {
+    scaling_under_churn_drops_nothing("reuseport");
+}
+
+#[test]
+fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
+    let dir = common::scratch_dir();
+    let config = dir.join("pool.conf");
+    std::fs::write(&config, "workers = 3\n").unwrap();
+    let pid_file = dir.join("pool.pid");
+    let mut server = Server::start(&[
+        "--balance",
+        "reuseport",
+        "--config",
+        config.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--stats-interval",
+        "0.2",
+    ]);
+    let load = churning_load(&server, "200", "8");
+    std::thread::sleep(Duration::from_millis(500));
+    // Reloads to fewer, more and as many workers.
+    for n in ["2", "4", "4", "1", "3"] {
+        std::fs::write(&config, format!("workers = {n}\n")).unwrap();
+        let out = server.ctl(&["reload"]);
+        assert!(
+            out.status.success(),
+            "reload to {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    server.signal(Signal::SIGUSR2);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.stderr()
+    );
+    let new_pid = common::read_pid(&pid_file);
+    let _new = common::KillOnDrop::new(new_pid);
+    let r = finish(load);
+    assert_eq!(r["errors"]["total"], 0, "{}", r["errors"]);
+    let mut c = server.connect();
+    echo(&mut c, b"served by the new master's slots\n");
+    assert_eq!(common::children_of(new_pid).len(), 3);
+}
+
+#[test]
+fn reuseport_is_for_process_mode() {
+    let out = std::process::Command::new(BIN)
+        .args(["--balance", "reuseport", "--mode", "thread"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--balance reuseport is for --mode process")
+    );
+}
+
+#[test]
+fn a_slot_scaled_away_serves_what_waits_in_its_queue_first() {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "reuseport",
+        "--stats-interval",
+        "0.2",
+    ]);
+    let leaving = server.stats()["workers"][1]["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(leaving), Signal::SIGSTOP).unwrap();
+    let mut held: Vec<TcpStream> = (0..8).map(|_| server.connect()).collect();
+    let queued = wait_until(Duration::from_secs(30), || {
+        server.stats()["workers"][1]["accept_queue"].as_u64() >= Some(3)
+    });
+    assert!(queued, "{}", server.stats());
+    // Slot 1 goes while connections wait in its socket: its worker, woken to drain, must take
+    // them before it lets the socket go (closing it would reset them).
+    let out = server.ctl(&["scale", "1"]);
+    assert!(out.status.success());
+    kill(Pid::from_raw(leaving), Signal::SIGCONT).unwrap();
+    for c in &mut held {
+        echo(c, b"queued on a slot that was scaled away\n");
+    }
+    drop(held);
+    assert!(wait_until(Duration::from_secs(30), || server
+        .workers()
+        .len()
+        == 1));
+    // Its socket is closed once no worker holds it: one socket left, and it serves.
+    let mut c = server.connect();
+    echo(&mut c, b"after the scale\n");
+}
