@@ -70,6 +70,21 @@ pub fn render(snap: &Snapshot) -> String {
         &mut lines,
     );
     for w in &snap.workers {
+        if let Some(q) = w.accept_queue {
+            lines.push(format!(
+                "prefork_echo_worker_accept_queue_length{} {q}",
+                labels(w.id, w.generation, w.pid)
+            ));
+        }
+    }
+    section(
+        &mut out,
+        "worker_accept_queue_length",
+        "gauge",
+        "Connections waiting in the worker's own socket (--balance reuseport).",
+        &mut lines,
+    );
+    for w in &snap.workers {
         if let Some(age) = w.last_report_age_secs {
             lines.push(format!(
                 "prefork_echo_worker_last_report_age_seconds{} {age}",

@@ -254,10 +254,21 @@ impl Snapshot {
                 .map_or("n/a".to_string(), |j| format!("{j:.3}"))
         );
         if let Some(q) = self.accept_queue {
+            let per_worker: Vec<String> = self
+                .workers
+                .iter()
+                .filter_map(|w| w.accept_queue.map(|n| format!("{}:{n}", w.id)))
+                .collect();
             let _ = writeln!(
                 out,
-                "accept queue: {} waiting (limit {})",
-                q.waiting, q.limit
+                "accept queue: {} waiting (limit {}){}",
+                q.waiting,
+                q.limit,
+                if per_worker.is_empty() {
+                    String::new()
+                } else {
+                    format!("; per worker {}", per_worker.join(" "))
+                }
             );
         }
         if !self.abandoned_slots.is_empty() {

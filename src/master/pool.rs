@@ -56,6 +56,9 @@ impl Backoff {
     }
 }
 
+/// Report intervals of silence after which a worker's slot leaves the rotation.
+const STALE_REPORTS: u32 = 3;
+
 impl<S: System> Master<S> {
     /// Collects every exited child (never leaving a zombie) and decides about its slot.
     pub(super) fn reap(&mut self) {
@@ -359,11 +362,30 @@ impl<S: System> Master<S> {
         if listeners.balance() != Balance::Reuseport {
             return;
         }
+        // A worker silent for three report intervals is likely stuck: new connections go to
+        // its siblings until it is heard again (or replaced at --worker-timeout), so only what
+        // already waits in its socket waits for it.
+        let awake = self.clock.now();
+        let stale = self
+            .settings
+            .worker
+            .stats_every()
+            .map(|every| every * STALE_REPORTS);
+        let silent = |id: u32| {
+            self.workers.iter().any(|(_, w)| {
+                w.id == id
+                    && w.generation == self.generation
+                    && w.ready
+                    && !w.draining
+                    && stale.is_some_and(|s| awake.saturating_sub(w.heard) >= s)
+            })
+        };
         let mut slots: Vec<u32> = (0..self.settings.workers)
             .filter(|&id| !self.slots.get(id as usize).is_some_and(|s| s.abandoned))
+            .filter(|&id| !silent(id))
             .collect();
         if slots.is_empty() {
-            slots.push(0);
+            slots = (0..self.settings.workers.max(1)).collect();
         }
         if let Err(e) = listeners.steer(&slots) {
             protocol::warn!("cannot steer new connections to slots {slots:?}: {e}");

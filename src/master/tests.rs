@@ -635,3 +635,29 @@ fn a_slot_leaves_the_rotation_before_its_worker_drains_and_its_socket_outlives_t
     r.turn();
     assert_eq!(listeners(&r), (vec![0, 1], 2));
 }
+
+#[test]
+fn a_silent_worker_leaves_the_rotation_until_it_is_heard_again() {
+    let mut r = rig_with(2, crate::balance::Balance::Reuseport);
+    let pids = r.serving();
+    let steered = |r: &Rig| r.m.listener.as_ref().unwrap().steered().to_vec();
+    assert_eq!(steered(&r), vec![0, 1]);
+    // Worker 0 reports every second; worker 1 falls silent.
+    for _ in 0..4 {
+        r.send(pids[0], &Message::Report(Counters::default()));
+        r.pass(Duration::from_secs(1));
+    }
+    assert_eq!(
+        steered(&r),
+        vec![0],
+        "three silent intervals: out of the rotation"
+    );
+    assert!(
+        Rig::killed(&r.acts(), Signal::SIGKILL).is_empty(),
+        "not yet judged hung"
+    );
+    r.send(pids[1], &Message::Report(Counters::default()));
+    r.turn();
+    r.turn();
+    assert_eq!(steered(&r), vec![0, 1], "heard again: back in");
+}
