@@ -12,6 +12,31 @@ use common::{BIN, Server, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// Two workers with `--balance balance`, reporting every 0.2 s.
+fn pool(balance: &str) -> Server {
+    Server::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        balance,
+        "--stats-interval",
+        "0.2",
+    ])
+}
+
+/// Stops the worker of `slot` (SIGSTOP) and opens `n` connections, until at least 3 of them
+/// wait in that slot's own queue; returns the worker's pid and the connections.
+fn queue_on_stopped_slot(server: &Server, slot: usize, n: usize) -> (i32, Vec<TcpStream>) {
+    let pid = server.stats()["workers"][slot]["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    let held: Vec<TcpStream> = (0..n).map(|_| server.connect()).collect();
+    let queued = wait_until(Duration::from_secs(30), || {
+        server.stats()["workers"][slot]["accept_queue"].as_u64() >= Some(3)
+    });
+    assert!(queued, "{}", server.stats());
+    (pid, held)
+}
+
 fn accepted_by_worker(server: &Server) -> Vec<u64> {
     let s = server.stats();
     s["workers"]
@@ -24,14 +49,7 @@ fn accepted_by_worker(server: &Server) -> Vec<u64> {
 
 #[test]
 fn reuseport_spreads_connections_opened_one_at_a_time() {
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--balance",
-        "reuseport",
-        "--stats-interval",
-        "0.2",
-    ]);
+    let server = pool("reuseport");
     let mut held: Vec<TcpStream> = Vec::new();
     for i in 0..50 {
         let mut c = server.connect();
@@ -52,22 +70,9 @@ fn reuseport_spreads_connections_opened_one_at_a_time() {
 
 #[test]
 fn a_slots_queue_waits_for_the_worker_that_replaces_a_dead_one() {
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--balance",
-        "reuseport",
-        "--stats-interval",
-        "0.2",
-    ]);
-    let victim = server.stats()["workers"][0]["pid"].as_i64().unwrap() as i32;
-    kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
+    let server = pool("reuseport");
     // Half of these are steered to the stopped worker's socket and wait in its queue.
-    let mut held: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
-    let queued = wait_until(Duration::from_secs(30), || {
-        server.stats()["workers"][0]["accept_queue"].as_u64() >= Some(3)
-    });
-    assert!(queued, "{}", server.stats());
+    let (victim, mut held) = queue_on_stopped_slot(&server, 0, 10);
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     // The master keeps the socket; the respawned worker takes over its queue.
     for c in &mut held {
@@ -78,14 +83,7 @@ fn a_slots_queue_waits_for_the_worker_that_replaces_a_dead_one() {
 
 /// Grows and shrinks the pool five times under 200 churning connections; nothing may fail.
 fn scaling_under_churn_drops_nothing(balance: &str) {
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--balance",
-        balance,
-        "--stats-interval",
-        "0.2",
-    ]);
+    let server = pool(balance);
     let load = churning_load(&server, "200", "8");
     std::thread::sleep(Duration::from_millis(500));
     for (i, n) in ["4", "2", "3", "1", "4", "2"].into_iter().enumerate() {
@@ -176,21 +174,8 @@ fn reuseport_is_for_process_mode() {
 
 #[test]
 fn a_slot_scaled_away_serves_what_waits_in_its_queue_first() {
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--balance",
-        "reuseport",
-        "--stats-interval",
-        "0.2",
-    ]);
-    let leaving = server.stats()["workers"][1]["pid"].as_i64().unwrap() as i32;
-    kill(Pid::from_raw(leaving), Signal::SIGSTOP).unwrap();
-    let mut held: Vec<TcpStream> = (0..8).map(|_| server.connect()).collect();
-    let queued = wait_until(Duration::from_secs(30), || {
-        server.stats()["workers"][1]["accept_queue"].as_u64() >= Some(3)
-    });
-    assert!(queued, "{}", server.stats());
+    let server = pool("reuseport");
+    let (leaving, mut held) = queue_on_stopped_slot(&server, 1, 8);
     // Slot 1 goes while connections wait in its socket: its worker, woken to drain, must take
     // them before it lets the socket go (closing it would reset them).
     let out = server.ctl(&["scale", "1"]);
