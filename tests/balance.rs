@@ -64,8 +64,9 @@ fn reuseport_spreads_connections_opened_one_at_a_time() {
         }),
         "{split:?}"
     );
-    // Steered by the client's port: an even split, give or take a skipped port.
-    assert!(split.iter().all(|&n| (20..=30).contains(&n)), "{split:?}");
+    // Steered by the client's port: close to even (seen 19/31 to 25/25; ports the kernel
+    // skips break the alternation). A shared socket gave 45/5 and 8/42 on this machine.
+    assert!(split.iter().all(|&n| (15..=35).contains(&n)), "{split:?}");
 }
 
 #[test]
