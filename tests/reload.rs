@@ -146,7 +146,7 @@ fn ttin_ttou_and_scale_resize_the_pool() {
     );
     ctl(&server, &["scale", "1"]);
     assert!(count_is(1));
-    // Never below one (the policy is unit-tested in src/master/tests.rs; here the process
+    // Never below one (the policy is unit-tested in src/master/tests/; here the process
     // count is checked after the master has demonstrably run several turns since the signal).
     server.signal(Signal::SIGTTOU);
     server.let_turns_pass(1.5);
