@@ -12,20 +12,14 @@ use common::{BIN, Server, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Two workers with `--balance balance`, reporting every 0.2 s.
+/// Two workers with `--balance balance`, reporting every second: a worker silent for three
+/// reports leaves the rotation, and the tests that stop one queue on it well within that.
 fn pool(balance: &str) -> Server {
-    Server::start(&[
-        "--workers",
-        "2",
-        "--balance",
-        balance,
-        "--stats-interval",
-        "0.2",
-    ])
+    Server::start(&["--workers", "2", "--balance", balance])
 }
 
-/// Stops the worker of `slot` (SIGSTOP) and opens `n` connections, until at least 3 of them
-/// wait in that slot's own queue; returns the worker's pid and the connections.
+/// Stops the worker of `slot` (SIGSTOP) and opens `n` connections at once, of which at least
+/// 3 must then wait in that slot's own queue; returns the worker's pid and the connections.
 fn queue_on_stopped_slot(server: &Server, slot: usize, n: usize) -> (i32, Vec<TcpStream>) {
     let pid = server.stats()["workers"][slot]["pid"].as_i64().unwrap() as i32;
     kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
@@ -73,7 +67,7 @@ fn reuseport_spreads_connections_opened_one_at_a_time() {
 fn a_slots_queue_waits_for_the_worker_that_replaces_a_dead_one() {
     let server = pool("reuseport");
     // Half of these are steered to the stopped worker's socket and wait in its queue.
-    let (victim, mut held) = queue_on_stopped_slot(&server, 0, 10);
+    let (victim, mut held) = queue_on_stopped_slot(&server, 0, 20);
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     // The master keeps the socket; the respawned worker takes over its queue.
     for c in &mut held {
@@ -176,7 +170,7 @@ fn reuseport_is_for_process_mode() {
 #[test]
 fn a_slot_scaled_away_serves_what_waits_in_its_queue_first() {
     let server = pool("reuseport");
-    let (leaving, mut held) = queue_on_stopped_slot(&server, 1, 8);
+    let (leaving, mut held) = queue_on_stopped_slot(&server, 1, 20);
     // Slot 1 goes while connections wait in its socket: its worker, woken to drain, must take
     // them before it lets the socket go (closing it would reset them).
     let out = server.ctl(&["scale", "1"]);
