@@ -69,35 +69,23 @@ pub fn render(snap: &Snapshot) -> String {
         "Live worker processes (process mode) or acceptor threads, by state.",
         &mut lines,
     );
-    for w in &snap.workers {
-        if let Some(q) = w.accept_queue {
-            lines.push(format!(
-                "prefork_echo_worker_accept_queue_length{} {q}",
-                labels(w.id, w.generation, w.pid)
-            ));
-        }
-    }
-    section(
+    per_worker_gauge(
         &mut out,
-        "worker_accept_queue_length",
-        "gauge",
-        "Connections waiting in the worker's own socket (--balance reuseport).",
-        &mut lines,
+        snap,
+        (
+            "worker_accept_queue_length",
+            "Connections waiting in the worker's own socket (--balance reuseport).",
+        ),
+        |w| w.accept_queue.map(f64::from),
     );
-    for w in &snap.workers {
-        if let Some(age) = w.last_report_age_secs {
-            lines.push(format!(
-                "prefork_echo_worker_last_report_age_seconds{} {age}",
-                labels(w.id, w.generation, w.pid)
-            ));
-        }
-    }
-    section(
+    per_worker_gauge(
         &mut out,
-        "worker_last_report_age_seconds",
-        "gauge",
-        "Seconds since the worker's last report (its heartbeat).",
-        &mut lines,
+        snap,
+        (
+            "worker_last_report_age_seconds",
+            "Seconds since the worker's last report (its heartbeat).",
+        ),
+        |w| w.last_report_age_secs,
     );
     let single = [
         (
@@ -185,6 +173,27 @@ fn section(out: &mut String, name: &str, kind: &str, help: &str, lines: &mut Vec
     for l in lines.drain(..) {
         let _ = writeln!(out, "{l}");
     }
+}
+
+/// One gauge per live worker that has a value for it.
+fn per_worker_gauge(
+    out: &mut String,
+    snap: &Snapshot,
+    (name, help): (&str, &str),
+    value: impl Fn(&crate::stats::WorkerRow) -> Option<f64>,
+) {
+    let mut lines: Vec<String> = snap
+        .workers
+        .iter()
+        .filter_map(|w| {
+            let v = value(w)?;
+            Some(format!(
+                "prefork_echo_{name}{} {v}",
+                labels(w.id, w.generation, w.pid)
+            ))
+        })
+        .collect();
+    section(out, name, "gauge", help, &mut lines);
 }
 
 fn labels(id: u32, generation: u32, pid: u32) -> String {

@@ -188,3 +188,63 @@ fn a_slot_scaled_away_serves_what_waits_in_its_queue_first() {
     let mut c = server.connect();
     echo(&mut c, b"after the scale\n");
 }
+
+#[test]
+fn tftp_requests_spread_over_per_slot_udp_sockets_with_reuseport() {
+    use common::tftp::{ack, head, recv, request, root_with, udp_client};
+    let root = root_with(&[513]);
+    let root = root.to_str().unwrap();
+    let args = ["--service", "tftp", "--root", root, "--workers", "2"];
+    let server = Server::start(
+        &[
+            &args[..],
+            &["--balance", "reuseport", "--stats-interval", "0.2"],
+        ]
+        .concat(),
+    );
+    // One UDP socket per slot on the port, as `ss -uln` would list them.
+    let port = format!(":{:04X} ", server.addr.port());
+    let udp = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let bound = udp
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(port.trim()))
+        })
+        .count();
+    assert_eq!(bound, 2, "{udp}");
+    // Twenty downloads, each from a socket of its own (its own port, so its own steering).
+    for _ in 0..20 {
+        let c = udp_client();
+        c.send_to(&request(false, b"f513", "octet", &[]), server.addr)
+            .unwrap();
+        let mut got = 0;
+        loop {
+            let (p, from) = recv(&c, "DATA");
+            assert_eq!(head(&p).0, 3, "{p:?}");
+            got += p.len() - 4;
+            c.send_to(&ack(head(&p).1), from).unwrap();
+            if p.len() < 516 {
+                break;
+            }
+        }
+        assert_eq!(got, 513);
+    }
+    let mut per_worker = Vec::new();
+    let counted = wait_until(Duration::from_secs(30), || {
+        let s = server.stats();
+        per_worker = s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["counters"]["transfers_done"].as_u64().unwrap())
+            .collect();
+        per_worker.iter().sum::<u64>() == 20
+    });
+    assert!(counted, "{per_worker:?}");
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "every slot's socket served: {per_worker:?}"
+    );
+}

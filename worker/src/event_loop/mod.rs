@@ -440,7 +440,8 @@ impl<S: Service> Worker<S> {
             .is_some_and(|l| nix::sys::socket::getsockopt(l, sockopt::ReusePort).unwrap_or(false));
         if own {
             // A socket of this slot's own (--balance reuseport): nobody else may accept what
-            // waits in it. The master has already steered new connections elsewhere; take
+            // waits in it. (A shared socket that systemd made SO_REUSEPORT lands here too;
+            // accepting from it 300 ms longer while draining costs nothing.) The master has already steered new connections elsewhere; take
             // what is queued, and what finishes its handshake for a moment more, then let go.
             self.accept_until = Some(Instant::now() + OWN_SOCKET_LINGER);
             self.accept_all();
