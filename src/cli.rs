@@ -180,6 +180,11 @@ pub struct ServeArgs {
     /// Write the master's pid here (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
+    /// With --service chat: the longest line a client may send, in bytes; a longer one is
+    /// refused with a notice (and not sent to anyone).
+    #[arg(long, value_name = "BYTES", default_value_t = worker::chat::DEFAULT_MAX_LINE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=(60 * 1024)))]
+    pub max_line: u64,
     /// With --service tftp: the directory served. Every name a client sends resolves beneath
     /// it; `..`, absolute paths and symlinks leading out are refused (TFTP error 2).
     #[arg(long, value_name = "DIR")]
@@ -279,6 +284,9 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     }
     if tftp && (args.udp || args.proxy_protocol) {
         return conflict("--service tftp is UDP only: --udp and --proxy-protocol are for echo");
+    }
+    if args.service == ServiceKind::Chat && args.udp {
+        return conflict("--udp is for --service echo: chat is lines over TCP");
     }
     if args.balance == crate::balance::Balance::Reuseport && args.mode != Mode::Process {
         return conflict("--balance reuseport is for --mode process (one socket per worker slot)");

@@ -10,6 +10,7 @@ mod clients;
 mod config;
 mod control;
 mod fork_per_conn;
+mod hub;
 mod listener;
 mod liveness;
 mod master;
@@ -120,6 +121,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             listen_fd: -1,
             ipc_fd: -1,
             udp_fd: -1,
+            bus_fd: -1,
             id: 0,
             generation: 1,
             max_unsent: args.max_unsent as usize,
@@ -134,6 +136,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             root: args.root.clone(),
             tftp_write: args.tftp_write,
             tftp_max_file: args.tftp_max_file,
+            max_line: args.max_line as usize,
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -311,6 +314,7 @@ fn run_mode(
         worker::tftp::Tftp::new(root, w.tftp_write, w.tftp_max_file)
             .with_context(|| format!("--root {}", root.display()))
     };
+    let chat = || worker::chat::Chat::new(settings.worker.max_line, settings.worker.max_unsent);
     let limits = blocking::Limits::of(&settings.worker);
     let proxy = settings.worker.proxy();
     let single_process = || blocking::SingleProcessConfig {
@@ -359,6 +363,9 @@ fn run_mode(
                 ServiceKind::Tftp => {
                     fork_per_conn::run(single_process(), tftp()?, socket, addr, sockets)
                 }
+                ServiceKind::Chat => {
+                    fork_per_conn::run(single_process(), chat(), socket, addr, sockets)
+                }
             }
         }
         Mode::Thread => {
@@ -371,6 +378,7 @@ fn run_mode(
             match args.service {
                 ServiceKind::Echo => thread_mode::run(cfg, echo, socket, addr, sockets),
                 ServiceKind::Tftp => thread_mode::run(cfg, tftp()?, socket, addr, sockets),
+                ServiceKind::Chat => thread_mode::run(cfg, chat(), socket, addr, sockets),
             }
         }
     }

@@ -24,6 +24,8 @@ pub struct Spawned {
     pub pid: Pid,
     /// The master's end of the channel; the worker holds the other.
     pub channel: UnixStream,
+    /// The master's end of the worker's bus, for a service that needs one (chat).
+    pub bus: Option<UnixStream>,
 }
 
 /// Names the inherited listener of a new master started by a binary upgrade.
@@ -140,6 +142,12 @@ pub fn spawn_worker(
     cfg.listen_fd = listener;
     cfg.ipc_fd = child_end.as_raw_fd();
     cfg.udp_fd = udp.unwrap_or(-1);
+    let bus = if cfg.service.needs_bus() {
+        Some(UnixStream::pair().map_err(SpawnError::Channel)?)
+    } else {
+        None
+    };
+    cfg.bus_fd = bus.as_ref().map_or(-1, |(_, child)| child.as_raw_fd());
     let plan = match how {
         Spawn::Exec => {
             let args = std::iter::once("worker".to_string())
@@ -154,7 +162,7 @@ pub fn spawn_worker(
     };
     let pid = fork_child(
         Lineage::Worker,
-        &mut [listener, child_end.as_raw_fd(), cfg.udp_fd],
+        &mut [listener, child_end.as_raw_fd(), cfg.udp_fd, cfg.bus_fd],
         &worker::HANDLED_SIGNALS,
         || {
             if plan.is_none() {
@@ -172,7 +180,11 @@ pub fn spawn_worker(
     )
     .map_err(SpawnError::Fork)?;
     drop(child_end);
-    Ok(Spawned { pid, channel })
+    Ok(Spawned {
+        pid,
+        channel,
+        bus: bus.map(|(hub_end, _child)| hub_end),
+    })
 }
 
 /// What a new master inherits from the old one in a binary upgrade.

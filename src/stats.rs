@@ -292,6 +292,11 @@ impl Snapshot {
             human_bytes(t.transfer_bytes as f64),
             t.retransmits
         );
+        let _ = writeln!(
+            out,
+            "chat (--service chat): lines={} deliveries={} slow consumers dropped={} bus frames out={} in={}",
+            t.chat_lines, t.chat_deliveries, t.slow_consumers, t.bus_out, t.bus_in
+        );
         out
     }
 }

@@ -400,10 +400,7 @@ fn start_connection<S: Service>(
                     return;
                 }
             }
-            let end = service.serve_blocking(stream, idle, &mut |read, written| {
-                Tally::bump(&tally.bytes_in, read);
-                Tally::bump(&tally.bytes_out, written);
-            });
+            let end = service.serve_blocking(stream, idle, None, &|moved| tally.add(moved));
             match end {
                 End::Error => Tally::bump(&tally.io_errors, 1),
                 End::Idle => Tally::bump(&tally.closed_by_limit, 1),

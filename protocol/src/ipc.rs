@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::stats::Counters;
 
 /// Protocol version; a frame of another version is refused, never guessed at.
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
 /// Largest body accepted; anything longer is a broken or hostile peer.
 pub const MAX_FRAME: usize = 256;
 
@@ -254,6 +254,11 @@ mod tests {
             transfers_failed: 14,
             transfer_bytes: 15,
             retransmits: 16,
+            chat_lines: 17,
+            chat_deliveries: 18,
+            slow_consumers: 19,
+            bus_out: 20,
+            bus_in: 21,
         }
     }
 

@@ -4,12 +4,14 @@
 //!
 //! - [`ipc`]: the typed, framed channel on which a worker reports to its master.
 //! - [`stats`]: the counters carried on that channel.
+//! - [`bus`]: the frames a service's processes exchange through a hub (chat's fan-out).
 //! - [`log`]: timestamped, role-tagged lines on stderr.
 //! - [`duration`]: seconds from flags and config keys, bounded.
 
 /// The `log` facade the [`log!`] and [`warn!`] macros expand to.
 pub use ::log as facade;
 
+pub mod bus;
 pub mod duration;
 pub mod ipc;
 pub mod log;

@@ -99,6 +99,16 @@ counters! {
     transfer_bytes,
     /// Packets sent again because no acknowledgement came in time.
     retransmits,
+    /// Chat lines received from clients (messages and commands).
+    chat_lines,
+    /// Chat lines queued to a client (each recipient of a message counts once).
+    chat_deliveries,
+    /// Chat clients disconnected because they fell `--max-unsent` bytes behind.
+    slow_consumers,
+    /// Frames this worker sent on the bus to its siblings.
+    bus_out,
+    /// Frames this worker received from the bus.
+    bus_in,
 }
 
 impl Counters {
@@ -127,7 +137,7 @@ mod tests {
     fn wire_order_round_trips_and_the_tally_loads_what_was_bumped() {
         let a: [u64; Counters::FIELDS] = std::array::from_fn(|i| i as u64 * 7 + 1);
         assert_eq!(Counters::from_array(a).to_array(), a);
-        assert_eq!(Counters::FIELDS, 16);
+        assert_eq!(Counters::FIELDS, 21);
         assert_eq!(Counters::NAMES[2], "bytes_in");
         assert_eq!(Counters::DOCS[2].trim(), "Bytes read from clients.");
         let t = AtomicCounters::default();

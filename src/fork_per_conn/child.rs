@@ -28,6 +28,7 @@ pub(super) fn child<S: Service>(
     service: &S,
     stream: io::Result<std::net::TcpStream>,
     (idle, proxy): (Option<Duration>, &Option<worker::proxy::ProxyRule>),
+    bus: Option<std::os::unix::net::UnixStream>,
     to: &io::PipeWriter,
 ) -> i32 {
     // `fork_child` reset TERM and QUIT to their defaults: either ends this child at once.
@@ -41,10 +42,11 @@ pub(super) fn child<S: Service>(
             return 0;
         }
     }
-    let end = service.serve_blocking(stream, idle, &mut |r, w| {
-        c.bytes_in += r;
-        c.bytes_out += w;
+    let moved = std::sync::Mutex::new(Counters::default());
+    let end = service.serve_blocking(stream, idle, bus, &|m| {
+        moved.lock().unwrap_or_else(|p| p.into_inner()).add(m);
     });
+    c.add(&moved.into_inner().unwrap_or_else(|p| p.into_inner()));
     c.io_errors = u64::from(end == End::Error);
     c.closed_by_limit = u64::from(end == End::Idle);
     report(&c, to);

@@ -38,6 +38,8 @@ use worker::service::Service;
 
 const LISTENER: Token = Token(ServeLoop::FIRST_SOURCE);
 const REPORTS: Token = Token(ServeLoop::FIRST_SOURCE + 1);
+/// Tokens of the children's bus sockets start here.
+const HUB_BASE: usize = usize::MAX / 8;
 /// A child's counters, little-endian u64s in wire order (well under PIPE_BUF).
 const RECORD: usize = Counters::FIELDS * 8;
 /// Request datagrams taken per loop turn.
@@ -61,6 +63,7 @@ pub fn run<S: Service>(
     (mut control, metrics): (ControlServer, Option<crate::metrics::MetricsServer>),
 ) -> Result<()> {
     protocol::log::set_role("fork-per-conn");
+    let service_needs_bus = service.needs_bus();
     let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
     let lp = ServeLoop::new(Some(sigs), &mut control)?;
     let metrics = metrics.map(|m| lp.watch_metrics(m)).transpose()?;
@@ -108,6 +111,7 @@ pub fn run<S: Service>(
         started: Instant::now(),
         stats_log: StatsLog::new(None, Instant::now()),
         metrics,
+        hub: service_needs_bus.then(|| crate::hub::Hub::new(HUB_BASE)),
     };
     server.stats_log = StatsLog::new(server.cfg.log_stats, Instant::now());
     crate::announce(addr, "fork-per-conn", 1);
@@ -147,6 +151,8 @@ struct ForkServer<S: Service> {
     started: Instant,
     stats_log: StatsLog,
     metrics: Option<crate::metrics::MetricsServer>,
+    /// The bus between connections' children, for a service whose clients meet (chat).
+    hub: Option<crate::hub::Hub>,
 }
 
 impl<S: Service> ForkServer<S> {
@@ -188,6 +194,11 @@ impl<S: Service> ForkServer<S> {
                         None => {}
                     },
                     Ready::Source(REPORTS) => self.read_reports(),
+                    Ready::Source(t) if self.hub.as_ref().is_some_and(|h| h.owns(t)) => {
+                        if let Some(hub) = self.hub.as_mut() {
+                            hub.ready(self.lp.registry(), t);
+                        }
+                    }
                     Ready::Source(_) => {}
                     Ready::Metrics(t) => {
                         if let Some(mut m) = self.metrics.take() {
@@ -315,7 +326,26 @@ impl<S: Service> ForkServer<S> {
             }
             let idle = self.cfg.limits.idle;
             let proxy = &self.cfg.proxy;
-            let mut keep = [std_stream.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            // A service whose clients meet (chat) gets a bus to this process, the hub.
+            let bus = match self
+                .hub
+                .is_some()
+                .then(std::os::unix::net::UnixStream::pair)
+            {
+                Some(Ok(pair)) => Some(pair),
+                Some(Err(e)) => {
+                    self.counters.accept_errors += 1;
+                    protocol::log!("cannot make a bus for a connection: {e}");
+                    continue;
+                }
+                None => None,
+            };
+            let child_bus = bus.as_ref().map_or(-1, |(_, c)| c.as_raw_fd());
+            let mut keep = [
+                std_stream.as_raw_fd(),
+                self.report_tx.as_fd().as_raw_fd(),
+                child_bus,
+            ];
             let lp = &mut self.lp;
             let report_tx = &self.report_tx;
             let service = &self.service;
@@ -325,8 +355,22 @@ impl<S: Service> ForkServer<S> {
                 &mut keep,
                 &[],
                 || lp.drop_signals(),
-                || child(service, std_stream.try_clone(), (idle, proxy), report_tx),
+                || {
+                    let bus = bus.as_ref().and_then(|(_, c)| c.try_clone().ok());
+                    child(
+                        service,
+                        std_stream.try_clone(),
+                        (idle, proxy),
+                        bus,
+                        report_tx,
+                    )
+                },
             );
+            if let (Ok(pid), Some((hub_end, _)), Some(hub)) = (&forked, bus, self.hub.as_mut()) {
+                if let Err(e) = hub.join(self.lp.registry(), pid.as_raw() as u32, hub_end) {
+                    protocol::log!("cannot link a connection to the bus: {e}");
+                }
+            }
             self.adopt(forked, "a connection");
             // The parent's copy of the connection closes here; the child holds its own.
         }
@@ -415,6 +459,9 @@ impl<S: Service> ForkServer<S> {
     fn reap(&mut self) {
         for gone in reap_exited() {
             self.children.remove(&gone.pid);
+            if let Some(hub) = self.hub.as_mut() {
+                hub.leave(self.lp.registry(), gone.pid.as_raw() as u32);
+            }
         }
     }
 

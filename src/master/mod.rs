@@ -50,6 +50,8 @@ pub use system::{Os, System};
 use upgrade::Successor;
 
 const SUCCESSOR: Token = Token(ServeLoop::FIRST_SOURCE);
+/// Tokens of the workers' bus sockets start here (workers' channels stay below).
+const HUB_BASE: usize = usize::MAX / 8;
 const FIRST_WORKER: usize = ServeLoop::FIRST_SOURCE + 1;
 /// After the drain timeout, how long workers get to exit before they are killed.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -101,6 +103,9 @@ pub fn run(
 ) -> Result<()> {
     let signals = Signals::new(signals::numbers()).context("installing signal handlers")?;
     let mut master = Master::new(Os, cfg, settings, listener, addr, control, Some(signals))?;
+    if master.settings.worker.service.needs_bus() {
+        master.hub = Some(crate::hub::Hub::new(HUB_BASE));
+    }
     if let Some(m) = metrics {
         master.metrics = Some(master.lp.watch_metrics(m)?);
     }
@@ -140,6 +145,8 @@ struct Master<S: System> {
     lifecycle: crate::stats::Lifecycle,
     /// `--metrics`: the Prometheus endpoint.
     metrics: Option<crate::metrics::MetricsServer>,
+    /// The workers' bus, for a service whose workers must reach each other (chat).
+    hub: Option<crate::hub::Hub>,
 }
 
 impl<S: System> Master<S> {
@@ -187,6 +194,7 @@ impl<S: System> Master<S> {
             stats_log,
             lifecycle: Default::default(),
             metrics: None,
+            hub: None,
         })
     }
 
@@ -251,6 +259,12 @@ impl<S: System> Master<S> {
                 Ready::Source(SUCCESSOR) => {
                     if self.successor_ready() {
                         happened.push(Event::SuccessorReady);
+                    }
+                }
+                // Bus traffic is data the hub passes on, not an event for the policy.
+                Ready::Source(t) if self.hub.as_ref().is_some_and(|h| h.owns(t)) => {
+                    if let Some(hub) = self.hub.as_mut() {
+                        hub.ready(self.lp.registry(), t);
                     }
                 }
                 Ready::Source(Token(t)) => self.read_channel(t - FIRST_WORKER, &mut happened),

@@ -79,6 +79,9 @@ impl<S: System> Master<S> {
                 continue;
             };
             let mut w = self.workers.remove(key);
+            if let Some(hub) = self.hub.as_mut() {
+                hub.leave(self.lp.registry(), pid.as_raw() as u32);
+            }
             if let Some(mut ch) = w.channel.take() {
                 // Its final report may still sit in the socket: read it before letting go.
                 let mut buf = [0u8; 1024];
@@ -252,6 +255,9 @@ impl<S: System> Master<S> {
             cfg,
             &mut || lp.drop_signals(),
         )?;
+        if let (Some(hub), Some(bus)) = (self.hub.as_mut(), spawned.bus) {
+            hub.join(self.lp.registry(), spawned.pid.as_raw() as u32, bus)?;
+        }
         spawned.channel.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(spawned.channel);
         let entry = self.workers.vacant_entry();

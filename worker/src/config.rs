@@ -20,6 +20,9 @@ pub struct WorkerConfig {
     /// Inherited descriptor of the shared UDP socket; -1: no UDP.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub udp_fd: RawFd,
+    /// Inherited descriptor of this worker's end of the bus (`--service chat`); -1: none.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub bus_fd: RawFd,
     /// Slot number in the pool, 0-based.
     #[arg(long)]
     pub id: u32,
@@ -53,6 +56,9 @@ pub struct WorkerConfig {
     /// Seconds a connection may take to send its PROXY header.
     #[arg(long, default_value_t = 5.0)]
     pub proxy_timeout: f64,
+    /// Longest chat line, in bytes (`--service chat`).
+    #[arg(long, default_value_t = crate::chat::DEFAULT_MAX_LINE)]
+    pub max_line: usize,
     /// The directory TFTP serves (`--service tftp`).
     #[arg(long)]
     pub root: Option<std::path::PathBuf>,
@@ -74,6 +80,7 @@ impl WorkerConfig {
             ("--listen-fd", self.listen_fd.to_string()),
             ("--ipc-fd", self.ipc_fd.to_string()),
             ("--udp-fd", self.udp_fd.to_string()),
+            ("--bus-fd", self.bus_fd.to_string()),
             ("--id", self.id.to_string()),
             ("--generation", self.generation.to_string()),
             ("--max-unsent", self.max_unsent.to_string()),
@@ -85,6 +92,7 @@ impl WorkerConfig {
             ("--proxy-protocol", self.proxy_protocol.to_string()),
             ("--proxy-from", self.proxy_from.clone()),
             ("--proxy-timeout", self.proxy_timeout.to_string()),
+            ("--max-line", self.max_line.to_string()),
             ("--tftp-write", self.tftp_write.to_string()),
             ("--tftp-max-file", self.tftp_max_file.to_string()),
         ]
@@ -141,6 +149,7 @@ mod tests {
             listen_fd: 3,
             ipc_fd: 7,
             udp_fd: -1,
+            bus_fd: 9,
             id: 2,
             generation: 5,
             max_unsent: 65536,
@@ -153,6 +162,7 @@ mod tests {
             proxy_from: "10.0.0.0/8".into(),
             proxy_timeout: 2.0,
             root: Some("/srv/tftp".into()),
+            max_line: 77,
             tftp_write: true,
             tftp_max_file: 99,
         };

@@ -6,10 +6,12 @@
 //! - [`service`]: the service interface every concurrency model drives.
 //! - [`echo`]: the echo service (TCP and UDP).
 //! - [`tftp`]: the TFTP service (UDP, a transfer per request).
+//! - [`chat`]: the group chat service (lines fanned out to every client, across workers).
 //! - [`exchange`]: driving a service's per-request conversations with blocking waits.
 //! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`config`]: a worker's settings, shared by fork (in memory) and exec (as flags).
 
+pub mod chat;
 pub mod config;
 pub mod echo;
 pub mod event_loop;

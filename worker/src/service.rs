@@ -27,6 +27,9 @@ pub enum ServiceKind {
     Echo,
     /// TFTP (RFC 1350 with options): files from `--root`, over UDP only.
     Tftp,
+    /// A line-based group chat: every line goes to every other client, whichever worker
+    /// holds it.
+    Chat,
 }
 
 /// What the engine binds for a service: a TCP listener, or one UDP socket.
@@ -44,15 +47,22 @@ impl ServiceKind {
         match self {
             ServiceKind::Echo => "echo",
             ServiceKind::Tftp => "tftp",
+            ServiceKind::Chat => "chat",
         }
     }
 
     /// The socket the engine binds for it.
     pub fn transport(self) -> Transport {
         match self {
-            ServiceKind::Echo => Transport::Stream,
+            ServiceKind::Echo | ServiceKind::Chat => Transport::Stream,
             ServiceKind::Tftp => Transport::Datagram,
         }
+    }
+
+    /// Whether its processes must reach one another: the engine then links every worker
+    /// (and fork-per-conn child) to a hub by a bus ([`protocol::bus`]).
+    pub fn needs_bus(self) -> bool {
+        self == ServiceKind::Chat
     }
 }
 
@@ -151,6 +161,37 @@ impl Exchange for NoExchange {
     }
 }
 
+/// What the connections one worker holds share, and its end of the bus to the other workers
+/// (a chat room). Services whose connections are independent use `()`.
+pub trait Room {
+    /// Registers its end of the bus, if it has one, with the loop's poll under `token`
+    /// (readable and writable).
+    fn watch(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()>;
+    /// The bus is ready: act on what arrived, send what is owed. `Err`: the bus (and the hub
+    /// with it) is gone.
+    fn on_bus(&mut self) -> io::Result<()>;
+    /// Appends the keys of sessions given work since the last call (output from another
+    /// connection, a pause lifted), which no socket event would announce.
+    fn woken(&mut self, into: &mut Vec<usize>);
+    /// The end of a loop turn: sends what is owed to the bus, and adds what the room counted
+    /// to `counters`. `Err`: the bus is gone.
+    fn settle(&mut self, counters: &mut Counters) -> io::Result<()>;
+}
+
+/// The room of services whose connections never meet.
+impl Room for () {
+    fn watch(&mut self, _: &mio::Registry, _: mio::Token) -> io::Result<()> {
+        Ok(())
+    }
+    fn on_bus(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn woken(&mut self, _: &mut Vec<usize>) {}
+    fn settle(&mut self, _: &mut Counters) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One TCP connection of a service inside an event loop (process mode).
 pub trait Session {
     /// The socket, to (de)register it with the loop.
@@ -172,21 +213,40 @@ pub trait Service: Clone + Send + Sync + 'static {
     type Session: Session;
     /// A conversation a datagram begins ([`NoExchange`] for services without one).
     type Exchange: Exchange;
+    /// What one worker's connections share (`()` for services whose connections never meet).
+    type Room: Room;
 
     /// Its `--service` name, for log lines.
     fn name(&self) -> &'static str;
 
-    /// Starts a session on a freshly accepted connection (process mode).
-    fn session(&self, stream: mio::net::TcpStream) -> Self::Session;
+    /// Whether its processes must reach one another (see [`ServiceKind::needs_bus`]).
+    fn needs_bus(&self) -> bool {
+        false
+    }
+
+    /// One worker's room (process mode), given its end of the bus when the service
+    /// [needs one](ServiceKind::needs_bus).
+    fn room(&self, bus: Option<std::os::unix::net::UnixStream>) -> Self::Room;
+
+    /// Starts a session on a freshly accepted connection (process mode), known to the loop
+    /// (and to the room's [`Room::woken`]) as `key`.
+    fn session(
+        &self,
+        stream: mio::net::TcpStream,
+        room: &mut Self::Room,
+        key: usize,
+    ) -> Self::Session;
 
     /// Serves one connection with blocking I/O until it ends (thread and fork-per-conn
-    /// modes); `idle` closes a connection that receives nothing for that long, and `moved`
-    /// hears of every chunk (bytes read, bytes written).
+    /// modes); `idle` closes a connection that receives nothing for that long, `bus` is the
+    /// process's end of the bus (a fork-per-conn child of a service that needs one), and
+    /// `tally` hears of what moved, as counter increments (from any thread the service runs).
     fn serve_blocking(
         &self,
         stream: std::net::TcpStream,
         idle: Option<Duration>,
-        moved: &mut dyn FnMut(u64, u64),
+        bus: Option<std::os::unix::net::UnixStream>,
+        tally: &(dyn Fn(&Counters) + Sync),
     ) -> End;
 
     /// The answer to one datagram that arrived from `peer` on the shared socket bound to

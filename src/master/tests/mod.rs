@@ -97,6 +97,7 @@ impl System for Fake {
         Ok(Spawned {
             pid: Pid::from_raw(pid),
             channel: master_end,
+            bus: None,
         })
     }
 
@@ -163,6 +164,7 @@ fn settings(workers: u32) -> Settings {
             listen_fd: -1,
             ipc_fd: -1,
             udp_fd: -1,
+            bus_fd: -1,
             id: 0,
             generation: 1,
             max_unsent: 65536,
@@ -177,6 +179,7 @@ fn settings(workers: u32) -> Settings {
             root: None,
             tftp_write: false,
             tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
+            max_line: worker::chat::DEFAULT_MAX_LINE,
         },
     }
 }

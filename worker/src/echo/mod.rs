@@ -11,6 +11,8 @@ use std::time::Duration;
 pub use datagram::loops_back;
 pub use session::Connection;
 
+use protocol::stats::Counters;
+
 use crate::service::{DatagramAnswer, End, NoExchange, Service};
 
 /// The echo service; `max_unsent` bounds what one connection may owe (back-pressure).
@@ -23,12 +25,15 @@ pub struct Echo {
 impl Service for Echo {
     type Session = Connection;
     type Exchange = NoExchange;
+    type Room = ();
 
     fn name(&self) -> &'static str {
         "echo"
     }
 
-    fn session(&self, stream: mio::net::TcpStream) -> Connection {
+    fn room(&self, _bus: Option<std::os::unix::net::UnixStream>) {}
+
+    fn session(&self, stream: mio::net::TcpStream, _: &mut (), _: usize) -> Connection {
         Connection::new(stream, self.max_unsent)
     }
 
@@ -36,9 +41,16 @@ impl Service for Echo {
         &self,
         stream: std::net::TcpStream,
         idle: Option<Duration>,
-        moved: &mut dyn FnMut(u64, u64),
+        _bus: Option<std::os::unix::net::UnixStream>,
+        tally: &(dyn Fn(&Counters) + Sync),
     ) -> End {
-        blocking::echo_blocking(stream, idle, moved)
+        blocking::echo_blocking(stream, idle, &mut |read, written| {
+            tally(&Counters {
+                bytes_in: read,
+                bytes_out: written,
+                ..Counters::default()
+            })
+        })
     }
 
     fn answer_datagram<'a>(

@@ -17,9 +17,9 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use thiserror::Error;
 
-use super::{HANDLED_SIGNALS, LISTENER, MASTER, Phase, SCRATCH, SIGNALS, UDP, Worker};
+use super::{BUS, HANDLED_SIGNALS, LISTENER, MASTER, Phase, SCRATCH, SIGNALS, UDP, Worker};
 use crate::config::WorkerConfig;
-use crate::service::{Service, Transport};
+use crate::service::{Room, Service, Transport};
 
 /// Why a worker could not start.
 #[derive(Debug, Error)]
@@ -127,6 +127,13 @@ impl<S: Service> Worker<S> {
                 .register(u, UDP, Interest::READABLE)
                 .map_err(io_ctx("watching the UDP socket"))?;
         }
+        let bus = (cfg.bus_fd >= 0).then(|| {
+            // SAFETY: as above: this worker's end of the bus, inherited for it alone.
+            std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(cfg.bus_fd) })
+        });
+        let mut room = service.room(bus);
+        room.watch(registry, BUS)
+            .map_err(io_ctx("watching the bus"))?;
         // The master blocked every signal across fork/exec so none could arrive before the
         // handlers above existed; from here on they are recorded and acted on by the loop.
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
@@ -158,6 +165,8 @@ impl<S: Service> Worker<S> {
             pending: Slab::new(),
             udp_local,
             exchanges: Slab::new(),
+            room,
+            woken: Vec::new(),
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker

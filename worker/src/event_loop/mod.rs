@@ -21,9 +21,10 @@ use signal_hook::consts::{SIGHUP, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::chat::Chat;
 use crate::config::WorkerConfig;
 use crate::echo::Echo;
-use crate::service::{Abort, Drive, Exchange, Service, ServiceKind, Session};
+use crate::service::{Abort, Drive, Exchange, Room, Service, ServiceKind, Session};
 use crate::tftp::Tftp;
 use protocol::ipc::{Message, Reporter};
 use protocol::log;
@@ -43,9 +44,12 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const MASTER: Token = Token(2);
 const UDP: Token = Token(3);
-const FIRST_CONN: usize = 4;
+const BUS: Token = Token(4);
+const FIRST_CONN: usize = 5;
 /// Tokens of exchanges (TFTP transfers) start here; connections stay below.
 const EXCHANGE_BASE: usize = usize::MAX / 4;
+/// Rounds of driving sessions the room woke, per loop turn.
+const WOKEN_ROUNDS: usize = 3;
 /// Datagrams echoed per loop turn before the connections get their turn again.
 const DATAGRAMS_PER_TURN: usize = 64;
 
@@ -88,6 +92,10 @@ pub fn run(cfg: WorkerConfig) -> i32 {
                 max_unsent: cfg.max_unsent,
             };
             serve_with(cfg, echo)
+        }
+        ServiceKind::Chat => {
+            let chat = Chat::new(cfg.max_line, cfg.max_unsent);
+            serve_with(cfg, chat)
         }
         ServiceKind::Tftp => {
             let root = cfg.root.clone().unwrap_or_default();
@@ -147,6 +155,11 @@ struct Worker<S: Service> {
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
 
+    /// What the connections share (a chat room and its bus); `()` for echo and TFTP.
+    room: S::Room,
+    /// Sessions the room gave work this turn (reused buffer).
+    woken: Vec<usize>,
+
     /// `--proxy-protocol`: who may send a header, and how long it may take.
     proxy: Option<crate::proxy::ProxyRule>,
     /// Connections still owing their PROXY header.
@@ -179,6 +192,11 @@ impl<S: Service> Worker<S> {
                         }
                     }
                     UDP => self.serve_datagrams(),
+                    BUS => {
+                        if self.room.on_bus().is_err() {
+                            return Stop::Now("the bus is gone");
+                        }
+                    }
                     MASTER => {
                         if self.master_gone() {
                             return Stop::Now("the master is gone");
@@ -194,6 +212,9 @@ impl<S: Service> Worker<S> {
             for key in std::mem::take(&mut self.again) {
                 self.drive(key);
             }
+            if let Some(stop) = self.serve_woken() {
+                return stop;
+            }
             if std::mem::take(&mut self.accept_again) {
                 self.accept_all();
             }
@@ -204,6 +225,28 @@ impl<S: Service> Worker<S> {
                 return stop;
             }
         }
+    }
+
+    /// Drives the sessions the room gave work (lines from other clients), a few rounds, as
+    /// those may give others work in turn; the rest wait for the next turn. Then settles the
+    /// room: its bus gets what is owed, the counters what it counted.
+    fn serve_woken(&mut self) -> Option<Stop> {
+        let mut woken = std::mem::take(&mut self.woken);
+        for _ in 0..WOKEN_ROUNDS {
+            self.room.woken(&mut woken);
+            if woken.is_empty() {
+                break;
+            }
+            for key in woken.drain(..) {
+                self.drive(key);
+            }
+        }
+        self.room.woken(&mut self.again);
+        self.woken = woken;
+        self.room
+            .settle(&mut self.counters)
+            .err()
+            .map(|_| Stop::Now("the bus is gone"))
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -373,7 +416,8 @@ impl<S: Service> Worker<S> {
             self.counters.io_errors += 1;
             return;
         }
-        entry.insert(self.service.session(stream));
+        let key = entry.key();
+        entry.insert(self.service.session(stream, &mut self.room, key));
         self.counters.active += 1;
     }
 
@@ -488,6 +532,8 @@ impl<S: Service> Worker<S> {
         }
         let open = self.conns.len();
         self.conns.clear();
+        // Their leave notices, if the bus takes them now.
+        let _ = self.room.settle(&mut self.counters);
         self.counters.active = 0;
         match stop {
             Stop::Drained => protocol::log!("drained; exiting"),

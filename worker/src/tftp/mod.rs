@@ -160,12 +160,15 @@ impl Exchange for Transfer {
 impl Service for Tftp {
     type Session = NoStream;
     type Exchange = Transfer;
+    type Room = ();
 
     fn name(&self) -> &'static str {
         "tftp"
     }
 
-    fn session(&self, stream: mio::net::TcpStream) -> NoStream {
+    fn room(&self, _bus: Option<std::os::unix::net::UnixStream>) {}
+
+    fn session(&self, stream: mio::net::TcpStream, _: &mut (), _: usize) -> NoStream {
         NoStream(stream)
     }
 
@@ -173,7 +176,8 @@ impl Service for Tftp {
         &self,
         _stream: std::net::TcpStream,
         _idle: Option<Duration>,
-        _moved: &mut dyn FnMut(u64, u64),
+        _bus: Option<std::os::unix::net::UnixStream>,
+        _tally: &(dyn Fn(&Counters) + Sync),
     ) -> End {
         End::Eof
     }

@@ -1,0 +1,414 @@
+//! The hub of the bus between a service's processes ([`protocol::bus`]): the master's end of
+//! every worker's bus socket (fork-per-conn: of every child's). Whatever a member sends, the
+//! hub stamps with the member's pid and queues for every other member, in arrival order; it
+//! keeps the members' `State` frames so a member that joins later first hears who is there,
+//! and when a member leaves (its socket ends, or it is reaped) it tells the others `Gone`.
+//!
+//! Why a hub in the master rather than a mesh between workers: the master alone knows who
+//! exists (it spawns, reaps and reloads), so joining, leaving and generations need no protocol
+//! of their own; a line crosses processes once per receiving worker either way. Its cost is
+//! one hop and the master's CPU, measured in the README's "Chat" section.
+//!
+//! Nothing here blocks, and memory is bounded: when a member falls more than [`HIGH`] bytes
+//! behind, the hub stops reading every member until all are under [`LOW`]. Members (the
+//! workers' rooms) never stop reading the bus, since they drop a slow client rather than wait
+//! for it, so this pause only spreads back-pressure to the senders' sockets, never deadlocks.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use mio::{Interest, Registry, Token};
+use protocol::bus::{Decoder, Frame};
+use slab::Slab;
+
+/// Bytes queued for one member above which the hub stops reading.
+pub const HIGH: usize = 4 << 20;
+/// ... and below which (for every member) it reads again.
+pub const LOW: usize = 1 << 20;
+/// Tokens the hub may use, from its base up.
+pub const SPAN: usize = 1 << 20;
+
+/// One member process.
+#[derive(Debug)]
+struct Link {
+    pid: u32,
+    stream: mio::net::UnixStream,
+    decoder: Decoder,
+    /// Frames queued for it; `sent` bytes of them are written.
+    out: Vec<u8>,
+    sent: usize,
+    /// Its `State` frames by key: what a later member is told first.
+    state: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Link {
+    fn backlog(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Writes what it takes; `Err` when the member is gone.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if self.sent >= LOW {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        Ok(())
+    }
+}
+
+/// The hub: every member's link.
+#[derive(Debug)]
+pub struct Hub {
+    links: Slab<Link>,
+    base: usize,
+    /// A member is more than [`HIGH`] behind: nobody is read until all are under [`LOW`].
+    paused: bool,
+    buf: Vec<u8>,
+}
+
+impl Hub {
+    /// A hub whose sockets use tokens from `base` up (to `base + SPAN`).
+    pub fn new(base: usize) -> Hub {
+        Hub {
+            links: Slab::new(),
+            base,
+            paused: false,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// Whether `token` is one of the hub's.
+    pub fn owns(&self, token: Token) -> bool {
+        (self.base..self.base + SPAN).contains(&token.0)
+    }
+
+    /// Members linked now.
+    #[cfg(test)]
+    pub fn members(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Links the member `pid` by `stream`; it is first told every other member's state.
+    pub fn join(
+        &mut self,
+        registry: &Registry,
+        pid: u32,
+        stream: std::os::unix::net::UnixStream,
+    ) -> io::Result<()> {
+        if self.links.len() >= SPAN {
+            return Err(io::Error::other("too many bus members"));
+        }
+        stream.set_nonblocking(true)?;
+        let mut stream = mio::net::UnixStream::from_std(stream);
+        let mut out = Vec::new();
+        for (_, other) in &self.links {
+            for (&key, body) in &other.state {
+                Frame::State {
+                    origin: other.pid,
+                    key,
+                    body,
+                }
+                .encode(&mut out);
+            }
+        }
+        let entry = self.links.vacant_entry();
+        registry.register(
+            &mut stream,
+            Token(self.base + entry.key()),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        entry.insert(Link {
+            pid,
+            stream,
+            decoder: Decoder::default(),
+            out,
+            sent: 0,
+            state: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// The member `pid` exited: what it sent last is passed on, then it is dropped.
+    pub fn leave(&mut self, registry: &Registry, pid: u32) {
+        if let Some(key) = self
+            .links
+            .iter()
+            .find(|(_, l)| l.pid == pid)
+            .map(|(k, _)| k)
+        {
+            let _ = self.read(key);
+            self.drop_link(registry, key);
+            self.flush_all(registry);
+        }
+    }
+
+    /// A member's socket is ready: write what it is owed, read what it sent, pass it on.
+    pub fn ready(&mut self, registry: &Registry, token: Token) {
+        let key = token.0 - self.base;
+        if !self.links.contains(key) {
+            return;
+        }
+        let gone = self.links[key].flush().is_err() || (!self.paused && self.read(key).is_err());
+        if gone {
+            self.drop_link(registry, key);
+        }
+        self.flush_all(registry);
+    }
+
+    /// Reads member `key` until it has nothing more or the hub pauses; `Err`: it is gone.
+    fn read(&mut self, key: usize) -> io::Result<()> {
+        loop {
+            if self.paused {
+                return Ok(());
+            }
+            let link = &mut self.links[key];
+            match link.stream.read(&mut self.buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => link.decoder.push(&self.buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            self.route(key)?;
+        }
+    }
+
+    /// Passes on every whole frame member `key` sent.
+    fn route(&mut self, key: usize) -> io::Result<()> {
+        let mut decoder = std::mem::take(&mut self.links[key].decoder);
+        let pid = self.links[key].pid;
+        let routed = (|| {
+            while let Some(frame) = decoder.next_frame().map_err(io::Error::other)? {
+                match frame {
+                    // Only the hub says who left.
+                    Frame::Gone { .. } => continue,
+                    Frame::State { key: k, body, .. } => {
+                        let state = &mut self.links[key].state;
+                        if body.is_empty() {
+                            state.remove(&k);
+                        } else {
+                            state.insert(k, body.to_vec());
+                        }
+                    }
+                    Frame::Cast { .. } => {}
+                }
+                self.cast(Some(key), frame.from(pid));
+            }
+            Ok(())
+        })();
+        self.links[key].decoder = decoder;
+        routed
+    }
+
+    /// Queues `frame` for every member but `except`.
+    fn cast(&mut self, except: Option<usize>, frame: Frame<'_>) {
+        for (k, link) in self.links.iter_mut() {
+            if Some(k) != except {
+                frame.encode(&mut link.out);
+                self.paused |= link.backlog() > HIGH;
+            }
+        }
+    }
+
+    fn drop_link(&mut self, registry: &Registry, key: usize) {
+        if let Some(mut link) = self.links.try_remove(key) {
+            let _ = registry.deregister(&mut link.stream);
+            self.cast(None, Frame::Gone { origin: link.pid });
+        }
+    }
+
+    /// Writes to every member what it takes; lifts a pause once everyone has caught up, and
+    /// then reads everyone (their sockets will not announce what waited meanwhile).
+    fn flush_all(&mut self, registry: &Registry) {
+        loop {
+            let broken: Vec<usize> = self
+                .links
+                .iter_mut()
+                .filter_map(|(k, l)| l.flush().is_err().then_some(k))
+                .collect();
+            for key in broken {
+                self.drop_link(registry, key);
+            }
+            if !self.paused || self.links.iter().any(|(_, l)| l.backlog() >= LOW) {
+                return;
+            }
+            self.paused = false;
+            let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                if self.links.contains(key) && self.read(key).is_err() {
+                    self.drop_link(registry, key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    /// Reads frames from a member's end until `n` have come (bounded wait).
+    fn frames(end: &mut UnixStream, hub: &mut Hub, poll: &mut mio::Poll, n: usize) -> Vec<String> {
+        end.set_nonblocking(true).unwrap();
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        let mut events = mio::Events::with_capacity(16);
+        let until = Instant::now() + Duration::from_secs(10);
+        while got.len() < n && Instant::now() < until {
+            poll.poll(&mut events, Some(Duration::from_millis(10)))
+                .unwrap();
+            for e in events.iter() {
+                hub.ready(poll.registry(), e.token());
+            }
+            let mut buf = [0u8; 4096];
+            while let Ok(k @ 1..) = end.read(&mut buf) {
+                d.push(&buf[..k]);
+            }
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(format!("{f:?}"));
+            }
+        }
+        got
+    }
+
+    fn send(end: &mut UnixStream, f: Frame<'_>) {
+        let mut v = Vec::new();
+        f.encode(&mut v);
+        end.write_all(&v).unwrap();
+    }
+
+    #[test]
+    fn frames_reach_every_other_member_stamped_and_late_members_hear_the_state() {
+        let mut poll = mio::Poll::new().unwrap();
+        let mut hub = Hub::new(100);
+        let (a_hub, mut a) = UnixStream::pair().unwrap();
+        let (b_hub, mut b) = UnixStream::pair().unwrap();
+        hub.join(poll.registry(), 11, a_hub).unwrap();
+        hub.join(poll.registry(), 22, b_hub).unwrap();
+        send(
+            &mut a,
+            Frame::State {
+                origin: 999,
+                key: 1,
+                body: b"ann",
+            },
+        );
+        send(
+            &mut a,
+            Frame::Cast {
+                origin: 999,
+                body: b"ann: hi\n",
+            },
+        );
+        send(&mut a, Frame::Gone { origin: 22 });
+        let got = frames(&mut b, &mut hub, &mut poll, 2);
+        assert_eq!(
+            got,
+            [
+                format!(
+                    "{:?}",
+                    Frame::State {
+                        origin: 11,
+                        key: 1,
+                        body: b"ann"
+                    }
+                ),
+                format!(
+                    "{:?}",
+                    Frame::Cast {
+                        origin: 11,
+                        body: b"ann: hi\n"
+                    }
+                ),
+            ]
+        );
+        // A later member hears who is there; the sender never hears itself.
+        let (c_hub, mut c) = UnixStream::pair().unwrap();
+        hub.join(poll.registry(), 33, c_hub).unwrap();
+        let got = frames(&mut c, &mut hub, &mut poll, 1);
+        assert_eq!(
+            got,
+            [format!(
+                "{:?}",
+                Frame::State {
+                    origin: 11,
+                    key: 1,
+                    body: b"ann"
+                }
+            )]
+        );
+        a.set_nonblocking(true).unwrap();
+        assert!(
+            a.read(&mut [0u8; 64]).is_err(),
+            "the sender got its own frames back"
+        );
+        // A member that goes: the others are told, and its state is forgotten.
+        drop(a);
+        let got = frames(&mut b, &mut hub, &mut poll, 1);
+        assert_eq!(got, [format!("{:?}", Frame::Gone { origin: 11 })]);
+        let (d_hub, mut d) = UnixStream::pair().unwrap();
+        hub.join(poll.registry(), 44, d_hub).unwrap();
+        d.set_nonblocking(true).unwrap();
+        assert!(
+            d.read(&mut [0u8; 64]).is_err(),
+            "a gone member's state was kept"
+        );
+        assert_eq!(hub.members(), 3);
+    }
+
+    #[test]
+    fn a_member_that_does_not_read_pauses_the_hub_instead_of_growing_it() {
+        let mut poll = mio::Poll::new().unwrap();
+        let mut hub = Hub::new(0);
+        let (a_hub, mut a) = UnixStream::pair().unwrap();
+        let (b_hub, b) = UnixStream::pair().unwrap();
+        hub.join(poll.registry(), 1, a_hub).unwrap();
+        hub.join(poll.registry(), 2, b_hub).unwrap();
+        a.set_nonblocking(true).unwrap();
+        let body = vec![b'x'; 60_000];
+        let mut wire = Vec::new();
+        Frame::Cast {
+            origin: 0,
+            body: &body,
+        }
+        .encode(&mut wire);
+        let mut events = mio::Events::with_capacity(16);
+        // Offer far more than HIGH while b never reads.
+        let (mut stream, mut written, mut offered) = (Vec::new(), 0usize, 0usize);
+        for _ in 0..2000 {
+            if stream.len() - written < wire.len() {
+                stream.extend_from_slice(&wire);
+                offered += wire.len();
+            }
+            while let Ok(n @ 1..) = a.write(&stream[written..]) {
+                written += n;
+            }
+            poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+            for e in events.iter() {
+                hub.ready(poll.registry(), e.token());
+            }
+        }
+        let queued: usize = hub.links.iter().map(|(_, l)| l.backlog()).sum();
+        assert!(hub.paused, "the hub never paused");
+        assert!(
+            queued <= HIGH + 2 * 64 * 1024 + wire.len(),
+            "queued {queued}"
+        );
+        assert!(written < offered, "a's sends were never held back");
+        drop(b);
+    }
+}
