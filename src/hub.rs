@@ -15,10 +15,10 @@
 //! for it, so this pause only spreads back-pressure to the senders' sockets, never deadlocks.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use mio::{Interest, Registry, Token};
-use protocol::bus::{Decoder, Frame};
+use protocol::bus::{Decoder, Frame, Outgoing};
 use slab::Slab;
 
 /// Bytes queued for one member above which the hub stops reading.
@@ -34,37 +34,20 @@ struct Link {
     pid: u32,
     stream: mio::net::UnixStream,
     decoder: Decoder,
-    /// Frames queued for it; `sent` bytes of them are written.
-    out: Vec<u8>,
-    sent: usize,
+    /// Frames queued for it.
+    out: Outgoing,
     /// Its `State` frames by key: what a later member is told first.
     state: BTreeMap<u64, Vec<u8>>,
 }
 
 impl Link {
     fn backlog(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.backlog()
     }
 
     /// Writes what it takes; `Err` when the member is gone.
     fn flush(&mut self) -> io::Result<()> {
-        while self.sent < self.out.len() {
-            match self.stream.write(&self.out[self.sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if self.sent == self.out.len() {
-            self.out.clear();
-            self.sent = 0;
-        } else if self.sent >= LOW {
-            self.out.drain(..self.sent);
-            self.sent = 0;
-        }
-        Ok(())
+        self.out.flush(&mut self.stream)
     }
 }
 
@@ -112,15 +95,14 @@ impl Hub {
         }
         stream.set_nonblocking(true)?;
         let mut stream = mio::net::UnixStream::from_std(stream);
-        let mut out = Vec::new();
+        let mut out = Outgoing::default();
         for (_, other) in &self.links {
             for (&key, body) in &other.state {
-                Frame::State {
+                out.push(Frame::State {
                     origin: other.pid,
                     key,
                     body,
-                }
-                .encode(&mut out);
+                });
             }
         }
         let entry = self.links.vacant_entry();
@@ -134,7 +116,6 @@ impl Hub {
             stream,
             decoder: Decoder::default(),
             out,
-            sent: 0,
             state: BTreeMap::new(),
         });
         Ok(())
@@ -216,7 +197,7 @@ impl Hub {
     fn cast(&mut self, except: Option<usize>, frame: Frame<'_>) {
         for (k, link) in self.links.iter_mut() {
             if Some(k) != except {
-                frame.encode(&mut link.out);
+                link.out.push(frame);
                 self.paused |= link.backlog() > HIGH;
             }
         }
@@ -258,6 +239,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 

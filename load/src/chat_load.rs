@@ -6,24 +6,29 @@
 //! receives from every other: none lost, none twice, each sender's in order, none corrupted.
 //! Closed loop (default): a sender has at most `--window` lines that not every other client
 //! has received yet. Open loop: `--rate` lines per second per client, whatever is in flight.
-//! Reports deliveries/s, delivery latency (send to receipt, per recipient) p50/p99/max, the
+//! Lines not delivered everywhere within `--settle` seconds (10) after sending stops count as
+//! lost.
+//! Reports deliveries/s (over the time until the last line arrived), delivery latency (send to receipt, per recipient) p50/p99/max, the
 //! fairness of what each client got to send and, given `--server-pid`, the server's CPU per
 //! delivery and memory. Exit code 0 when every line arrived intact everywhere, 1 otherwise,
 //! 2 on a usage error.
 
+mod chat_client;
 mod cost;
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use chat_client::{Client, Fleet, Shared, Tally, flush, send_due};
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Poll, Token};
 use serde::Serialize;
 
 /// Verifying load for a line-based group chat on loopback.
@@ -55,6 +60,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100))]
     never_readers: u64,
+    /// Seconds to wait, after sending stops, for the last lines to arrive everywhere; a line
+    /// still missing then counts as lost.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    settle: f64,
     /// Load threads.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -88,54 +97,6 @@ struct Report {
     jain_sent: f64,
     server_cpu_us_per_delivery: Option<f64>,
     server_pss_mib: Option<f64>,
-}
-
-/// What every thread shares: per sender, lines sent and lines everyone has; per in-flight
-/// line, how many have it.
-struct Shared {
-    n: usize,
-    window: usize,
-    sent: Vec<AtomicU64>,
-    complete: Vec<AtomicU64>,
-    /// `[sender * window + seq % window]`: recipients that have that line.
-    receipts: Vec<AtomicU32>,
-    sending: AtomicBool,
-    base: Instant,
-}
-
-impl Shared {
-    fn received(&self, sender: usize, seq: u64) {
-        let slot = &self.receipts[sender * self.window + (seq % self.window as u64) as usize];
-        if slot.fetch_add(1, Ordering::AcqRel) + 1 == self.n as u32 - 1 {
-            slot.store(0, Ordering::Release);
-            self.complete[sender].fetch_add(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// One client.
-struct Client {
-    id: usize,
-    stream: TcpStream,
-    inbuf: Vec<u8>,
-    out: Vec<u8>,
-    /// Per sender: the next sequence number expected.
-    next: Vec<u64>,
-    named: bool,
-    closed: bool,
-    next_send: Instant,
-}
-
-/// What one thread counted.
-#[derive(Default)]
-struct Tally {
-    deliveries: u64,
-    duplicated: u64,
-    out_of_order: u64,
-    corrupt: u64,
-    disconnected: u64,
-    lost: u64,
-    expected: u64,
 }
 
 fn loopback(target: &str) -> Result<SocketAddr> {
@@ -221,8 +182,9 @@ fn run(args: &Args) -> Result<Report> {
         let ids: Vec<usize> = (t..n).step_by(threads).collect();
         let (shared, ready) = (Arc::clone(&shared), Arc::clone(&ready));
         let (pad, rate) = ("x".repeat(args.size as usize), args.rate);
+        let settle = Duration::from_secs_f64(args.settle.clamp(0.0, 3600.0));
         handles.push(std::thread::spawn(move || {
-            thread_main(addr, ids, &shared, &ready, (&pad, rate))
+            thread_main(addr, ids, &shared, &ready, (&pad, rate, settle))
         }));
     }
     ready.wait();
@@ -236,14 +198,20 @@ fn run(args: &Args) -> Result<Report> {
     shared.sending.store(true, Ordering::Release);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
     shared.sending.store(false, Ordering::Release);
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??,
+        );
+    }
+    // Until the last line arrived everywhere (or the settle time ran out): a server that
+    // falls behind is not credited with deliveries it made after the clock stopped.
     let seconds = started.elapsed().as_secs_f64();
     let after = args.server_pid.map(cost::sample);
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut total = Tally::default();
-    for h in handles {
-        let (tally, h) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+    for (tally, h) in results {
         hist.add(&h).context("merging histograms")?;
         for (a, b) in [
             (&mut total.deliveries, tally.deliveries),
@@ -301,17 +269,14 @@ fn run(args: &Args) -> Result<Report> {
     })
 }
 
-/// How long the run waits, after sending stops, for the last lines to arrive everywhere.
-const SETTLE: Duration = Duration::from_secs(10);
-
 fn thread_main(
     addr: SocketAddr,
     ids: Vec<usize>,
     shared: &Shared,
     ready: &std::sync::Barrier,
-    (pad, rate): (&str, Option<f64>),
+    (pad, rate, settle): (&str, Option<f64>, Duration),
 ) -> Result<(Tally, Histogram<u64>)> {
-    let mut poll = Poll::new()?;
+    let poll = Poll::new()?;
     let mut clients = Vec::new();
     for (k, &id) in ids.iter().enumerate() {
         let std =
@@ -330,30 +295,20 @@ fn thread_main(
             inbuf: Vec::new(),
             out: format!("/nick c{id}\n").into_bytes(),
             next: vec![0; shared.n],
+            gaps: vec![0; shared.n],
             named: false,
             closed: false,
             next_send: Instant::now(),
         });
     }
-    let mut tally = Tally::default();
-    let mut hist = Histogram::<u64>::new(3)?;
-    let mut events = Events::with_capacity(1024);
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut fleet = Fleet::new(poll, clients)?;
     // Until every client of this thread has its name, then wait for the others.
     let gate = Instant::now() + Duration::from_secs(60);
-    while clients.iter().any(|c| !c.named && !c.closed) {
+    while fleet.clients.iter().any(|c| !c.named && !c.closed) {
         if Instant::now() > gate {
             bail!("clients did not get their names within 60 s");
         }
-        turn(
-            &mut poll,
-            &mut events,
-            &mut clients,
-            &mut buf,
-            shared,
-            &mut tally,
-            &mut hist,
-        )?;
+        fleet.turn(shared)?;
     }
     ready.wait();
     while !shared.sending.load(Ordering::Acquire) {
@@ -361,7 +316,7 @@ fn thread_main(
     }
     let period = rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let start = Instant::now();
-    for (k, c) in clients.iter_mut().enumerate() {
+    for (k, c) in fleet.clients.iter_mut().enumerate() {
         // Spread open-loop senders over one period.
         c.next_send = start + period.map_or(Duration::ZERO, |p| p * k as u32 / ids.len() as u32);
     }
@@ -370,11 +325,11 @@ fn thread_main(
         let now = Instant::now();
         let sending = shared.sending.load(Ordering::Acquire);
         if sending {
-            for c in clients.iter_mut().filter(|c| !c.closed) {
+            for c in fleet.clients.iter_mut().filter(|c| !c.closed) {
                 send_due(c, shared, now, period, pad);
             }
         } else {
-            let until = *settle_until.get_or_insert(now + SETTLE);
+            let until = *settle_until.get_or_insert(now + settle);
             let everyone_has_everything = (0..shared.n).all(|s| {
                 shared.complete[s].load(Ordering::Acquire) >= shared.sent[s].load(Ordering::Acquire)
             });
@@ -382,164 +337,24 @@ fn thread_main(
                 break;
             }
         }
-        for c in clients
+        for c in fleet
+            .clients
             .iter_mut()
             .filter(|c| !c.out.is_empty() && !c.closed)
         {
             flush(c);
         }
-        turn(
-            &mut poll,
-            &mut events,
-            &mut clients,
-            &mut buf,
-            shared,
-            &mut tally,
-            &mut hist,
-        )?;
+        fleet.turn(shared)?;
     }
-    for c in &clients {
+    let mut tally = std::mem::take(&mut fleet.tally);
+    for c in &fleet.clients {
         for (s, &next) in c.next.iter().enumerate() {
             if s != c.id {
                 let sent = shared.sent[s].load(Ordering::Acquire);
                 tally.expected += sent;
-                tally.lost += sent.saturating_sub(next);
+                tally.lost += sent.saturating_sub(next) + c.gaps[s];
             }
         }
     }
-    Ok((tally, hist))
-}
-
-/// Sends what this client may send now: the next line, if the window (or the rate) allows.
-fn send_due(c: &mut Client, shared: &Shared, now: Instant, period: Option<Duration>, pad: &str) {
-    loop {
-        let sent = shared.sent[c.id].load(Ordering::Acquire);
-        match period {
-            Some(p) => {
-                if now < c.next_send {
-                    return;
-                }
-                c.next_send += p;
-            }
-            None => {
-                let done = shared.complete[c.id].load(Ordering::Acquire);
-                if sent - done >= shared.window as u64 || c.out.len() > 64 * 1024 {
-                    return;
-                }
-            }
-        }
-        let micros = shared.base.elapsed().as_micros() as u64;
-        let _ = writeln!(&mut c.out, "{sent} {micros} {pad}");
-        shared.sent[c.id].store(sent + 1, Ordering::Release);
-        if period.is_none() {
-            continue;
-        }
-    }
-}
-
-fn flush(c: &mut Client) {
-    while !c.out.is_empty() {
-        match c.stream.write(&c.out) {
-            Ok(n) => {
-                c.out.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => {
-                c.closed = true;
-                return;
-            }
-        }
-    }
-}
-
-/// One wait and everything it made ready.
-fn turn(
-    poll: &mut Poll,
-    events: &mut Events,
-    clients: &mut [Client],
-    buf: &mut [u8],
-    shared: &Shared,
-    tally: &mut Tally,
-    hist: &mut Histogram<u64>,
-) -> Result<()> {
-    match poll.poll(events, Some(Duration::from_millis(1))) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    for event in events.iter() {
-        let c = &mut clients[event.token().0];
-        if c.closed {
-            continue;
-        }
-        if event.is_writable() {
-            flush(c);
-        }
-        loop {
-            match c.stream.read(buf) {
-                Ok(0) => {
-                    c.closed = true;
-                    tally.disconnected += 1;
-                    break;
-                }
-                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    c.closed = true;
-                    tally.disconnected += 1;
-                    break;
-                }
-            }
-        }
-        take_lines(c, shared, tally, hist);
-    }
-    Ok(())
-}
-
-/// Checks every whole line a client received.
-fn take_lines(c: &mut Client, shared: &Shared, tally: &mut Tally, hist: &mut Histogram<u64>) {
-    let mut start = 0;
-    let now = shared.base.elapsed().as_micros() as u64;
-    while let Some(len) = c.inbuf[start..].iter().position(|&b| b == b'\n') {
-        let line = &c.inbuf[start..start + len];
-        start += len + 1;
-        if line.starts_with(b"* ") {
-            if line.ends_with(format!(" is now c{}", c.id).as_bytes()) {
-                c.named = true;
-            }
-            continue;
-        }
-        match parse(line, shared.n) {
-            Some((sender, seq, micros)) if sender != c.id => {
-                let expected = &mut c.next[sender];
-                if seq < *expected {
-                    tally.duplicated += 1;
-                } else {
-                    if seq > *expected {
-                        tally.out_of_order += 1;
-                    }
-                    *expected = seq + 1;
-                    tally.deliveries += 1;
-                    let _ = hist.record(now.saturating_sub(micros).max(1));
-                    shared.received(sender, seq);
-                }
-            }
-            _ => tally.corrupt += 1,
-        }
-    }
-    c.inbuf.drain(..start);
-}
-
-/// `cSENDER: SEQ MICROS PAD` → (sender, seq, micros).
-fn parse(line: &[u8], n: usize) -> Option<(usize, u64, u64)> {
-    let text = std::str::from_utf8(line).ok()?;
-    let (name, rest) = text.split_once(": ")?;
-    let sender: usize = name.strip_prefix('c')?.parse().ok()?;
-    let mut fields = rest.split(' ');
-    let seq = fields.next()?.parse().ok()?;
-    let micros = fields.next()?.parse().ok()?;
-    let pad = fields.next().unwrap_or("");
-    (sender < n && pad.bytes().all(|b| b == b'x')).then_some((sender, seq, micros))
+    Ok((tally, fleet.hist))
 }

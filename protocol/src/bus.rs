@@ -13,6 +13,8 @@
 //! (the sender's pid; 0 from a member, stamped by the hub), and for `State` a `u64` key; then
 //! the body.
 
+use std::io::{self, Write};
+
 use thiserror::Error;
 
 /// Bus protocol version; a frame of another version is refused.
@@ -100,6 +102,48 @@ impl Frame<'_> {
             Frame::Cast { body, .. } | Frame::State { body, .. } => body.len(),
             Frame::Gone { .. } => 0,
         }
+    }
+}
+
+/// Frames waiting for a bus socket, written as far as it takes them without blocking.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written.
+    sent: usize,
+}
+
+impl Outgoing {
+    /// Queues a frame.
+    pub fn push(&mut self, frame: Frame<'_>) {
+        frame.encode(&mut self.buf);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Writes what `w` takes now; `Err` when the peer is gone.
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<()> {
+        while self.sent < self.buf.len() {
+            match w.write(&self.buf[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Written bytes are dropped once all is sent, or once they are many.
+        if self.sent == self.buf.len() {
+            self.buf.clear();
+            self.sent = 0;
+        } else if self.sent >= 256 * 1024 {
+            self.buf.drain(..self.sent);
+            self.sent = 0;
+        }
+        Ok(())
     }
 }
 

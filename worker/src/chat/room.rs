@@ -10,11 +10,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use protocol::bus::{Decoder, Frame};
+use protocol::bus::{Decoder, Frame, Outgoing};
 use protocol::stats::Counters;
 
 use super::{Floor, Outbox, joined, left, welcome};
@@ -48,8 +48,7 @@ impl ChatRoom {
             Some(BusLink {
                 stream: mio::net::UnixStream::from_std(b),
                 decoder: Decoder::default(),
-                out: Vec::new(),
-                sent: 0,
+                out: Outgoing::default(),
             })
         });
         ChatRoom(Rc::new(RefCell::new(LocalRoom {
@@ -99,9 +98,8 @@ impl Room for ChatRoom {
 struct BusLink {
     stream: mio::net::UnixStream,
     decoder: Decoder,
-    /// Frames not yet sent; `sent` bytes of it are.
-    out: Vec<u8>,
-    sent: usize,
+    /// Frames not yet sent.
+    out: Outgoing,
 }
 
 /// What a worker's (or fork-per-conn child's) clients share.
@@ -169,7 +167,7 @@ impl LocalRoom {
     pub fn bus_full(&self) -> bool {
         self.bus
             .as_ref()
-            .is_some_and(|b| b.out.len() - b.sent > BUS_HIGH)
+            .is_some_and(|b| b.out.backlog() > BUS_HIGH)
     }
 
     /// `key` stopped reading because the bus is full: wake it when it drains.
@@ -218,7 +216,7 @@ impl LocalRoom {
 
     fn publish(&mut self, frame: Frame<'_>) {
         if let Some(bus) = self.bus.as_mut() {
-            frame.encode(&mut bus.out);
+            bus.out.push(frame);
             self.tally.bus_out += 1;
         }
     }
@@ -237,23 +235,8 @@ impl LocalRoom {
         let Some(bus) = self.bus.as_mut() else {
             return Ok(());
         };
-        while bus.sent < bus.out.len() {
-            match bus.stream.write(&bus.out[bus.sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => bus.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if bus.sent == bus.out.len() {
-            bus.out.clear();
-            bus.sent = 0;
-        } else if bus.sent > BUS_LOW {
-            bus.out.drain(..bus.sent);
-            bus.sent = 0;
-        }
-        if bus.out.len() - bus.sent < BUS_LOW && !self.paused.is_empty() {
+        bus.out.flush(&mut bus.stream)?;
+        if bus.out.backlog() < BUS_LOW && !self.paused.is_empty() {
             self.woken.append(&mut self.paused);
         }
         Ok(())
