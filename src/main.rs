@@ -199,10 +199,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     let addr = listener::local_addr(&socket).context("reading the bound address")?;
-    let udp = match (args.udp, inherited_udp) {
-        (true, Some(fd)) => Some(listener::adopt_udp(fd).context("the UDP socket handed over")?),
-        (true, None) => Some(listener::bind_udp(addr)?),
-        (false, _) => None,
+    // --udp: one socket, or (--balance reuseport) one per slot, bound before root is dropped.
+    let udp: Vec<socket2::Socket> = match (args.udp, inherited_udp.is_empty()) {
+        (false, _) => Vec::new(),
+        (true, false) => inherited_udp
+            .into_iter()
+            .map(|fd| listener::adopt_udp(fd).map(socket2::Socket::from))
+            .collect::<std::io::Result<_>>()
+            .context("the UDP socket handed over")?,
+        (true, true) if args.balance == Balance::Reuseport => {
+            balance::bind_group(addr, 0, base.workers as usize, true)?.0
+        }
+        (true, true) => vec![listener::bind_udp(addr)?.into()],
     };
     // Everything a root-run server creates is created for the serving user, in a directory
     // checked to be safe (runtime_files), and only then is root dropped.
@@ -284,11 +292,7 @@ fn run_mode(
     args: ServeArgs,
     settings: master::Settings,
     base: master::Settings,
-    (socket, more_slots, udp): (
-        socket2::Socket,
-        Vec<socket2::Socket>,
-        Option<std::net::UdpSocket>,
-    ),
+    (socket, more_slots, udp): (socket2::Socket, Vec<socket2::Socket>, Vec<socket2::Socket>),
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
@@ -338,7 +342,11 @@ fn run_mode(
                 base,
                 predecessor,
                 totals,
-                udp,
+                udp: match (udp.is_empty(), args.balance) {
+                    (true, _) => None,
+                    (false, Balance::Reuseport) => Some(Listeners::reuseport(udp, addr, 0)?),
+                    (false, Balance::Shared) => udp.into_iter().next().map(Listeners::shared),
+                },
             };
             let listeners = match args.balance {
                 Balance::Shared => Listeners::shared(socket),
@@ -371,7 +379,7 @@ fn run_mode(
         Mode::Thread => {
             let cfg = thread_mode::ThreadConfig {
                 acceptors: workers,
-                udp,
+                udp: udp.into_iter().next().map(std::net::UdpSocket::from),
                 base: single_process(),
             };
             let sockets = (control_server, metrics);

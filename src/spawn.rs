@@ -194,8 +194,8 @@ pub struct Handover {
     pub listener: RawFd,
     /// With `--balance reuseport`: the sockets of slots 1 and up, in order.
     pub slots: Vec<RawFd>,
-    /// The UDP socket, with `--udp`.
-    pub udp: Option<RawFd>,
+    /// With `--udp`: the UDP socket, or one per slot (`--balance reuseport`), in order.
+    pub udp: Vec<RawFd>,
     /// The control socket's listener: handed over by descriptor, never unlinked and rebound,
     /// so a successor that fails leaves the old master's control socket working.
     pub control: RawFd,
@@ -217,7 +217,6 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
         .skip(1)
         .map(|a| a.as_bytes().to_vec())
         .collect();
-    let udp = handover.udp.unwrap_or(-1);
     let metrics = handover.metrics.unwrap_or(-1);
     let env = ExecPlan::environment(
         &[
@@ -235,7 +234,7 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
         &[
             (ENV_LISTEN_FD, handover.listener.to_string()),
             (ENV_UPGRADE_FD, handover.ready.to_string()),
-            (ENV_UDP_FD, udp.to_string()),
+            (ENV_UDP_FD, slot_list(&handover.udp)),
             (ENV_CONTROL_FD, handover.control.to_string()),
             (ENV_METRICS_FD, metrics.to_string()),
             (ENV_TOTALS, handover.totals.clone()),
@@ -243,14 +242,9 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    let mut keep = vec![
-        handover.listener,
-        handover.ready,
-        udp,
-        handover.control,
-        metrics,
-    ];
+    let mut keep = vec![handover.listener, handover.ready, handover.control, metrics];
     keep.extend_from_slice(&handover.slots);
+    keep.extend_from_slice(&handover.udp);
     fork_child(Lineage::Successor, &mut keep, &[], shed, || {
         plan.exec();
         127
@@ -264,8 +258,8 @@ pub struct Inherited {
     pub listener: Option<std::os::fd::OwnedFd>,
     /// The pipe to write `ready` on.
     pub ready: Option<std::os::fd::OwnedFd>,
-    /// The UDP socket, if the server echoes UDP.
-    pub udp: Option<std::os::fd::OwnedFd>,
+    /// With `--udp`: the UDP socket, or one per slot (`--balance reuseport`), in slot order.
+    pub udp: Vec<std::os::fd::OwnedFd>,
     /// The control socket's listener.
     pub control: Option<std::os::fd::OwnedFd>,
     /// The metrics listener.
@@ -286,14 +280,8 @@ pub fn from_predecessor() -> Inherited {
         // before anything else could have taken the number.
         (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
     };
-    let inherited = Inherited {
-        listener: fd(ENV_LISTEN_FD),
-        ready: fd(ENV_UPGRADE_FD),
-        udp: fd(ENV_UDP_FD),
-        control: fd(ENV_CONTROL_FD),
-        metrics: fd(ENV_METRICS_FD),
-        totals: std::env::var(ENV_TOTALS).ok(),
-        slots: std::env::var(ENV_SLOT_FDS)
+    let fd_list = |name: &str| -> Vec<std::os::fd::OwnedFd> {
+        std::env::var(name)
             .unwrap_or_default()
             .split(',')
             .filter_map(|raw| {
@@ -301,7 +289,17 @@ pub fn from_predecessor() -> Inherited {
                 // SAFETY: as above: left open across exec for this process alone, wrapped once.
                 (raw > 2).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
             })
-            .collect(),
+            .collect()
+    };
+    let inherited = Inherited {
+        listener: fd(ENV_LISTEN_FD),
+        ready: fd(ENV_UPGRADE_FD),
+        // One number from a master that shared one UDP socket; a list from one per slot.
+        udp: fd_list(ENV_UDP_FD),
+        control: fd(ENV_CONTROL_FD),
+        metrics: fd(ENV_METRICS_FD),
+        totals: std::env::var(ENV_TOTALS).ok(),
+        slots: fd_list(ENV_SLOT_FDS),
     };
     // Read once: the variables must not reach this master's own workers or successor.
     for name in [

@@ -1,6 +1,6 @@
 //! `--balance`: one shared listening socket, or one SO_REUSEPORT socket per worker slot with
 //! connections steered evenly; either way the pool grows, shrinks, reloads and upgrades under
-//! churning load without refusing, resetting or cutting a connection.
+//! churning load without refusing, resetting or cutting a connection; `--udp` follows suit.
 
 mod common;
 
@@ -120,6 +120,7 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
     let mut server = Server::start(&[
         "--balance",
         "reuseport",
+        "--udp",
         "--config",
         config.to_str().unwrap(),
         "--pid-file",
@@ -153,6 +154,18 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
     let mut c = server.connect();
     echo(&mut c, b"served by the new master's slots\n");
     assert_eq!(common::children_of(new_pid).len(), 3);
+    // The UDP sockets went over too, one per slot, and each slot's worker answers.
+    assert_eq!(udp_queues(server.addr.port()).len(), 3);
+    let mut skip = 500;
+    for slot in 0..3 {
+        let c = udp_client_for(slot, 3, &mut skip);
+        c.send_to(b"udp after the upgrade", server.addr).unwrap();
+        let mut buf = [0u8; 32];
+        let (n, _) = c
+            .recv_from(&mut buf)
+            .expect("a UDP echo from the new master's slot");
+        assert_eq!(&buf[..n], b"udp after the upgrade");
+    }
 }
 
 #[test]
@@ -247,4 +260,107 @@ fn tftp_requests_spread_over_per_slot_udp_sockets_with_reuseport() {
         per_worker.iter().all(|&n| n > 0),
         "every slot's socket served: {per_worker:?}"
     );
+}
+
+/// The UDP sockets bound on `port` (one line of /proc/net/udp each): their receive queues.
+fn udp_queues(port: u16) -> Vec<u64> {
+    let suffix = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1).filter(|a| a.ends_with(&suffix))?;
+            let rx = f.get(4)?.split(':').nth(1)?;
+            u64::from_str_radix(rx, 16).ok()
+        })
+        .collect()
+}
+
+/// A UDP client on a local port the reuseport program steers to `slot` of `slots`.
+fn udp_client_for(slot: u16, slots: u16, skip: &mut u16) -> std::net::UdpSocket {
+    loop {
+        *skip += 1;
+        let port = 30_000 + (std::process::id() % 5_000) as u16 * 2 + *skip;
+        if (port >> 1) % slots != slot {
+            continue;
+        }
+        if let Ok(s) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            return s;
+        }
+    }
+}
+
+#[test]
+fn udp_echo_has_a_socket_per_slot_and_a_slot_scaled_away_answers_what_it_holds() {
+    let server = Server::start(&["--workers", "2", "--balance", "reuseport", "--udp"]);
+    let port = server.addr.port();
+    assert_eq!(udp_queues(port).len(), 2, "one UDP socket per slot");
+    let mut skip = 0;
+    // Datagrams steered to each slot are echoed by that slot's worker.
+    for slot in [0, 1, 0, 1] {
+        let c = udp_client_for(slot, 2, &mut skip);
+        c.send_to(b"ping", server.addr).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = c.recv_from(&mut buf).expect("an echo");
+        assert_eq!(&buf[..n], b"ping");
+    }
+    let mut per_worker = Vec::new();
+    assert!(wait_until(Duration::from_secs(30), || {
+        per_worker = server.stats()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["counters"]["datagrams_in"].as_u64().unwrap())
+            .collect();
+        per_worker == [2, 2]
+    }));
+    // Slot 1's worker stops; datagrams wait in its socket; the slot is scaled away: its
+    // worker, woken to drain, answers them before its socket goes.
+    let leaving = server.stats()["workers"][1]["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(leaving), Signal::SIGSTOP).unwrap();
+    // More than a worker answers in one loop turn (64), so some are still queued when it
+    // hears it must drain.
+    let waiting: Vec<std::net::UdpSocket> = (0..20)
+        .map(|i| {
+            let c = udp_client_for(1, 2, &mut skip);
+            for k in 0..10 {
+                c.send_to(format!("queued {i}.{k}").as_bytes(), server.addr)
+                    .unwrap();
+            }
+            c
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || udp_queues(port)
+            .iter()
+            .any(|&q| q > 0)),
+        "nothing waits in the stopped slot's socket: {:?}",
+        udp_queues(port)
+    );
+    assert!(server.ctl(&["scale", "1"]).status.success());
+    kill(Pid::from_raw(leaving), Signal::SIGCONT).unwrap();
+    for (i, c) in waiting.iter().enumerate() {
+        for k in 0..10 {
+            let mut buf = [0u8; 32];
+            let (n, _) = c
+                .recv_from(&mut buf)
+                .expect("the echo of a queued datagram");
+            assert_eq!(&buf[..n], format!("queued {i}.{k}").as_bytes());
+        }
+    }
+    assert!(wait_until(Duration::from_secs(30), || server
+        .workers()
+        .len()
+        == 1));
+    assert!(wait_until(Duration::from_secs(30), || udp_queues(port)
+        .len()
+        == 1));
+    let c = udp_client_for(1, 2, &mut skip);
+    c.send_to(b"after", server.addr).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = c.recv_from(&mut buf).expect("an echo after the scale");
+    assert_eq!(&buf[..n], b"after");
 }

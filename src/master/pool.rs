@@ -2,7 +2,6 @@
 //! reaping, and readiness.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
@@ -243,7 +242,10 @@ impl<S: System> Master<S> {
         cfg.id = id;
         cfg.generation = generation;
         let lp = &mut self.lp;
-        let udp = self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd);
+        let udp = match self.cfg.udp.as_mut() {
+            Some(u) => Some(u.for_slot(id)?),
+            None => None,
+        };
         let drain = cfg.drain();
         // In the child: drop the master's signal delivery, which unregisters its actions so
         // they cannot write into a descriptor number the worker reuses.
@@ -362,10 +364,7 @@ impl<S: System> Master<S> {
     /// abandoned), and closes the sockets of slots beyond the pool that no worker holds any
     /// more, highest first. A no-op for a shared listener.
     pub(super) fn update_balance(&mut self) {
-        let Some(listeners) = self.listener.as_mut() else {
-            return;
-        };
-        if listeners.balance() != Balance::Reuseport {
+        if self.listener.as_ref().map(|l| l.balance()) != Some(Balance::Reuseport) {
             return;
         }
         // A worker silent for three report intervals is likely stuck: new connections go to
@@ -393,9 +392,6 @@ impl<S: System> Master<S> {
         if slots.is_empty() {
             slots = (0..self.settings.workers.max(1)).collect();
         }
-        if let Err(e) = listeners.steer(&slots) {
-            protocol::warn!("cannot steer new connections to slots {slots:?}: {e}");
-        }
         let held = self.workers.iter().map(|(_, w)| w.id as usize + 1).max();
         let reloading = self.reload.as_ref().map(|r| r.settings.workers as usize);
         let keep = [held, reloading, Some(self.settings.workers as usize)]
@@ -403,7 +399,16 @@ impl<S: System> Master<S> {
             .flatten()
             .max()
             .unwrap_or(1);
-        listeners.close_from(keep);
+        // The UDP sockets (--udp) are steered and retired with the listeners, slot by slot.
+        for group in [self.listener.as_mut(), self.cfg.udp.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = group.steer(&slots) {
+                protocol::warn!("cannot steer new connections to slots {slots:?}: {e}");
+            }
+            group.close_from(keep);
+        }
     }
 
     pub(super) fn signal_all(&mut self, sig: Signal) {

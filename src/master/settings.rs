@@ -32,8 +32,9 @@ pub struct MasterConfig {
     /// Set when this master was started by a binary upgrade: it takes over the control
     /// socket's path and writes `ready` here once it serves.
     pub predecessor: Option<OwnedFd>,
-    /// The UDP socket every worker shares, with `--udp`.
-    pub udp: Option<std::net::UdpSocket>,
+    /// With `--udp`: the UDP socket every worker shares, or one per slot (`--balance
+    /// reuseport`), steered like the listeners.
+    pub udp: Option<crate::balance::Listeners>,
     /// Totals handed over by the master this one replaced (binary upgrade), so totals never
     /// go backward across an upgrade.
     pub totals: Counters,

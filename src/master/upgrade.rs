@@ -50,7 +50,7 @@ impl<S: System> Master<S> {
         let handover = Handover {
             listener: listeners[0],
             slots: listeners[1..].to_vec(),
-            udp: self.cfg.udp.as_ref().map(AsRawFd::as_raw_fd),
+            udp: self.cfg.udp.as_ref().map(|u| u.fds()).unwrap_or_default(),
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),

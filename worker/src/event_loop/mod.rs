@@ -65,6 +65,9 @@ const ACCEPT_BATCH: usize = 4;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a draining worker with a socket of its own goes on accepting from it.
 const OWN_SOCKET_LINGER: Duration = Duration::from_millis(300);
+/// Turns of datagrams a draining worker answers from its own UDP socket before letting go
+/// (a socket's receive queue holds far fewer than this many turns' worth).
+const OWN_UDP_DRAIN_TURNS: usize = 64;
 /// Longest the loop sleeps with nothing to do, so timers stay honest.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -367,6 +370,21 @@ impl<S: Service> Worker<S> {
         } else if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
             // Dropping closes only this process's copy; the others keep accepting.
+        }
+        let own_udp = self
+            .udp
+            .as_ref()
+            .is_some_and(|u| nix::sys::socket::getsockopt(u, sockopt::ReusePort).unwrap_or(false));
+        if own_udp {
+            // A UDP socket of this slot's own (--balance reuseport): the master has steered new
+            // datagrams elsewhere; answer what already waits in it, which nobody else could.
+            for _ in 0..OWN_UDP_DRAIN_TURNS {
+                self.udp_again = false;
+                self.serve_datagrams();
+                if !self.udp_again {
+                    break;
+                }
+            }
         }
         if let Some(mut udp) = self.udp.take() {
             let _ = self.poll.registry().deregister(&mut udp);
