@@ -311,6 +311,7 @@ fn run_mode(
     // from the worker settings, so exec'd workers do too).
     let echo = worker::echo::Echo {
         max_unsent: settings.worker.max_unsent,
+        watch_idle: settings.worker.idle().is_some(),
     };
     let tftp = || -> Result<worker::tftp::Tftp> {
         let w = &settings.worker;

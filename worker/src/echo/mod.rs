@@ -20,6 +20,9 @@ use crate::service::{DatagramAnswer, End, NoExchange, Service};
 pub struct Echo {
     /// Bytes a connection may have read but not yet echoed before reading from it stops.
     pub max_unsent: usize,
+    /// Whether idle connections are closed (`--idle-timeout`): only then does a session
+    /// read the clock as bytes move.
+    pub watch_idle: bool,
 }
 
 impl Service for Echo {
@@ -34,7 +37,7 @@ impl Service for Echo {
     fn room(&self, _bus: Option<std::os::unix::net::UnixStream>) {}
 
     fn session(&self, stream: mio::net::TcpStream, _: &mut (), _: usize) -> Connection {
-        Connection::new(stream, self.max_unsent)
+        Connection::new(stream, self.max_unsent, self.watch_idle)
     }
 
     fn serve_blocking(

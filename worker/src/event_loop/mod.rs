@@ -94,6 +94,7 @@ pub fn run(cfg: WorkerConfig) -> i32 {
         ServiceKind::Echo => {
             let echo = Echo {
                 max_unsent: cfg.max_unsent,
+                watch_idle: cfg.idle().is_some(),
             };
             serve_with(cfg, echo)
         }
