@@ -68,12 +68,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
-    /// The server's pid: report its CPU per delivery and memory (whole process tree).
-    #[arg(long, value_name = "PID")]
-    server_pid: Option<i32>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: cost::Reporting,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,7 +114,7 @@ fn main() {
     };
     match run(&args) {
         Ok(report) => {
-            if args.json {
+            if args.out.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).unwrap_or_default()
@@ -193,7 +189,7 @@ fn run(args: &Args) -> Result<Report> {
         .map(|_| std::net::TcpStream::connect(addr))
         .collect::<io::Result<Vec<_>>>()
         .context("connecting the never-readers")?;
-    let before = args.server_pid.map(cost::sample);
+    let before = args.out.server_pid.map(cost::sample);
     let started = Instant::now();
     shared.sending.store(true, Ordering::Release);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
@@ -208,7 +204,7 @@ fn run(args: &Args) -> Result<Report> {
     // Until the last line arrived everywhere (or the settle time ran out): a server that
     // falls behind is not credited with deliveries it made after the clock stopped.
     let seconds = started.elapsed().as_secs_f64();
-    let after = args.server_pid.map(cost::sample);
+    let after = args.out.server_pid.map(cost::sample);
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut total = Tally::default();
     for (tally, h) in results {

@@ -89,3 +89,15 @@ fn pss(proc: &Process) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The flags every load tool shares: whose cost to measure, and how to print the report.
+#[derive(Debug, clap::Args)]
+pub struct Reporting {
+    /// The server's pid: report its CPU per unit of work and its memory (PSS), over its whole
+    /// process tree.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<i32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

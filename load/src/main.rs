@@ -65,12 +65,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
-    /// The server's pid: report its CPU per round trip, context switches and PSS (whole tree).
-    #[arg(long, value_name = "PID")]
-    server_pid: Option<i32>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: cost::Reporting,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,7 +142,7 @@ fn main() {
     let args = Args::parse();
     match run(&args) {
         Ok(report) => {
-            if args.json {
+            if args.out.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
                 print!("{}", render(&report));
@@ -228,9 +224,9 @@ fn run(args: &Args) -> Result<Report> {
     drop(tx);
     barrier.wait();
     let start = Instant::now();
-    let server_before = args.server_pid.map(cost::sample);
+    let server_before = args.out.server_pid.map(cost::sample);
     let cpu_before = self_cpu();
-    let progress = std::io::stderr().is_terminal() && !args.json;
+    let progress = std::io::stderr().is_terminal() && !args.out.json;
     let mut outcomes = Vec::new();
     while outcomes.len() < threads as usize {
         match rx.recv_timeout(Duration::from_secs(1)) {
@@ -254,7 +250,7 @@ fn run(args: &Args) -> Result<Report> {
     }
     let client_cpu = self_cpu() - cpu_before;
     // Sample the server while it still holds every connection.
-    let server_after = args.server_pid.map(cost::sample);
+    let server_after = args.out.server_pid.map(cost::sample);
     shared.release.store(true, Ordering::SeqCst);
     for h in handles {
         let _ = h.join();
@@ -299,7 +295,7 @@ fn summarise(
     per_conn.sort_unstable();
     let round_trips: u64 = per_conn.iter().sum();
     let mb = |b: u64| b as f64 / elapsed.max(1e-9) / 1e6;
-    let server = match (args.server_pid, before, after) {
+    let server = match (args.out.server_pid, before, after) {
         (Some(pid), Some(b), Some(a)) => Some(ServerCost {
             pid,
             processes: a.processes,

@@ -50,12 +50,8 @@ struct Args {
     /// Seconds without a packet before the client retransmits (five times, then gives up).
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     timeout: f64,
-    /// The server's pid: report its CPU seconds per megabyte (whole process tree).
-    #[arg(long, value_name = "PID")]
-    server_pid: Option<i32>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: cost::Reporting,
 }
 
 /// What one thread saw.
@@ -246,7 +242,7 @@ fn run(args: Args) -> Result<bool> {
     let want = (original.len() as u64, fnv(FNV_START, &original));
     let args = Arc::new(args);
     let stop = Arc::new(AtomicBool::new(false));
-    let before = args.server_pid.map(cost::sample);
+    let before = args.out.server_pid.map(cost::sample);
     let started = Instant::now();
     let threads: Vec<_> = (0..args.concurrency)
         .map(|_| {
@@ -288,7 +284,7 @@ fn run(args: Args) -> Result<bool> {
         all.micros.extend(t.micros);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after = args.server_pid.map(cost::sample);
+    let after = args.out.server_pid.map(cost::sample);
     all.micros.sort_unstable();
     let mb = all.bytes as f64 / 1e6;
     let report = Report {
@@ -311,7 +307,7 @@ fn run(args: Args) -> Result<bool> {
             _ => None,
         },
     };
-    if args.json {
+    if args.out.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
