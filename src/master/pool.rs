@@ -257,9 +257,6 @@ impl<S: System> Master<S> {
             cfg,
             &mut || lp.drop_signals(),
         )?;
-        if let (Some(hub), Some(bus)) = (self.hub.as_mut(), spawned.bus) {
-            hub.join(self.lp.registry(), spawned.pid.as_raw() as u32, bus)?;
-        }
         spawned.channel.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(spawned.channel);
         let entry = self.workers.vacant_entry();
@@ -284,6 +281,13 @@ impl<S: System> Master<S> {
             heard: self.clock.now(),
         });
         self.by_pid.insert(spawned.pid, key);
+        if let (Some(hub), Some(bus)) = (self.hub.as_mut(), spawned.bus) {
+            // Tracked already: a worker left off the bus sees its end close, exits, and is
+            // replaced like any other that dies.
+            if let Err(e) = hub.join(self.lp.registry(), spawned.pid.as_raw() as u32, bus) {
+                protocol::log!("cannot link worker {id} to the bus: {e}");
+            }
+        }
         protocol::log!("spawned worker {id}/g{generation} (pid {})", spawned.pid);
         Ok(())
     }

@@ -24,8 +24,6 @@ use crate::service::Room;
 pub const BUS_HIGH: usize = 1 << 20;
 /// ... and below which they start again.
 pub const BUS_LOW: usize = 256 << 10;
-/// Reads from the bus per readiness before the clients get their turn.
-const BUS_READS: usize = 16;
 
 /// A local client.
 #[derive(Debug)]
@@ -245,18 +243,29 @@ impl LocalRoom {
     /// Reads what the bus brought and acts on it. `Err`: the bus is gone.
     fn on_bus(&mut self) -> io::Result<()> {
         self.flush_bus()?;
-        let Some(bus) = self.bus.as_mut() else {
-            return Ok(());
-        };
-        for _ in 0..BUS_READS {
+        // Until the socket is empty: it is edge-triggered, and the hub may send nothing more
+        // to announce what is left. Each read's frames are applied before the next read, so
+        // what is held stays one read's worth (the clients' queues have their own bound).
+        loop {
+            let Some(bus) = self.bus.as_mut() else {
+                return Ok(());
+            };
             match bus.stream.read(&mut self.buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => bus.decoder.push(&self.buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
+            self.apply_received()?;
         }
+    }
+
+    /// Acts on every whole frame the bus has brought.
+    fn apply_received(&mut self) -> io::Result<()> {
+        let Some(bus) = self.bus.as_mut() else {
+            return Ok(());
+        };
         // Frames are applied from a copy of the decoder, as applying one needs the room.
         let mut decoder = std::mem::take(&mut bus.decoder);
         let applied = (|| {
