@@ -7,7 +7,9 @@
 //! pass each UDP datagram to [`Service::answer_datagram`]. A datagram may begin an
 //! [`Exchange`]: a conversation on a socket of its own with its own timers (a TFTP transfer),
 //! which process mode drives in its event loop and the other modes in a thread or process of
-//! its own ([`crate::exchange::drive_blocking`]).
+//! its own ([`crate::exchange::drive_blocking`]). Connections that must meet (a chat) share a
+//! [`Room`] per worker, joined to the other workers' by a bus the engine provides when the
+//! service [needs one](Service::needs_bus).
 //!
 //! Adding a service: a module of its own (see `echo/`) implementing these traits, and a
 //! variant of [`ServiceKind`] that `--service NAME` selects. Nothing in the master changes.
