@@ -7,7 +7,7 @@
 //! member sees it. Each concurrency model supplies its floor:
 //! - process mode: [`room::LocalRoom`], the clients one worker holds, joined to the other
 //!   workers' by the bus through the master ([`protocol::bus`]);
-//! - thread mode: [`shared::SharedRoom`], one table every connection thread shares (the
+//! - thread mode: `shared::SharedRoom`, one table every connection thread shares (the
 //!   tutorial's design: a reader and a writer thread per client, no lock held while writing);
 //! - fork-per-conn: a `LocalRoom` of one client per child, on the bus through the parent.
 //!
