@@ -68,8 +68,23 @@ fn from<'a>(lines: &'a [String], sender: &str) -> Vec<&'a str> {
 
 #[test]
 fn clients_on_different_workers_see_each_others_lines_whole_and_in_order() {
-    for mode in MODES {
-        let server = start(mode, &["--workers", "3", "--balance", balance(mode)]);
+    // Exec'd workers too: they find their bus by the descriptor named on their command line.
+    let runs = MODES
+        .iter()
+        .map(|&m| (m, "fork"))
+        .chain([("process", "exec")]);
+    for (mode, spawn) in runs {
+        let server = start(
+            mode,
+            &[
+                "--workers",
+                "3",
+                "--balance",
+                balance(mode),
+                "--spawn",
+                spawn,
+            ],
+        );
         let mut c = three_clients(&server, mode);
         const N: usize = 50;
         for i in 0..N {
