@@ -90,6 +90,18 @@ pub enum End {
     Idle,
 }
 
+impl End {
+    /// How a failed blocking read ends a connection: the read timeout (`idle`) expiring is
+    /// `Idle`, anything but an interruption (`None`: read again) is `Error`.
+    pub fn after_read_error(e: &io::Error) -> Option<End> {
+        match e.kind() {
+            io::ErrorKind::Interrupted => None,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Some(End::Idle),
+            _ => Some(End::Error),
+        }
+    }
+}
+
 /// What to do with one datagram that arrived on the shared socket.
 #[derive(Debug)]
 pub enum DatagramAnswer<'a, X> {

@@ -6,7 +6,7 @@
 //! `--max-unsent` behind it is disconnected.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -221,16 +221,11 @@ fn read_loop(
                     return End::Eof;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return End::Idle;
+            Err(e) => {
+                if let Some(end) = End::after_read_error(&e) {
+                    return end;
+                }
             }
-            Err(_) => return End::Error,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Echo with blocking I/O, one connection per thread or process: the textbook loop.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
@@ -36,16 +36,11 @@ pub fn echo_blocking(
                 }
                 moved(n as u64, n as u64);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return End::Idle;
+            Err(e) => {
+                if let Some(end) = End::after_read_error(&e) {
+                    return end;
+                }
             }
-            Err(_) => return End::Error,
         }
     }
 }
