@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// evenly by the client's port.
     #[arg(long, value_enum, default_value_t = crate::balance::Balance::Shared)]
     pub balance: crate::balance::Balance,
+    /// How process-mode workers move bytes: epoll (readiness, a read and a write system call
+    /// per round trip) or uring (io_uring completions, one system call per loop turn; echo
+    /// only, Linux 6.1 or later).
+    #[arg(long, value_enum, default_value_t = worker::config::IoDriver::Epoll)]
+    pub io: worker::config::IoDriver,
     /// Listen backlog: connections the kernel queues before one is accepted.
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(i32).range(1..))]
@@ -288,6 +293,14 @@ pub fn validate(args: &ServeArgs) -> Result<(), clap::Error> {
     if args.service == ServiceKind::Chat && args.udp {
         return conflict("--udp is for --service echo: chat is lines over TCP");
     }
+    if args.io == worker::config::IoDriver::Uring {
+        if args.mode != Mode::Process {
+            return conflict("--io uring is for --mode process (the workers' event loops)");
+        }
+        if !args.service.echoes_verbatim() {
+            return conflict("--io uring serves --service echo only");
+        }
+    }
     if args.balance == crate::balance::Balance::Reuseport && args.mode != Mode::Process {
         return conflict("--balance reuseport is for --mode process (one socket per worker slot)");
     }
@@ -328,6 +341,8 @@ mod tests {
             &["prefork-echo", "--listen", "nonsense"][..],
             &["prefork-echo", "--listen", "127.0.0.1"],
             &["prefork-echo", "--mode", "fork-per-conn", "--udp"],
+            &["prefork-echo", "--mode", "thread", "--io", "uring"],
+            &["prefork-echo", "--service", "chat", "--io", "uring"],
         ] {
             let cli = Cli::try_parse_from(bad).unwrap();
             let err = validate(&cli.serve).unwrap_err();

@@ -130,6 +130,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_conns: args.max_conns,
             idle_timeout: args.idle_timeout,
             service: args.service,
+            io: args.io,
             proxy_protocol: args.proxy_protocol,
             proxy_from: args.proxy_from.clone(),
             proxy_timeout: args.proxy_timeout,
@@ -140,6 +141,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
+    if args.io == worker::config::IoDriver::Uring {
+        // Refused here, in one line, rather than by every worker failing to boot.
+        worker::event_loop::probe_uring()
+            .context("--io uring: this kernel or sandbox refuses io_uring; use --io epoll")?;
+    }
     let workers = settings.workers;
     let nofile = raise_nofile_limit();
     if u64::from(workers) + master::MASTER_FDS > nofile {

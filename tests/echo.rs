@@ -14,8 +14,10 @@ const CONNECTIONS: usize = 200;
 const MAX_PAYLOAD: usize = 4 << 20;
 
 /// 200 concurrent connections, payloads from 1 byte to 4 MiB (log-uniform), each written in
-/// random chunks while the echo is read concurrently.
-fn random_payloads_over_concurrent_connections(addr: SocketAddr, seed: u64) {
+/// random chunks while the echo is read concurrently. Returns the bytes sent in all.
+fn random_payloads_over_concurrent_connections(addr: SocketAddr, seed: u64) -> u64 {
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let total = &total;
     thread::scope(|scope| {
         for conn in 0..CONNECTIONS {
             scope.spawn(move || {
@@ -30,6 +32,7 @@ fn random_payloads_over_concurrent_connections(addr: SocketAddr, seed: u64) {
                     }
                 };
                 let payload = rng.bytes(size);
+                total.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
                 let stream = client(addr);
                 let mut reader = stream.try_clone().unwrap();
                 let expected = payload.clone();
@@ -51,6 +54,7 @@ fn random_payloads_over_concurrent_connections(addr: SocketAddr, seed: u64) {
             });
         }
     });
+    total.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[test]
@@ -58,6 +62,39 @@ fn process_mode_fork_echoes_random_payloads() {
     let server = Server::start(&["--workers", "4", "--spawn", "fork"]);
     random_payloads_over_concurrent_connections(server.addr, 1);
     assert_eq!(server.workers().len(), 4, "no worker died on the way");
+}
+
+#[test]
+fn process_mode_on_io_uring_echoes_random_payloads_and_counts_every_byte() {
+    if !common::memory::uring_or_skip("random payloads on --io uring") {
+        return;
+    }
+    let server = Server::start(&["--workers", "4", "--io", "uring", "--stats-interval", "0.2"]);
+    // Each worker really waits in a ring (and the master, which serves no connection, not).
+    for w in server.workers() {
+        assert!(
+            common::memory::holds_io_uring(w),
+            "worker {w} has no io_uring"
+        );
+    }
+    assert!(!common::memory::holds_io_uring(server.pid));
+    let sent = random_payloads_over_concurrent_connections(server.addr, 500);
+    assert_eq!(server.workers().len(), 4, "no worker died on the way");
+    // Every byte in came back out, every connection was accepted and is closed again.
+    let mut last = serde_json::Value::Null;
+    let settled = common::wait_until(std::time::Duration::from_secs(10), || {
+        last = server.stats();
+        let t = &last["totals"];
+        t["bytes_in"].as_u64() == Some(sent)
+            && t["bytes_out"].as_u64() == Some(sent)
+            && t["accepted"].as_u64() == Some(CONNECTIONS as u64)
+            && t["active"].as_u64() == Some(0)
+            && t["io_errors"].as_u64() == Some(0)
+    });
+    assert!(
+        settled,
+        "sent {sent} bytes over {CONNECTIONS} connections; stats say {last}"
+    );
 }
 
 #[test]
@@ -91,7 +128,12 @@ fn half_close_gets_the_whole_echo_then_eof_in_every_mode() {
         &["--spawn", "exec"],
         &["--mode", "thread"],
         &["--mode", "fork-per-conn"],
+        &["--io", "uring"],
+        &["--io", "uring", "--spawn", "exec"],
     ] {
+        if args.contains(&"uring") && !common::memory::uring_or_skip("half-close on --io uring") {
+            continue;
+        }
         let server = Server::start(&[&["--workers", "2"][..], args].concat());
         // Larger than the per-connection bound and the socket buffers, so the server must
         // keep what it owes across the half-close.

@@ -32,7 +32,11 @@ fn connections_beyond_max_conns_are_reset_promptly_and_counted() {
         &["--workers", "1"][..],
         &["--workers", "2", "--mode", "thread"],
         &["--mode", "fork-per-conn"],
+        &["--workers", "1", "--io", "uring"],
     ] {
+        if args.contains(&"uring") && !common::memory::uring_or_skip("--max-conns on --io uring") {
+            continue;
+        }
         let server =
             Server::start(&[args, &["--max-conns", "10", "--stats-interval", "0.1"]].concat());
         let mut held: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
@@ -73,7 +77,12 @@ fn idle_connections_are_closed_and_busy_ones_kept() {
         &["--workers", "1"][..],
         &["--mode", "thread"],
         &["--mode", "fork-per-conn"],
+        &["--workers", "1", "--io", "uring"],
     ] {
+        if args.contains(&"uring") && !common::memory::uring_or_skip("--idle-timeout on --io uring")
+        {
+            continue;
+        }
         let server =
             Server::start(&[args, &["--idle-timeout", "0.5", "--stats-interval", "0.1"]].concat());
         let mut idle = server.connect();
@@ -239,27 +248,26 @@ fn slow_loris_clients_do_not_starve_the_others() {
     assert_eq!(b[0], 0);
 }
 
-/// Private memory (PSS) of a process, in bytes.
-fn pss(pid: i32) -> u64 {
-    procfs::process::Process::new(pid)
-        .and_then(|p| p.smaps_rollup())
-        .ok()
-        .and_then(|r| {
-            r.memory_map_rollup
-                .iter()
-                .find_map(|m| m.extension.map.get("Pss").copied())
-        })
-        .unwrap_or(0)
+#[test]
+fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
+    never_readers_cannot_grow_a_worker_past_its_bound(&[]);
 }
 
 #[test]
-fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
+fn clients_that_never_read_cannot_grow_a_uring_worker_past_its_bound() {
+    if common::memory::uring_or_skip("never-readers on --io uring") {
+        never_readers_cannot_grow_a_worker_past_its_bound(&["--io", "uring"]);
+    }
+}
+
+fn never_readers_cannot_grow_a_worker_past_its_bound(extra: &[&str]) {
     const FLOODERS: usize = 1000;
     const BOUND: u64 = 16 * 1024;
     common::raise_nofile();
-    let server = Server::start(&["--workers", "1", "--max-unsent", &BOUND.to_string()]);
+    let bound = BOUND.to_string();
+    let server = Server::start(&[&["--workers", "1", "--max-unsent", &bound][..], extra].concat());
     let worker = server.workers()[0];
-    let base = pss(worker);
+    let base = common::memory::pss(worker);
     let mut flooders = Vec::new();
     for _ in 0..FLOODERS {
         let s = server.connect();
@@ -273,10 +281,10 @@ fn clients_that_never_read_cannot_grow_a_worker_past_its_bound() {
             let _ = s.write(&chunk);
         }
     }
-    let grown = pss(worker).saturating_sub(base);
+    let grown = common::memory::pss(worker).saturating_sub(base);
     assert!(
         grown <= BOUND * FLOODERS as u64 * 3 / 2 + (8 << 20),
-        "the worker grew {grown} bytes for {FLOODERS} flooders (bound {BOUND} each)"
+        "the worker grew {grown} bytes for {FLOODERS} flooders (bound {BOUND} each) {extra:?}"
     );
     // And a client that does read is still answered at once.
     let t = Instant::now();

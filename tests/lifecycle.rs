@@ -132,6 +132,16 @@ fn sigint_drains_open_connections_in_exec_spawned_process_mode() {
 }
 
 #[test]
+fn sigterm_drains_open_connections_on_io_uring() {
+    if common::memory::uring_or_skip("graceful stop on --io uring") {
+        graceful_stop_lets_conversations_finish(
+            &["--workers", "2", "--io", "uring"],
+            Signal::SIGTERM,
+        );
+    }
+}
+
+#[test]
 fn sigterm_drains_open_connections_in_thread_mode() {
     graceful_stop_lets_conversations_finish(
         &["--workers", "2", "--mode", "thread"],
@@ -169,6 +179,13 @@ fn sigterm_drains_open_connections_in_fork_per_connection_mode() {
 #[test]
 fn a_second_sigterm_stops_at_once() {
     stops_at_once(&["--workers", "2"], Some(Signal::SIGTERM), Signal::SIGTERM);
+    if common::memory::uring_or_skip("a second SIGTERM on --io uring") {
+        stops_at_once(
+            &["--workers", "2", "--io", "uring"],
+            Some(Signal::SIGTERM),
+            Signal::SIGTERM,
+        );
+    }
     stops_at_once(
         &["--workers", "2", "--mode", "thread"],
         Some(Signal::SIGTERM),
@@ -179,6 +196,9 @@ fn a_second_sigterm_stops_at_once() {
 #[test]
 fn sigquit_stops_at_once() {
     stops_at_once(&["--workers", "2"], None, Signal::SIGQUIT);
+    if common::memory::uring_or_skip("SIGQUIT on --io uring") {
+        stops_at_once(&["--workers", "2", "--io", "uring"], None, Signal::SIGQUIT);
+    }
     stops_at_once(
         &["--workers", "2", "--mode", "thread"],
         None,

@@ -22,15 +22,21 @@ fn generation(server: &Server) -> u64 {
     server.stats()["generation"].as_u64().unwrap()
 }
 
-fn ten_reloads_under_load_drop_nothing(spawn: &str) {
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--spawn",
-        spawn,
-        "--stats-interval",
-        "0.2",
-    ]);
+fn ten_reloads_under_load_drop_nothing(spawn: &str, extra: &[&str]) {
+    let server = Server::start(
+        &[
+            &[
+                "--workers",
+                "2",
+                "--spawn",
+                spawn,
+                "--stats-interval",
+                "0.2",
+            ][..],
+            extra,
+        ]
+        .concat(),
+    );
     let load = churning_load(&server, "200", "6");
     std::thread::sleep(Duration::from_millis(500));
     for i in 0..10 {
@@ -64,12 +70,19 @@ fn ten_reloads_under_load_drop_nothing(spawn: &str) {
 
 #[test]
 fn ten_reloads_under_load_drop_nothing_with_fork() {
-    ten_reloads_under_load_drop_nothing("fork");
+    ten_reloads_under_load_drop_nothing("fork", &[]);
+}
+
+#[test]
+fn ten_reloads_under_load_drop_nothing_on_io_uring() {
+    if common::memory::uring_or_skip("reloads on --io uring") {
+        ten_reloads_under_load_drop_nothing("fork", &["--io", "uring"]);
+    }
 }
 
 #[test]
 fn ten_reloads_under_load_drop_nothing_with_exec() {
-    ten_reloads_under_load_drop_nothing("exec");
+    ten_reloads_under_load_drop_nothing("exec", &[]);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 
 pub mod chat;
 pub mod churn;
+pub mod memory;
 mod rng;
 pub mod tftp;
 

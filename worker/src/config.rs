@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     /// What the worker speaks.
     #[arg(long, value_enum, default_value_t = ServiceKind::Echo)]
     pub service: ServiceKind,
+    /// How connections' bytes move: readiness (epoll) or completions (io_uring).
+    #[arg(long, value_enum, default_value_t = IoDriver::Epoll)]
+    pub io: IoDriver,
     /// Expect a PROXY protocol header (v1 or v2) before each connection's data.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub proxy_protocol: bool,
@@ -70,6 +73,27 @@ pub struct WorkerConfig {
     pub tftp_max_file: u64,
 }
 
+/// How a process-mode worker moves its connections' bytes (`--io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    /// Edge-triggered epoll: a read and a write system call per round trip.
+    #[default]
+    Epoll,
+    /// io_uring (Linux 6.1 or later, echo only): every receive and send an entry in a ring,
+    /// one system call per loop turn for all of them.
+    Uring,
+}
+
+impl IoDriver {
+    /// Its `--io` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoDriver::Epoll => "epoll",
+            IoDriver::Uring => "uring",
+        }
+    }
+}
+
 /// Who may send a PROXY header unless `--proxy-from` says otherwise: this host only.
 pub const DEFAULT_PROXY_FROM: &str = "127.0.0.0/8,::1";
 
@@ -89,6 +113,7 @@ impl WorkerConfig {
             ("--max-conns", self.max_conns.to_string()),
             ("--idle-timeout", self.idle_timeout.to_string()),
             ("--service", self.service.name().to_string()),
+            ("--io", self.io.name().to_string()),
             ("--proxy-protocol", self.proxy_protocol.to_string()),
             ("--proxy-from", self.proxy_from.clone()),
             ("--proxy-timeout", self.proxy_timeout.to_string()),
@@ -158,6 +183,7 @@ mod tests {
             max_conns: 10,
             idle_timeout: 2.5,
             service: ServiceKind::Echo,
+            io: IoDriver::Uring,
             proxy_protocol: true,
             proxy_from: "10.0.0.0/8".into(),
             proxy_timeout: 2.0,

@@ -66,6 +66,13 @@ impl ServiceKind {
     pub fn needs_bus(self) -> bool {
         self == ServiceKind::Chat
     }
+
+    /// Whether it answers every byte with itself, in order (echo): only such a service can
+    /// be served on io_uring's completion path (`--io uring`), a received buffer going back
+    /// out as it came.
+    pub fn echoes_verbatim(self) -> bool {
+        self == ServiceKind::Echo
+    }
 }
 
 /// How a call to [`Session::drive`] left the connection.

@@ -173,6 +173,7 @@ fn settings(workers: u32) -> Settings {
             max_conns: 0,
             idle_timeout: 0.0,
             service: worker::service::ServiceKind::Echo,
+            io: worker::config::IoDriver::Epoll,
             proxy_protocol: false,
             proxy_from: worker::config::DEFAULT_PROXY_FROM.into(),
             proxy_timeout: 5.0,

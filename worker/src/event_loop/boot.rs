@@ -17,8 +17,9 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use thiserror::Error;
 
+use super::ring::Ring;
 use super::{BUS, HANDLED_SIGNALS, LISTENER, MASTER, Phase, SCRATCH, SIGNALS, UDP, Worker};
-use crate::config::WorkerConfig;
+use crate::config::{IoDriver, WorkerConfig};
 use crate::service::{Room, Service, Transport};
 
 /// Why a worker could not start.
@@ -139,6 +140,10 @@ impl<S: Service> Worker<S> {
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
             .map_err(|e| io_ctx("unblocking signals")(e.into()))?;
 
+        let ring = (cfg.io == IoDriver::Uring && cfg.service.echoes_verbatim())
+            .then(|| Ring::new(poll.as_raw_fd(), cfg.max_unsent, cfg.idle().is_some()))
+            .transpose()
+            .map_err(io_ctx("setting up io_uring (--io uring)"))?;
         let next_report = cfg.stats_every().map(|d| Instant::now() + d);
         let proxy = cfg.proxy();
         let mut worker = Worker {
@@ -167,6 +172,8 @@ impl<S: Service> Worker<S> {
             exchanges: Slab::new(),
             room,
             woken: Vec::new(),
+            ring,
+            epoll_again: false,
         };
         worker.next_idle_sweep = worker.idle_sweep_every().map(|d| Instant::now() + d);
         worker

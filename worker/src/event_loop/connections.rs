@@ -43,6 +43,9 @@ impl<S: Service> Worker<S> {
 
     pub(super) fn close_idle(&mut self, now: Instant) {
         let Some(limit) = self.cfg.idle() else { return };
+        if let Some(ring) = self.ring.as_mut() {
+            ring.close_idle(now, limit, &mut self.counters);
+        }
         let idle: Vec<usize> = self
             .conns
             .iter()
@@ -57,7 +60,7 @@ impl<S: Service> Worker<S> {
 
     pub(super) fn add_connection(&mut self, stream: TcpStream) {
         self.counters.accepted += 1;
-        if self.cfg.max_conns > 0 && self.conns.len() as u64 >= self.cfg.max_conns {
+        if self.cfg.max_conns > 0 && self.open_connections() as u64 >= self.cfg.max_conns {
             // At the limit: reset at once (SO_LINGER 0 makes close send RST), so the client
             // learns promptly instead of waiting in the backlog for a slot.
             let _ = nix::sys::socket::setsockopt(
@@ -82,6 +85,10 @@ impl<S: Service> Worker<S> {
 
     /// Makes an accepted connection (its PROXY header, if any, consumed) a service session.
     pub(super) fn start_session(&mut self, mut stream: TcpStream) {
+        if let Some(ring) = self.ring.as_mut() {
+            ring.adopt(stream, &mut self.counters);
+            return;
+        }
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key() + FIRST_CONN);
         if let Err(e) = self.poll.registry().register(

@@ -10,6 +10,7 @@ mod boot;
 mod connections;
 mod datagrams;
 mod proxied;
+mod ring;
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -54,6 +55,8 @@ const WOKEN_ROUNDS: usize = 3;
 /// Datagrams echoed per loop turn before the connections get their turn again.
 const DATAGRAMS_PER_TURN: usize = 64;
 
+/// Events taken from epoll per wait.
+const EVENTS: usize = 1024;
 /// Size of the one read buffer all connections share.
 const SCRATCH: usize = 64 * 1024;
 /// Connections accepted per loop turn. All workers wait on the one listener and the first
@@ -86,6 +89,11 @@ enum Stop {
     Drained,
     DrainTimeout,
     Now(&'static str),
+}
+
+/// Whether this kernel lets `--io uring` run; the error says why not.
+pub fn probe_uring() -> io::Result<()> {
+    ring::probe()
 }
 
 /// Runs a worker until it is told to stop; returns the process exit code.
@@ -169,20 +177,29 @@ struct Worker<S: Service> {
     proxy: Option<crate::proxy::ProxyRule>,
     /// Connections still owing their PROXY header.
     pending: Slab<proxied::Pending>,
+
+    /// `--io uring`: the ring the loop waits in, and the connections on it.
+    ring: Option<ring::Ring>,
+    /// The last epoll wait filled the events buffer: more may be ready.
+    epoll_again: bool,
 }
 
 impl<S: Service> Worker<S> {
     fn serve(&mut self) -> Stop {
-        let mut events = Events::with_capacity(1024);
+        let mut events = Events::with_capacity(EVENTS);
         loop {
-            let timeout = if self.again.is_empty() && !self.accept_again && !self.udp_again {
+            let timeout = if self.again.is_empty()
+                && !self.accept_again
+                && !self.udp_again
+                && !self.epoll_again
+            {
                 self.next_timer()
                     .map(|t| t.saturating_duration_since(Instant::now()))
                     .map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
             } else {
                 Duration::ZERO
             };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            if let Err(e) = self.wait(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     protocol::log!("event loop failed: {e}");
                     return Stop::Now("event loop failure");
@@ -230,6 +247,26 @@ impl<S: Service> Worker<S> {
                 return stop;
             }
         }
+    }
+
+    /// Waits up to `timeout` for events: in epoll, or with `--io uring` in the ring (which
+    /// serves the connections on it as it goes, and says when epoll has events).
+    fn wait(&mut self, events: &mut Events, timeout: Duration) -> io::Result<()> {
+        let Some(ring) = self.ring.as_mut() else {
+            return self.poll.poll(events, Some(timeout));
+        };
+        if ring.turn(timeout, &mut self.counters)? || self.epoll_again {
+            self.poll.poll(events, Some(Duration::ZERO))?;
+            self.epoll_again = events.iter().count() >= EVENTS;
+        } else {
+            events.clear();
+        }
+        Ok(())
+    }
+
+    /// Connections this worker holds, on epoll or on the ring.
+    fn open_connections(&self) -> usize {
+        self.conns.len() + self.ring.as_ref().map_or(0, |r| r.len())
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -288,7 +325,7 @@ impl<S: Service> Worker<S> {
         }
         match self.phase {
             Phase::Draining { .. }
-                if self.conns.is_empty()
+                if self.open_connections() == 0
                     && self.exchanges.is_empty()
                     && self.listener.is_none() =>
             {
@@ -397,7 +434,7 @@ impl<S: Service> Worker<S> {
         let _ = self.reporter.send(&Message::Draining);
         protocol::log!(
             "draining {} connection(s), at most {:?}",
-            self.conns.len(),
+            self.open_connections(),
             self.cfg.drain()
         );
     }
@@ -418,14 +455,17 @@ impl<S: Service> Worker<S> {
 
     fn finish(mut self, stop: Stop) -> i32 {
         if matches!(stop, Stop::DrainTimeout | Stop::Now(_)) {
-            self.counters.closed_by_limit += self.conns.len() as u64;
+            self.counters.closed_by_limit += self.open_connections() as u64;
         }
         let keys: Vec<usize> = self.exchanges.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.exchange_step(key, |x, c, _| x.abort(Abort::Stopping, c));
         }
-        let open = self.conns.len();
+        let open = self.open_connections();
         self.conns.clear();
+        if let Some(ring) = self.ring.as_mut() {
+            ring.close_all(&mut self.counters);
+        }
         // Their leave notices, if the bus takes them now.
         let _ = self.room.settle(&mut self.counters);
         self.counters.active = 0;

@@ -1,0 +1,38 @@
+//! What the machine allows and what a process costs: io_uring, memory.
+
+/// Private memory (PSS) of a process, in bytes; 0 when it cannot be read.
+pub fn pss(pid: i32) -> u64 {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.smaps_rollup())
+        .ok()
+        .and_then(|r| {
+            r.memory_map_rollup
+                .iter()
+                .find_map(|m| m.extension.map.get("Pss").copied())
+        })
+        .unwrap_or(0)
+}
+
+/// Whether this kernel lets the server use `--io uring`; when not, says so (the test that
+/// asked is skipped, visibly) and returns false.
+pub fn uring_or_skip(what: &str) -> bool {
+    match worker::event_loop::probe_uring() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {what}: this kernel or sandbox refuses io_uring ({e})");
+            false
+        }
+    }
+}
+
+/// Whether process `pid` holds an io_uring instance (a descriptor on `anon_inode:[io_uring]`).
+pub fn holds_io_uring(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten().any(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|target| target.to_string_lossy().contains("io_uring"))
+            })
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,111 @@
+//! `--io uring` where it differs from epoll: what idle connections cost (a receive waits with
+//! no buffer of its own), and connections the worker must close itself while the kernel still
+//! holds an operation of theirs (the drain deadline). The rest of its behaviour is tested beside
+//! epoll's, in the same tests: echo and counters (echo.rs), half-close, limits and never-readers
+//! (hardening.rs), graceful and immediate stops (lifecycle.rs), reloads under churn (reload.rs),
+//! the PROXY header (proxy.rs). A kernel that refuses io_uring is said so in the output.
+
+mod common;
+
+use std::io::Read;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use common::{Rng, Server, echo, echo_to_eof, wait_until};
+
+/// The budget for ten thousand idle connections.
+const IDLE_BUDGET: u64 = 40 << 20;
+
+#[test]
+fn ten_thousand_idle_connections_on_the_ring_cost_no_buffers() {
+    const IDLE: usize = 10_000;
+    if !common::memory::uring_or_skip("idle connections on --io uring") {
+        return;
+    }
+    if common::raise_nofile() < IDLE as u64 + 500 {
+        eprintln!("SKIPPED: descriptor limit too low for {IDLE} client sockets");
+        return;
+    }
+    let server = Server::start(&["--workers", "1", "--io", "uring", "--stats-interval", "0.2"]);
+    let worker = server.workers()[0];
+    assert!(common::memory::holds_io_uring(worker));
+    let mut idle = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let mut s = server.connect();
+        // Each one really served: its receive took a buffer and gave it back.
+        echo(&mut s, &(i as u32).to_le_bytes());
+        idle.push(s);
+    }
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            || server.stats()["totals"]["active"].as_u64() == Some(IDLE as u64)
+        ),
+        "{}",
+        server.stats()
+    );
+    let pss = common::memory::pss(worker);
+    eprintln!(
+        "worker PSS with {IDLE} idle connections on the ring: {} KiB",
+        pss >> 10
+    );
+    assert!(
+        pss <= IDLE_BUDGET,
+        "{pss} bytes for {IDLE} idle connections"
+    );
+    // A busy newcomer is served while they all wait, and any of them still answers.
+    echo_to_eof(server.connect(), &Rng::new(11).bytes(1 << 20));
+    echo(&mut idle[IDLE / 2], b"still here");
+}
+
+#[test]
+fn the_drain_deadline_closes_connections_the_kernel_is_waiting_on() {
+    if !common::memory::uring_or_skip("drain deadline on --io uring") {
+        return;
+    }
+    let mut server = Server::start(&["--workers", "1", "--io", "uring", "--drain-timeout", "1"]);
+    let mut held = server.connect();
+    echo(&mut held, b"then silence");
+    // A second one in mid-conversation: a megabyte it is not reading back, so the worker
+    // has a send in flight for it too, not only a receive.
+    let mut stalled = server.connect();
+    let big = Rng::new(5).bytes(4 << 20);
+    let mut writer = stalled.try_clone().unwrap();
+    let pusher = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut writer, &big);
+    });
+    let t0 = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.stderr()
+    );
+    eprintln!("exited {:?} after SIGTERM with a 1 s drain", t0.elapsed());
+    // Both were closed by the worker at its deadline: end of stream (or a reset) for each.
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        matches!(held.read(&mut b), Ok(0) | Err(_)),
+        "the held connection outlived the worker"
+    );
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    let _ = stalled.shutdown(Shutdown::Both);
+    pusher.join().unwrap();
+    assert!(
+        rest.len() < 4 << 20,
+        "the stalled client got its whole echo from a worker that was told to stop"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || server.workers().is_empty()),
+        "a worker outlived its master"
+    );
+}
