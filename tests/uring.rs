@@ -15,6 +15,8 @@ use nix::sys::signal::Signal;
 
 use common::{Rng, Server, echo, echo_to_eof, wait_until};
 
+/// What the stalled client of the drain test sends: far more than socket buffers hold.
+const BIG: usize = 32 << 20;
 /// The budget for ten thousand idle connections.
 const IDLE_BUDGET: u64 = 40 << 20;
 
@@ -65,17 +67,38 @@ fn the_drain_deadline_closes_connections_the_kernel_is_waiting_on() {
     if !common::memory::uring_or_skip("drain deadline on --io uring") {
         return;
     }
-    let mut server = Server::start(&["--workers", "1", "--io", "uring", "--drain-timeout", "1"]);
+    let mut server = Server::start(&[
+        "--workers",
+        "1",
+        "--io",
+        "uring",
+        "--drain-timeout",
+        "1",
+        "--stats-interval",
+        "0.1",
+    ]);
     let mut held = server.connect();
     echo(&mut held, b"then silence");
-    // A second one in mid-conversation: a megabyte it is not reading back, so the worker
-    // has a send in flight for it too, not only a receive.
-    let mut stalled = server.connect();
-    let big = Rng::new(5).bytes(4 << 20);
+    // A second one in mid-conversation that does not read its echo, with a small receive
+    // buffer: more than the kernel's buffers on both sides hold, so the worker has a send
+    // blocked in flight for it at the deadline, not only a receive.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.connect(&server.addr.into()).unwrap();
+    let mut stalled: std::net::TcpStream = sock.into();
+    let big = Rng::new(5).bytes(BIG);
     let mut writer = stalled.try_clone().unwrap();
     let pusher = std::thread::spawn(move || {
         let _ = std::io::Write::write_all(&mut writer, &big);
     });
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            server.stats()["totals"]["bytes_in"]
+                .as_u64()
+                .is_some_and(|n| n >= 1 << 20)
+        }),
+        "the worker never received the stalled client's bytes"
+    );
     let t0 = Instant::now();
     server.signal(Signal::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(30));
@@ -101,7 +124,7 @@ fn the_drain_deadline_closes_connections_the_kernel_is_waiting_on() {
     let _ = stalled.shutdown(Shutdown::Both);
     pusher.join().unwrap();
     assert!(
-        rest.len() < 4 << 20,
+        rest.len() < BIG,
         "the stalled client got its whole echo from a worker that was told to stop"
     );
     assert!(
