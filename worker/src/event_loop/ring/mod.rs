@@ -32,8 +32,6 @@ const ENTRIES: u32 = 4096;
 /// (see [`Ring::turn`]).
 const BATCH: usize = 8;
 const BATCH_WAIT: Duration = Duration::from_micros(50);
-/// How long connections count as active after receiving data, for sizing batches.
-const WINDOW: Duration = Duration::from_millis(10);
 /// Longest `close_all` waits for the kernel to let go of what is in flight.
 const LETTING_GO: Duration = Duration::from_millis(200);
 
@@ -58,8 +56,6 @@ struct Conn {
     last_active: Instant,
     /// We closed it (idle, stop): its pending operation ends, then the socket goes.
     closing: bool,
-    /// The last window in which it received data (see `Ring::turn`).
-    window: u32,
 }
 
 /// A worker's io_uring and the connections on it. The ring is declared before the buffers
@@ -77,13 +73,8 @@ pub(super) struct Ring {
     recv_len: u32,
     watch_idle: bool,
     completions: Vec<(u64, i32, u32)>,
-    /// Connections that received data in the current window, and in the last whole one.
-    active_now: usize,
-    active_last: usize,
-    window: u32,
-    window_start: Instant,
-    /// Sends queued since the last turn (they mostly complete as they are submitted).
-    sends_queued: usize,
+    /// Completions the last turn handled.
+    last_batch: usize,
 }
 
 /// Whether this kernel lets the process use io_uring as `--io uring` does (ring flags,
@@ -124,11 +115,7 @@ impl Ring {
             recv_len: max_unsent.clamp(1, buffers::LEN) as u32,
             watch_idle,
             completions: Vec::with_capacity(ENTRIES as usize),
-            active_now: 0,
-            active_last: 0,
-            window: 0,
-            window_start: Instant::now(),
-            sends_queued: 0,
+            last_batch: 0,
         };
         ring.watch_epoll();
         ring.turn(Duration::ZERO, &mut Counters::default())?;
@@ -154,7 +141,6 @@ impl Ring {
             op: Op::Recv,
             last_active: Instant::now(),
             closing: false,
-            window: self.window.wrapping_sub(1),
         });
         counters.active += 1;
         self.recv(key);
@@ -163,27 +149,14 @@ impl Ring {
     /// Submits what is queued and waits up to `timeout` for at least one completion, then
     /// handles every completion there is; `true` when the epoll instance has events.
     ///
-    /// With many connections at work (received data in the last [`WINDOW`]), a turn waits for
-    /// a quarter as many receives (up to [`BATCH`]) besides the sends it submits (which mostly
-    /// complete at once), but never more than [`BATCH_WAIT`]: each wake-up of the worker costs
-    /// a context switch and a system call, and a turn that takes several round trips at once
-    /// pays them once (measured: fewer wake-ups were worth more than the io_uring entries
-    /// themselves). With fewer than eight at work a turn wakes for the first completion, so a
-    /// lone connection is never kept waiting.
+    /// Under load a turn waits for as many completions as the last one had (up to [`BATCH`]),
+    /// but never more than [`BATCH_WAIT`]: each wake-up of the worker costs a context switch
+    /// and a system call, and a turn that takes eight round trips at once pays them once
+    /// (measured: fewer wake-ups were worth more than the io_uring entries themselves). A
+    /// lone connection's turns have one completion each, so it is never kept waiting.
     pub(super) fn turn(&mut self, timeout: Duration, counters: &mut Counters) -> io::Result<bool> {
         self.submit_backlog()?;
-        let now = Instant::now();
-        if now.duration_since(self.window_start) >= WINDOW {
-            self.active_last = std::mem::take(&mut self.active_now);
-            self.window = self.window.wrapping_add(1);
-            self.window_start = now;
-        }
-        let recvs = (self.active_last.max(self.active_now) / 4).clamp(1, BATCH);
-        let sends = std::mem::take(&mut self.sends_queued);
-        // Few connections at work: wake for the first completion, as an epoll loop would.
-        // (Counting the sends, which complete as they are submitted, would make every turn
-        // of a lone connection time out once: measured, half its round trips.)
-        let want = if recvs > 1 { sends + recvs } else { 1 };
+        let want = self.last_batch.clamp(1, BATCH);
         let ts = types::Timespec::from(if want > 1 {
             timeout.min(BATCH_WAIT)
         } else {
@@ -204,6 +177,7 @@ impl Ring {
                 .completion()
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
+        self.last_batch = self.completions.len();
         let mut epoll = false;
         for i in 0..self.completions.len() {
             let (key, res, flags) = self.completions[i];
@@ -297,7 +271,6 @@ impl Ring {
             .build()
             .user_data(key as u64);
         self.backlog.push(entry);
-        self.sends_queued += 1;
     }
 
     fn complete(&mut self, key: usize, res: i32, flags: u32, counters: &mut Counters) {
@@ -312,10 +285,6 @@ impl Ring {
                 }
                 match (res, bid) {
                     (n, Some(bid)) if n > 0 && !conn.closing => {
-                        if conn.window != self.window {
-                            conn.window = self.window;
-                            self.active_now += 1;
-                        }
                         counters.bytes_in += n as u64;
                         if self.watch_idle {
                             conn.last_active = Instant::now();
