@@ -2,7 +2,7 @@
 //! counters, log lines) is in the `protocol` crate.
 //!
 //! - [`event_loop`]: the worker itself, one epoll loop over many connections, generic over
-//!   the service it speaks.
+//!   the service it speaks (echo connections on io_uring with `--io uring`).
 //! - [`service`]: the service interface every concurrency model drives.
 //! - [`echo`]: the echo service (TCP and UDP).
 //! - [`tftp`]: the TFTP service (UDP, a transfer per request).

@@ -4,7 +4,9 @@
 //!
 //! The loop in one screen: wait for events (bounded by the next timer) → accept until the
 //! kernel says "would block" → drive each ready connection → act on recorded signals →
-//! report counters to the master. Signals only wake the loop; the loop decides.
+//! report counters to the master. Signals only wake the loop; the loop decides. With
+//! `--io uring` the wait is in the ring (`ring/`), which serves echo connections as their
+//! operations complete and reports epoll's events as one more completion.
 
 mod boot;
 mod connections;
