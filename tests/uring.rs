@@ -1,13 +1,14 @@
 //! `--io uring` where it differs from epoll: what idle connections cost (a receive waits with
-//! no buffer of its own), and connections the worker must close itself while the kernel still
-//! holds an operation of theirs (the drain deadline). The rest of its behaviour is tested beside
+//! no buffer of its own), more completions at once than the ring's queue holds, and
+//! connections the worker must close itself while the kernel still holds an operation of
+//! theirs (the drain deadline). The rest of its behaviour is tested beside
 //! epoll's, in the same tests: echo and counters (echo.rs), half-close, limits and never-readers
 //! (hardening.rs), graceful and immediate stops (lifecycle.rs), reloads under churn (reload.rs),
 //! the PROXY header (proxy.rs). A kernel that refuses io_uring is said so in the output.
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ const BIG: usize = 32 << 20;
 const IDLE_BUDGET: u64 = 40 << 20;
 
 #[test]
-fn ten_thousand_idle_connections_on_the_ring_cost_no_buffers() {
+fn ten_thousand_connections_on_the_ring_cost_no_buffers_idle_and_are_all_answered_at_once() {
     const IDLE: usize = 10_000;
     if !common::memory::uring_or_skip("idle connections on --io uring") {
         return;
@@ -60,6 +61,22 @@ fn ten_thousand_idle_connections_on_the_ring_cost_no_buffers() {
     // A busy newcomer is served while they all wait, and any of them still answers.
     echo_to_eof(server.connect(), &Rng::new(11).bytes(1 << 20));
     echo(&mut idle[IDLE / 2], b"still here");
+    // Then all of them speak at once: more completions at a time than the ring's completion
+    // queue holds (8,192), and every one is answered.
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.write_all(&(i as u32).to_be_bytes()).unwrap();
+    }
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, (i as u32).to_be_bytes(), "connection {i}");
+    }
+    assert_eq!(
+        server.workers(),
+        vec![worker],
+        "the worker lived through it"
+    );
 }
 
 #[test]

@@ -156,6 +156,12 @@ impl Ring {
     /// lone connection's turns have one completion each, so it is never kept waiting.
     pub(super) fn turn(&mut self, timeout: Duration, counters: &mut Counters) -> io::Result<bool> {
         self.submit_backlog()?;
+        // Entries the kernel could not take yet: collect what completed and come back.
+        let timeout = if self.backlog.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
         let want = self.last_batch.clamp(1, BATCH);
         let ts = types::Timespec::from(if want > 1 {
             timeout.min(BATCH_WAIT)
@@ -167,7 +173,7 @@ impl Ring {
         // the kernel run the deferred completions' work.
         if let Err(e) = self.uring.submitter().submit_with_args(want, &args) {
             match e.raw_os_error() {
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY) => {}
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
                 _ => return Err(e),
             }
         }
@@ -395,10 +401,18 @@ impl Ring {
                 }
             }
             if at < self.backlog.len() {
-                self.uring.submit()?;
+                match self.uring.submit() {
+                    Ok(_) => {}
+                    // The completion queue is full (its overflow not yet flushed) or the
+                    // kernel is short of memory: reap first; the rest waits for the next turn.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
-        self.backlog.clear();
+        self.backlog.drain(..at);
         Ok(())
     }
 }
