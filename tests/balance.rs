@@ -141,12 +141,7 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
         );
     }
     server.signal(Signal::SIGUSR2);
-    let status = server.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        server.stderr()
-    );
+    server.assert_exits_ok(Duration::from_secs(30));
     let new_pid = common::read_pid(&pid_file);
     let _new = common::KillOnDrop::new(new_pid);
     let r = finish(load);

@@ -119,12 +119,7 @@ fn a_stop_during_an_upgrade_stops_the_new_master_too() {
         .expect("the successor's pid in the log");
     let _guard = common::KillOnDrop::new(successor);
     server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        server.stderr()
-    );
+    server.assert_exits_ok(Duration::from_secs(30));
     assert!(
         !common::alive(successor),
         "the new master outlived the stop"

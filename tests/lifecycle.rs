@@ -107,12 +107,7 @@ fn graceful_stop_lets_conversations_finish(args: &[&str], sig: Signal) {
         s.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
     }
-    let status = server.wait_exit(Duration::from_secs(20));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        server.stderr()
-    );
+    server.assert_exits_ok(Duration::from_secs(20));
     for p in tree {
         assert!(
             wait_until(Duration::from_secs(5), || !alive(p)),

@@ -328,12 +328,7 @@ fn binary_upgrade_under_load_drops_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     server.signal(Signal::SIGUSR2);
     // The old master hands over, drains and exits 0; the pid file names its successor.
-    let status = server.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        server.stderr()
-    );
+    server.assert_exits_ok(Duration::from_secs(30));
     let new_pid: i32 = common::read_pid(&pid_file);
     let _new = common::KillOnDrop::new(new_pid);
     assert_ne!(new_pid, server.pid);

@@ -118,12 +118,7 @@ fn the_drain_deadline_closes_connections_the_kernel_is_waiting_on() {
     );
     let t0 = Instant::now();
     server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        server.stderr()
-    );
+    server.assert_exits_ok(Duration::from_secs(30));
     eprintln!("exited {:?} after SIGTERM with a 1 s drain", t0.elapsed());
     // Both were closed by the worker at its deadline: end of stream (or a reset) for each.
     held.set_read_timeout(Some(Duration::from_secs(10)))

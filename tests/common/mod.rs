@@ -194,6 +194,17 @@ impl Server {
         self.exited
     }
 
+    /// Waits up to `timeout` for the master to exit, and asserts that it exited 0 (its
+    /// stderr in the failure message).
+    pub fn assert_exits_ok(&mut self, timeout: Duration) {
+        let status = self.wait_exit(timeout);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{status:?}\n{}",
+            self.stderr()
+        );
+    }
+
     /// Runs `prefork-echo ARGS --control <its control socket>` and returns what happened.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
