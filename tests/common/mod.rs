@@ -20,9 +20,11 @@ pub mod chat;
 pub mod churn;
 pub mod memory;
 mod rng;
+pub mod skip;
 pub mod tftp;
 
 pub use rng::Rng;
+pub use skip::{skip, skip_missing_tool};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_prefork-echo");
