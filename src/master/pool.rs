@@ -146,7 +146,10 @@ impl<S: System> Master<S> {
         };
         match slot.on_death(lived, was_ready) {
             Some(delay) => {
-                slot.not_before = Some(self.sys.now() + delay);
+                // A timer only when there is something to wait for: a deadline set to "now"
+                // and never cleared would keep the loop's wait at zero for ever (a busy
+                // master). `manage_workers` clears it when it fills the slot.
+                slot.not_before = (!delay.is_zero()).then(|| self.sys.now() + delay);
                 if !delay.is_zero() {
                     protocol::log!(
                         "worker {id} failed {} time(s) right after starting ({how}); respawning in {delay:?}",
@@ -156,6 +159,7 @@ impl<S: System> Master<S> {
             }
             None => {
                 slot.abandoned = true;
+                slot.not_before = None;
                 let n = slot.failures();
                 let serving = self.serving_slots();
                 if serving == 0 {
@@ -173,6 +177,22 @@ impl<S: System> Master<S> {
                 }
             }
         }
+    }
+
+    /// When the earliest slot waiting out its backoff may be filled: only while the pool is
+    /// kept full, and only for a slot still empty and not abandoned (a timer nobody will act
+    /// on would hold the loop's wait at zero).
+    pub(super) fn next_respawn(&self) -> Option<Instant> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        (0..self.settings.workers)
+            .filter_map(|id| {
+                let slot = self.slots.get(id as usize)?;
+                let waiting = !slot.abandoned && !self.slot_filled(self.generation, id);
+                slot.not_before.filter(|_| waiting)
+            })
+            .min()
     }
 
     /// Slots of the serving generation with a live, non-draining worker.
@@ -204,6 +224,8 @@ impl<S: System> Master<S> {
             {
                 continue;
             }
+            // The backoff has passed: its timer is spent (a failure sets a new one).
+            self.slots[id as usize].not_before = None;
             let template = self.settings.worker.clone();
             if let Err(e) = self.spawn(id, self.generation, template) {
                 protocol::warn!("cannot start worker {id}: {e:#}");

@@ -82,13 +82,15 @@ impl<S: System> Master<S> {
         if self
             .successor
             .as_ref()
-            .is_some_and(|s| now.saturating_duration_since(s.started) > UPGRADE_TIMEOUT)
+            .is_some_and(|s| now.saturating_duration_since(s.started) >= UPGRADE_TIMEOUT)
         {
             if self.phase == Phase::Running {
                 self.upgrade_failed(&format!(
                     "the new master was not ready within {UPGRADE_TIMEOUT:?}"
                 ));
-            } else if let Some(s) = &self.successor {
+            } else if let Some(s) = self.successor.as_mut().filter(|s| !s.killed) {
+                // Once: the reap forgets it.
+                s.killed = true;
                 let _ = self.sys.kill(s.pid, Signal::SIGKILL);
             }
         }
@@ -115,8 +117,15 @@ impl<S: System> Master<S> {
             Phase::Draining { kill_at } | Phase::Stopping { kill_at } => Some(kill_at),
             Phase::Running => None,
         };
-        let respawn = self.slots.iter().filter_map(|s| s.not_before).min();
-        let upgrade = self.successor.as_ref().map(|s| s.started + UPGRADE_TIMEOUT);
+        // Only timers someone acts on when they pass; each is cleared or moved when acted on
+        // (a passed timer that stays would make every wait zero: a busy master).
+        let kill_at = kill_at.filter(|_| !self.workers.is_empty());
+        let respawn = self.next_respawn();
+        let upgrade = self
+            .successor
+            .as_ref()
+            .filter(|s| !s.killed)
+            .map(|s| s.started + UPGRADE_TIMEOUT);
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
         let scrapers = self.metrics.as_ref().and_then(|m| m.next_deadline());
         [

@@ -20,6 +20,8 @@ pub(super) struct Successor {
     pub(super) pid: Pid,
     pub(super) started: Instant,
     pub(super) ready: io::PipeReader,
+    /// SIGKILL was sent (it outlived a stop): only waited for now.
+    pub(super) killed: bool,
 }
 
 impl<S: System> Master<S> {
@@ -75,6 +77,7 @@ impl<S: System> Master<S> {
             pid,
             started: self.sys.now(),
             ready,
+            killed: false,
         });
         Ok(())
     }

@@ -235,9 +235,28 @@ fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
 }
 
 impl Rig {
-    /// One loop turn, without waiting.
+    /// One loop turn, without waiting. After every turn no timer may be left in the past:
+    /// the real loop would then wait zero on every turn, for ever (a busy master).
     fn turn(&mut self) -> bool {
-        self.m.turn(Some(Duration::ZERO)).unwrap()
+        let done = self.m.turn(Some(Duration::ZERO)).unwrap();
+        if !done {
+            self.assert_no_past_timer();
+        }
+        done
+    }
+
+    /// The loop's next deadline is in the future (or there is none): nothing passed and
+    /// already acted on still holds the wait at zero.
+    fn assert_no_past_timer(&self) {
+        let now = self.m.sys.now();
+        if let Some(t) = self.m.next_timer() {
+            assert!(
+                t > now,
+                "a timer {:?} in the past after a turn (phase {:?}): the loop would spin",
+                now.saturating_duration_since(t),
+                self.m.phase
+            );
+        }
     }
 
     /// Moves the clock, one turn per second (as the real loop wakes at least once a second).
@@ -312,3 +331,4 @@ impl Rig {
 
 mod balance;
 mod policy;
+mod timers;
