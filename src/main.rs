@@ -273,7 +273,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => {}
     }
     let totals = inherited_totals
-        .and_then(|t| serde_json::from_str(&t).ok())
+        .map(|t| stats::Carryover::parse(&t))
         .unwrap_or_default();
     let result = run_mode(
         args,
@@ -302,7 +302,7 @@ fn run_mode(
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
-    (predecessor, totals): (Option<std::os::fd::OwnedFd>, protocol::stats::Counters),
+    (predecessor, totals): (Option<std::os::fd::OwnedFd>, stats::Carryover),
 ) -> Result<()> {
     let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();
@@ -348,7 +348,7 @@ fn run_mode(
                 pid_file: args.pid_file,
                 base,
                 predecessor,
-                totals,
+                carried: totals,
                 udp: match (udp.is_empty(), args.balance) {
                     (true, _) => None,
                     (false, Balance::Reuseport) => Some(Listeners::reuseport(udp, addr, 0)?),

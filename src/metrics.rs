@@ -109,13 +109,19 @@ pub fn render(snap: &Snapshot) -> String {
         (
             "respawns_total",
             "counter",
-            "Workers replaced after an unexpected death, since this master started.",
+            "Workers replaced after an unexpected death, since the server started.",
             snap.lifecycle.respawns as f64,
+        ),
+        (
+            "upgrades_total",
+            "counter",
+            "Binary upgrades whose new master took over, since the server started.",
+            snap.lifecycle.upgrades as f64,
         ),
         (
             "upgrades_failed_total",
             "counter",
-            "Binary upgrades that failed, since this master started.",
+            "Binary upgrades that failed, since the server started.",
             snap.lifecycle.upgrades_failed as f64,
         ),
     ];

@@ -50,7 +50,8 @@ pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 pub const ENV_CONTROL_FD: &str = "PREFORK_ECHO_CONTROL_FD";
 /// Names the inherited metrics listener of a new master (with `--metrics`).
 pub const ENV_METRICS_FD: &str = "PREFORK_ECHO_METRICS_FD";
-/// Carries the old master's totals (JSON counters) to a new master, so totals survive.
+/// Carries the old master's stats (JSON [`crate::stats::Carryover`]; an older master sent bare
+/// counters) to a new master, so totals, uptime and generations go on.
 pub const ENV_TOTALS: &str = "PREFORK_ECHO_TOTALS";
 /// The service manager's variables, never passed on to a worker.
 const SYSTEMD_VARS: [&str; 4] = [
@@ -203,8 +204,8 @@ pub struct Handover {
     pub metrics: Option<RawFd>,
     /// The write end of the readiness pipe.
     pub ready: RawFd,
-    /// The old master's totals so far, as JSON.
-    pub totals: String,
+    /// The old master's stats to carry on ([`crate::stats::Carryover`]), as JSON.
+    pub carried: String,
 }
 
 /// Starts a new master from the binary on disk with this master's arguments, handing it the
@@ -237,7 +238,7 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             (ENV_UDP_FD, slot_list(&handover.udp)),
             (ENV_CONTROL_FD, handover.control.to_string()),
             (ENV_METRICS_FD, metrics.to_string()),
-            (ENV_TOTALS, handover.totals.clone()),
+            (ENV_TOTALS, handover.carried.clone()),
             (ENV_SLOT_FDS, slot_list(&handover.slots)),
         ],
     );
@@ -264,7 +265,7 @@ pub struct Inherited {
     pub control: Option<std::os::fd::OwnedFd>,
     /// The metrics listener.
     pub metrics: Option<std::os::fd::OwnedFd>,
-    /// The old master's totals (JSON), if it sent them.
+    /// The old master's stats (JSON), if it sent them.
     pub totals: Option<String>,
     /// With `--balance reuseport`: the sockets of slots 1 and up.
     pub slots: Vec<std::os::fd::OwnedFd>,

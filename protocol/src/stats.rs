@@ -9,6 +9,9 @@ macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident),+ $(,)?) => {
         /// Counters of one worker (or one acceptor thread in thread mode).
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        // A counter missing from the JSON (another build's) reads as zero; one this build does
+        // not know is ignored: the others are kept (a binary upgrade hands totals over).
+        #[serde(default)]
         pub struct Counters {
             $($(#[doc = $doc])* pub $name: u64,)+
         }

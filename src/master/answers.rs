@@ -51,6 +51,17 @@ impl<S: System> Master<S> {
         snap
     }
 
+    /// What a successor inherits: the stats go on as one server's.
+    pub(super) fn carryover(&self) -> crate::stats::Carryover {
+        let snap = self.snapshot();
+        crate::stats::Carryover {
+            totals: snap.totals,
+            uptime_secs: snap.uptime_secs,
+            generation: snap.generation,
+            lifecycle: snap.lifecycle,
+        }
+    }
+
     /// Reads what control clients sent; each complete request becomes an event, answered
     /// when it is dispatched.
     pub(super) fn read_control(&mut self, token: Token, out: &mut Vec<Event>) {

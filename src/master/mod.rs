@@ -162,9 +162,17 @@ impl<S: System> Master<S> {
         let lp = ServeLoop::new(signals, &mut control)?;
         let now = sys.now();
         let slots = vec![Backoff::default(); settings.workers as usize];
-        let mut cfg = cfg;
-        cfg.totals.active = 0;
-        let retired = cfg.totals;
+        let carried = cfg.carried;
+        let mut retired = carried.totals;
+        retired.active = 0;
+        // Started by an upgrade: the server's uptime goes on from the first master's start,
+        // its generations continue, and this upgrade counts.
+        let upgraded = cfg.predecessor.is_some() || carried.generation > 0;
+        let started = now
+            .checked_sub(Duration::try_from_secs_f64(carried.uptime_secs).unwrap_or_default())
+            .unwrap_or(now);
+        let mut lifecycle = carried.lifecycle;
+        lifecycle.upgrades += u64::from(upgraded);
         let stats_log = StatsLog::new(
             cfg.log_stats
                 .then(|| settings.worker.stats_every())
@@ -181,18 +189,18 @@ impl<S: System> Master<S> {
             workers: Slab::new(),
             by_pid: HashMap::new(),
             slots,
-            generation: 1,
+            generation: carried.generation.saturating_add(1),
             reload: None,
             successor: None,
             phase: Phase::Running,
             announced: false,
             failure: None,
             control: Some(control),
-            started: now,
+            started,
             clock: AwakeClock::new(now, MAX_WAIT + Duration::from_secs(1)),
             retired,
             stats_log,
-            lifecycle: Default::default(),
+            lifecycle,
             metrics: None,
             hub: None,
         })

@@ -6,7 +6,6 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use protocol::stats::Counters;
 use worker::WorkerConfig;
 
 use crate::cli::Spawn;
@@ -35,9 +34,9 @@ pub struct MasterConfig {
     /// With `--udp`: the UDP socket every worker shares, or one per slot (`--balance
     /// reuseport`), steered like the listeners.
     pub udp: Option<crate::balance::Listeners>,
-    /// Totals handed over by the master this one replaced (binary upgrade), so totals never
-    /// go backward across an upgrade.
-    pub totals: Counters,
+    /// What the master this one replaced (binary upgrade) handed over: totals, uptime,
+    /// generation and life-cycle counts, so the server's stats go on as one.
+    pub carried: crate::stats::Carryover,
 }
 
 /// The settings a reload can change.

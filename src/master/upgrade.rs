@@ -56,7 +56,7 @@ impl<S: System> Master<S> {
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
-            totals: serde_json::to_string(&self.snapshot().totals)?,
+            carried: serde_json::to_string(&self.carryover())?,
         };
         let lp = &mut self.lp;
         let pid = self

@@ -228,7 +228,7 @@ fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
         base: s.clone(),
         predecessor: None,
         udp: None,
-        totals: Counters::default(),
+        carried: Default::default(),
     };
     let m = Master::new(world.clone(), cfg, s, listener, addr, control, None).unwrap();
     Rig { m, world, dir }
