@@ -11,7 +11,9 @@ use worker::service::ServiceKind;
 const AFTER_HELP: &str = "\
 Signals to the master: TERM/INT graceful stop (a second one stops at once), QUIT stop now,
 HUP reload (new generation, then the old drains), TTIN/TTOU one worker more/fewer,
-USR2 binary upgrade; USR1 and ALRM are logged and ignored. Workers ignore INT.
+USR2 binary upgrade (the old master keeps the sockets for --upgrade-grace and takes the
+service back if the new one dies; TERM/INT/QUIT to it then, or `upgrade --commit`, retire it
+at once); USR1 and ALRM are logged and ignored. Workers ignore INT.
 
 Exit codes: 0 after a requested stop; 2 on a usage error; 1 on an error at start-up
 (address in use, unsafe pid-file or control directory, ...) or when no worker can be kept
@@ -45,6 +47,9 @@ pub enum Command {
     Reload(ReloadArgs),
     /// Stop a running server gracefully; returns once it has exited.
     Stop(StopArgs),
+    /// Upgrade a running server to the binary on disk (a new master takes over); with
+    /// --commit, end the upgrade window: the old master retires now.
+    Upgrade(UpgradeArgs),
     /// Resize a running server's worker pool (through its control socket).
     Scale {
         /// New number of workers.
@@ -185,6 +190,11 @@ pub struct ServeArgs {
     /// Write the master's pid here (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
+    /// After a binary upgrade's new master serves, the old one keeps the listening and
+    /// control sockets (with no workers) this many seconds, and takes the service back if the
+    /// new master dies meanwhile; 0: it retires at once. `upgrade --commit` ends the wait.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
+    pub upgrade_grace: f64,
     /// With --service chat: the longest line a client may send, in bytes; a longer one is
     /// refused with a notice (and not sent to anyone).
     #[arg(long, value_name = "BYTES", default_value_t = worker::chat::DEFAULT_MAX_LINE as u64,
@@ -223,6 +233,22 @@ pub struct ReloadArgs {
     /// Act by signal instead: send SIGHUP to the master this pid file names (verified by the
     /// start time it records) and return at once; the server logs the outcome.
     #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Options of `prefork-echo upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Which server, through its control socket.
+    #[command(flatten)]
+    pub ctl: CtlArgs,
+    /// End the window after an upgrade: the old master retires now instead of waiting out
+    /// --upgrade-grace to take the service back should the new one die.
+    #[arg(long)]
+    pub commit: bool,
+    /// Act by signal instead: send SIGUSR2 to the master this pid file names (verified by the
+    /// start time it records) and return at once; the server logs the outcome.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["control", "commit"])]
     pub pid_file: Option<PathBuf>,
 }
 

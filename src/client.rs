@@ -1,5 +1,5 @@
-//! The control commands a person runs against a live server: `stats`, `reload`, `stop` and
-//! `scale`. They speak to the control socket; given only a pid file, they send the signal the
+//! The control commands a person runs against a live server: `stats`, `reload`, `stop`,
+//! `upgrade` and `scale`. They speak to the control socket; given only a pid file, they send the signal the
 //! signal table names for the action instead.
 
 use std::io::{IsTerminal, Write};
@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::cli::{CtlArgs, ReloadArgs, StatsArgs, StopArgs};
+use crate::cli::{CtlArgs, ReloadArgs, StatsArgs, StopArgs, UpgradeArgs};
 use crate::control::{Request, Response};
 use crate::signals;
 use crate::{control, listener, stats};
@@ -161,6 +161,36 @@ pub fn stop(args: StopArgs) -> Result<()> {
     wait_gone(pid, drain + STOP_SLACK)?;
     println!("server {pid} stopped");
     Ok(())
+}
+
+/// `prefork-echo upgrade`: starts a new master from the binary on disk (returns at once; the
+/// server logs when it serves). `--commit`: ends the upgrade window, the old master retires.
+pub fn upgrade(args: UpgradeArgs) -> Result<()> {
+    if let Some(pid_file) = args.pid_file {
+        let pid = read_pid(&pid_file)?;
+        let sig = signal_request(pid, &Request::Upgrade)?;
+        println!("sent {sig} to {pid}; the server logs when the new master serves");
+        return Ok(());
+    }
+    let path = control_path(args.ctl)?;
+    let request = if args.commit {
+        Request::UpgradeCommit
+    } else {
+        Request::Upgrade
+    };
+    match ask(&path, &request.line(), control::CLIENT_DEADLINE)? {
+        (_, Response::Upgrading { new_master_pid, .. }) => {
+            println!(
+                "started a new master (pid {new_master_pid}); it takes over once it serves (`prefork-echo stats` shows the upgrade window)"
+            );
+            Ok(())
+        }
+        (_, Response::Committed { old_master_pid, .. }) => {
+            println!("upgrade committed: the old master (pid {old_master_pid}) retires now");
+            Ok(())
+        }
+        (answer, _) => Err(unexpected(&path, &answer)),
+    }
 }
 
 /// `prefork-echo scale N`.

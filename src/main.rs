@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Some(Command::Stats(args)) => edge(client::stats(args)),
         Some(Command::Reload(args)) => edge(client::reload(args)),
         Some(Command::Stop(args)) => edge(client::stop(args)),
+        Some(Command::Upgrade(args)) => edge(client::upgrade(args)),
         Some(Command::Scale { workers, ctl }) => edge(client::scale(workers, ctl)),
         Some(Command::Help { command }) => help(command.as_deref()),
         Some(Command::Completions { shell }) => {
@@ -349,6 +350,7 @@ fn run_mode(
                 base,
                 predecessor,
                 carried: totals,
+                upgrade_grace: protocol::duration::secs(args.upgrade_grace),
                 udp: match (udp.is_empty(), args.balance) {
                     (true, _) => None,
                     (false, Balance::Reuseport) => Some(Listeners::reuseport(udp, addr, 0)?),

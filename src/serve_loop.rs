@@ -86,6 +86,29 @@ impl ServeLoop {
         Ok(metrics)
     }
 
+    /// Watches `control` again (after [`unwatch`](Self::unwatch)), or a new control socket.
+    pub fn watch_control(&self, control: &mut ControlServer) -> Result<()> {
+        control
+            .register(self.poll.registry(), CONTROL_BASE)
+            .context("watching the control socket")
+    }
+
+    /// Watches `metrics` again after [`unwatch`](Self::unwatch).
+    pub fn rewatch_metrics(&self, metrics: &mut crate::metrics::MetricsServer) -> Result<()> {
+        metrics
+            .register(self.poll.registry(), METRICS_BASE)
+            .context("watching the metrics socket")
+    }
+
+    /// Stops watching a listener (it stays open): its connections wait in its queue for
+    /// whoever else accepts on it.
+    pub fn unwatch(&self, fd: std::os::fd::RawFd) {
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut mio::unix::SourceFd(&fd));
+    }
+
     /// Drops the signal registrations (in a fork child, before it becomes something else).
     pub fn drop_signals(&mut self) {
         drop(self.signals.take());

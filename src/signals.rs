@@ -10,9 +10,10 @@ use signal_hook::consts::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Stop accepting, let open connections finish up to the drain timeout, then exit.
-    /// A second one during the drain stops at once.
+    /// A second one during the drain stops at once. To an old master in its upgrade window:
+    /// retire now (the new master serves on).
     GracefulStop,
-    /// Close everything and exit now.
+    /// Close everything and exit now. To an old master in its upgrade window: retire now.
     StopNow,
     /// Reap exited children and replace workers that died.
     Reap,
@@ -22,7 +23,8 @@ pub enum Action {
     AddWorker,
     /// One worker fewer (never below one).
     RemoveWorker,
-    /// Start a new master from the binary on disk, hand it the listener, then retire.
+    /// Start a new master from the binary on disk, hand it the listener; once it serves, keep
+    /// the sockets for the upgrade window (taking the service back if it dies), then retire.
     Upgrade,
     /// Log and ignore. For signals whose default action would kill the master (and leave its
     /// workers, pid file and control socket behind) but that mean nothing to it.
@@ -129,6 +131,11 @@ pub const VERBS: &[Verb] = &[
         name: "scale",
         action: None,
         takes_count: true,
+    },
+    Verb {
+        name: "upgrade",
+        action: Some(Action::Upgrade),
+        takes_count: false,
     },
 ];
 

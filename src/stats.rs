@@ -42,6 +42,21 @@ pub struct Snapshot {
     /// fork-per-conn modes; `null` elsewhere and for a datagram service).
     #[serde(default)]
     pub accept_queue: Option<AcceptQueue>,
+    /// A binary upgrade in its window: the old master keeps the sockets to take the service
+    /// back should this (new) master die. `null` otherwise.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeWindow>,
+}
+
+/// A binary upgrade whose old master still waits, as the new master sees it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UpgradeWindow {
+    /// The old master: it has no workers, and keeps the sockets until the window closes.
+    pub old_master_pid: u32,
+    /// The new master, serving (the one answering).
+    pub new_master_pid: u32,
+    /// Seconds until the old master retires on its own (`upgrade --commit`: now).
+    pub closes_in_secs: f64,
 }
 
 /// The listening socket's accept queue: a queue that stays near its limit means the workers
@@ -192,6 +207,7 @@ impl Snapshot {
             abandoned_slots: Vec::new(),
             lifecycle: Lifecycle::default(),
             accept_queue: None,
+            upgrade: None,
         }
     }
 
@@ -316,6 +332,14 @@ impl Snapshot {
                 } else {
                     format!("; per worker {}", per_worker.join(" "))
                 }
+            );
+        }
+        if let Some(u) = self.upgrade {
+            let _ = writeln!(
+                out,
+                "UPGRADE WINDOW: new master {} serving; old master {} keeps the sockets {:.1}s more, \
+                 to take the service back should the new one die (`prefork-echo upgrade --commit` retires it now)",
+                u.new_master_pid, u.old_master_pid, u.closes_in_secs
             );
         }
         if self.mode == "process" {

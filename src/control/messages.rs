@@ -18,6 +18,10 @@ pub enum Request {
     Stop,
     /// Resize the pool to N workers.
     Scale(u32),
+    /// Binary upgrade: start a new master from the binary on disk (answered at once).
+    Upgrade,
+    /// End the window after an upgrade: the old master retires now.
+    UpgradeCommit,
 }
 
 impl Request {
@@ -28,6 +32,7 @@ impl Request {
             Request::Reload => "reload",
             Request::Stop => "stop",
             Request::Scale(_) => "scale",
+            Request::Upgrade | Request::UpgradeCommit => "upgrade",
         };
         // Every variant is in the table (a test in `signals` checks it).
         signals::verb(name).unwrap_or(&signals::VERBS[0])
@@ -37,6 +42,7 @@ impl Request {
     pub fn line(&self) -> String {
         match self {
             Request::Scale(n) => format!("{} {n}", self.verb().name),
+            Request::UpgradeCommit => format!("{} commit", self.verb().name),
             other => other.verb().name.to_string(),
         }
     }
@@ -52,6 +58,11 @@ impl Request {
             ("stats", None) => Request::Stats,
             ("reload", None) => Request::Reload,
             ("stop", None) => Request::Stop,
+            ("upgrade", None) => match words.next() {
+                None => Request::Upgrade,
+                Some("commit") => Request::UpgradeCommit,
+                Some(_) => return Err(unknown()),
+            },
             ("scale", Some(n)) => match n.parse::<u32>() {
                 Ok(n) if (1..=4096).contains(&n) => Request::Scale(n),
                 _ => {
@@ -107,6 +118,20 @@ pub enum Response {
         /// The new size.
         workers: u32,
     },
+    /// `upgrade`: a new master was started; it takes over once it serves.
+    Upgrading {
+        /// Always true.
+        ok: bool,
+        /// The new master's pid.
+        new_master_pid: u32,
+    },
+    /// `upgrade commit`: the old master was told to retire now.
+    Committed {
+        /// Always true.
+        ok: bool,
+        /// The old master's pid.
+        old_master_pid: u32,
+    },
 }
 
 impl Response {
@@ -136,6 +161,13 @@ mod tests {
         assert_eq!(Request::parse(b"  stats \r"), Ok(Request::Stats));
         assert_eq!(Request::parse(b"reload"), Ok(Request::Reload));
         assert_eq!(Request::parse(b"scale 3"), Ok(Request::Scale(3)));
+        assert_eq!(Request::parse(b"upgrade"), Ok(Request::Upgrade));
+        assert_eq!(
+            Request::parse(b"upgrade commit"),
+            Ok(Request::UpgradeCommit)
+        );
+        assert_eq!(Request::UpgradeCommit.line(), "upgrade commit");
+        assert!(Request::parse(b"upgrade now").is_err());
         assert!(Request::parse(b"scale 0").is_err());
         assert!(Request::parse(b"scale").is_err());
         assert!(Request::parse(b"stop now").is_err());
@@ -160,6 +192,14 @@ mod tests {
             Response::Scaled {
                 ok: true,
                 workers: 7,
+            },
+            Response::Upgrading {
+                ok: true,
+                new_master_pid: 9,
+            },
+            Response::Committed {
+                ok: true,
+                old_master_pid: 8,
             },
         ] {
             let back: Response = serde_json::from_str(&r.to_line()).unwrap();

@@ -228,6 +228,12 @@ impl ControlServer {
         self.listener.as_fd().as_raw_fd()
     }
 
+    /// Whether its path still names this very socket (a successor that exited cleanly removed
+    /// it; then the path must be bound anew to be reached).
+    pub fn serves_its_path(&self) -> bool {
+        self.name.id.is_some() && Name::identify(&self.name.path) == self.name.id
+    }
+
     /// Makes the path this server's own (a successor, once it serves): removed at its exit.
     pub fn claim_name(&mut self) {
         self.name.owned = true;
@@ -406,8 +412,8 @@ pub fn single_process_answer(req: &Request, drain: Duration) -> Response {
             }
         }
         Request::Stats => Response::error("stats is answered by the caller"),
-        Request::Reload | Request::Scale(_) => {
-            Response::error("reload and scale are for --mode process")
+        Request::Reload | Request::Scale(_) | Request::Upgrade | Request::UpgradeCommit => {
+            Response::error("reload, scale and upgrade are for --mode process")
         }
     }
 }

@@ -44,6 +44,7 @@ impl<S: System> Master<S> {
             &self.retired,
         );
         snap.lifecycle = self.lifecycle;
+        snap.upgrade = self.upgrade_window();
         snap.accept_queue = self.listener.as_ref().and_then(|l| l.total_queue());
         snap.abandoned_slots = (0..self.settings.workers)
             .filter(|&id| self.slots.get(id as usize).is_some_and(|s| s.abandoned))
@@ -103,6 +104,8 @@ impl<S: System> Master<S> {
                 Err(why) => Response::error(why),
             },
             Request::Stop => {
+                // The operator stops the service: the old master must not take it back.
+                self.commit_predecessor("the server is stopping");
                 if self.phase == Phase::Running {
                     self.begin_drain("control request");
                 }
@@ -112,6 +115,25 @@ impl<S: System> Master<S> {
                     drain_timeout_secs: self.settings.drain().as_secs_f64(),
                 }
             }
+            Request::Upgrade => match self.start_upgrade() {
+                Ok(()) => Response::Upgrading {
+                    ok: true,
+                    new_master_pid: self.successor.as_ref().map_or(0, |s| s.pid.as_raw() as u32),
+                },
+                Err(e) => {
+                    protocol::log!("control request: no upgrade: {e:#}");
+                    Response::error(format!("no upgrade: {e:#}"))
+                }
+            },
+            Request::UpgradeCommit => match self.commit_predecessor("control request") {
+                Some(pid) => Response::Committed {
+                    ok: true,
+                    old_master_pid: pid,
+                },
+                None => Response::error(
+                    "no upgrade window is open (the previous master has retired, or --upgrade-grace is 0)",
+                ),
+            },
             Request::Scale(n) => match self.scale(n) {
                 Ok(()) => Response::Scaled {
                     ok: true,

@@ -21,6 +21,7 @@ mod shutdown;
 mod supervision;
 pub mod system;
 mod upgrade;
+mod window;
 
 #[cfg(test)]
 mod tests;
@@ -71,6 +72,9 @@ enum Phase {
     Draining { kill_at: Instant },
     /// Workers were told to stop now; SIGKILL after `kill_at`.
     Stopping { kill_at: Instant },
+    /// A binary upgrade's new master serves: this one has no workers but keeps the sockets
+    /// until `until`, to take the service back should the new one die (`window.rs`).
+    UpgradeWindow { until: Instant },
 }
 
 /// Something the loop must act on. Everything that happened in one wait is collected first,
@@ -89,6 +93,9 @@ enum Event {
     Scrape(crate::metrics::ScrapeId),
     /// The new master of a binary upgrade says it serves.
     SuccessorReady,
+    /// The new master says the upgrade is final (`upgrade --commit`, or it is stopping or
+    /// upgrading in turn): this one retires now.
+    SuccessorCommitted,
 }
 
 /// Runs the process-mode server on `listeners` until it is stopped. `Ok` is a requested stop;
@@ -130,6 +137,8 @@ struct Master<S: System> {
     generation: u32,
     reload: Option<reload::Reload>,
     successor: Option<Successor>,
+    /// Started by an upgrade: the old master, waiting out its window (`window.rs`).
+    predecessor: Option<window::Predecessor>,
     phase: Phase,
     announced: bool,
     /// Why the master gave up, if it did; turns the final exit into an error.
@@ -192,6 +201,7 @@ impl<S: System> Master<S> {
             generation: carried.generation.saturating_add(1),
             reload: None,
             successor: None,
+            predecessor: None,
             phase: Phase::Running,
             announced: false,
             failure: None,
@@ -264,11 +274,7 @@ impl<S: System> Master<S> {
                 Ready::Signal(sig) => happened.push(Event::Signal(sig)),
                 Ready::Control(t) => self.read_control(t, &mut happened),
                 Ready::Metrics(t) => self.read_scrape(t, &mut happened),
-                Ready::Source(SUCCESSOR) => {
-                    if self.successor_ready() {
-                        happened.push(Event::SuccessorReady);
-                    }
-                }
+                Ready::Source(SUCCESSOR) => self.read_successor(&mut happened),
                 // Bus traffic is data the hub passes on, not an event for the policy.
                 Ready::Source(t) if self.hub.as_ref().is_some_and(|h| h.owns(t)) => {
                     if let Some(hub) = self.hub.as_mut() {
@@ -290,18 +296,29 @@ impl<S: System> Master<S> {
             Event::Control { id, request } => self.on_request(id, request),
             Event::Scrape(id) => self.on_scrape(id),
             Event::SuccessorReady => self.on_successor_ready(),
+            Event::SuccessorCommitted => self.retire("the new master committed the upgrade"),
         }
     }
 
     fn on_signal(&mut self, sig: i32) {
         let name = signals::name(sig);
+        if self.window_signal(sig) {
+            return;
+        }
         match signals::action(sig) {
             Some(Action::Reap) => self.reap(),
-            Some(Action::GracefulStop) => match self.phase {
-                Phase::Running => self.begin_drain(&format!("SIG{name}")),
-                _ => self.stop_now(&format!("second SIG{name}")),
-            },
-            Some(Action::StopNow) => self.stop_now(&format!("SIG{name}")),
+            Some(Action::GracefulStop) => {
+                // The operator stops the service: the old master must not take it back.
+                self.commit_predecessor("the server is stopping");
+                match self.phase {
+                    Phase::Running => self.begin_drain(&format!("SIG{name}")),
+                    _ => self.stop_now(&format!("second SIG{name}")),
+                }
+            }
+            Some(Action::StopNow) => {
+                self.commit_predecessor("the server is stopping");
+                self.stop_now(&format!("SIG{name}"));
+            }
             Some(Action::Reload) => {
                 // Refusals are logged by start_reload itself.
                 let _ = self.start_reload(None);

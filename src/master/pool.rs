@@ -67,6 +67,8 @@ impl<S: System> Master<S> {
                 if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
                     if self.phase == Phase::Running {
                         self.upgrade_failed(&format!("the new master exited ({how})"));
+                    } else if matches!(self.phase, Phase::UpgradeWindow { .. }) {
+                        self.roll_back(&how);
                     } else {
                         // Stopped with us (a stop during an upgrade): nothing to restore but
                         // the pid file it wrote over ours.
@@ -333,9 +335,9 @@ impl<S: System> Master<S> {
                 if let Some(c) = self.control.as_mut() {
                     c.claim_name();
                 }
-                // Tell the master that started us that we serve: it drains and exits.
-                let mut pipe = std::fs::File::from(fd);
-                let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+                // Tell the master that started us that we serve: it drains its workers and
+                // waits out its upgrade window.
+                self.took_over(fd);
             }
         }
     }
@@ -392,6 +394,9 @@ impl<S: System> Master<S> {
     pub(super) fn update_balance(&mut self) {
         if self.listener.as_ref().map(|l| l.balance()) != Some(Balance::Reuseport) {
             return;
+        }
+        if matches!(self.phase, Phase::UpgradeWindow { .. }) {
+            return; // the new master steers the group now
         }
         // A worker silent for three report intervals is likely stuck: new connections go to
         // its siblings until it is heard again (or replaced at --worker-timeout), so only what

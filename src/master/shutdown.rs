@@ -78,12 +78,11 @@ impl<S: System> Master<S> {
         self.log_stats_when_due();
         self.kill_hung_workers();
         self.kill_overdue_drains();
+        self.window_deadlines();
         let now = self.sys.now();
-        if self
-            .successor
-            .as_ref()
-            .is_some_and(|s| now.saturating_duration_since(s.started) >= UPGRADE_TIMEOUT)
-        {
+        if self.successor.as_ref().is_some_and(|s| {
+            !s.serving && now.saturating_duration_since(s.started) >= UPGRADE_TIMEOUT
+        }) {
             if self.phase == Phase::Running {
                 self.upgrade_failed(&format!(
                     "the new master was not ready within {UPGRADE_TIMEOUT:?}"
@@ -115,7 +114,7 @@ impl<S: System> Master<S> {
     pub(super) fn next_timer(&self) -> Option<Instant> {
         let kill_at = match self.phase {
             Phase::Draining { kill_at } | Phase::Stopping { kill_at } => Some(kill_at),
-            Phase::Running => None,
+            Phase::Running | Phase::UpgradeWindow { .. } => None,
         };
         // Only timers someone acts on when they pass; each is cleared or moved when acted on
         // (a passed timer that stays would make every wait zero: a busy master).
@@ -124,7 +123,7 @@ impl<S: System> Master<S> {
         let upgrade = self
             .successor
             .as_ref()
-            .filter(|s| !s.killed)
+            .filter(|s| !s.killed && !s.serving)
             .map(|s| s.started + UPGRADE_TIMEOUT);
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
         let scrapers = self.metrics.as_ref().and_then(|m| m.next_deadline());
@@ -135,6 +134,7 @@ impl<S: System> Master<S> {
             scrapers,
             self.stats_log.next(),
             upgrade,
+            self.window_timer(),
         ]
         .into_iter()
         .flatten()

@@ -1,7 +1,8 @@
 //! Binary upgrade: a new master from the binary on disk inherits the sockets; once it serves,
-//! this one retires. A stop during the upgrade stops it too.
+//! this one waits out the upgrade window (`window.rs`), then retires. A stop during the
+//! upgrade stops the new master too.
 
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -19,7 +20,10 @@ use crate::spawn::Handover;
 pub(super) struct Successor {
     pub(super) pid: Pid,
     pub(super) started: Instant,
-    pub(super) ready: io::PipeReader,
+    /// Its readiness pipe, watched until it closes.
+    pub(super) ready: Option<io::PipeReader>,
+    /// It said it serves.
+    pub(super) serving: bool,
     /// SIGKILL was sent (it outlived a stop): only waited for now.
     pub(super) killed: bool,
 }
@@ -34,6 +38,9 @@ impl<S: System> Master<S> {
         if self.successor.is_some() {
             anyhow::bail!("an upgrade is already under way");
         }
+        // Our own upgrade window is over: the master before us must not come back once we
+        // hand over in turn.
+        self.commit_predecessor("upgrading again");
         let listeners = self
             .listener
             .as_ref()
@@ -76,25 +83,26 @@ impl<S: System> Master<S> {
         self.successor = Some(Successor {
             pid,
             started: self.sys.now(),
-            ready,
+            ready: Some(ready),
+            serving: false,
             killed: false,
         });
         Ok(())
     }
 
-    /// Whether the successor wrote `ready` on its pipe (end-of-file without it means it died:
-    /// the reap says how).
-    pub(super) fn successor_ready(&mut self) -> bool {
-        let Some(s) = self.successor.as_mut() else {
-            return false;
-        };
-        let mut buf = [0u8; 64];
-        matches!(s.ready.read(&mut buf), Ok(n) if buf[..n].starts_with(b"ready"))
-    }
-
-    /// The new master serves: this one retires (unless a stop raced the upgrade, in which
-    /// case the successor was told to stop too).
+    /// The new master serves: this one waits out the upgrade window, or with
+    /// `--upgrade-grace 0` retires at once (unless a stop raced the upgrade, in which case the
+    /// successor was told to stop too).
     pub(super) fn on_successor_ready(&mut self) {
+        let Some(s) = self.successor.as_mut() else {
+            return;
+        };
+        s.serving = true;
+        let pid = s.pid;
+        if self.phase == Phase::Running && !self.cfg.upgrade_grace.is_zero() {
+            self.enter_window(pid);
+            return;
+        }
         let Some(s) = self.forget_successor() else {
             return;
         };
@@ -115,12 +123,8 @@ impl<S: System> Master<S> {
 
     /// Stops watching the successor's readiness pipe; it is no longer ours to wait for.
     pub(super) fn forget_successor(&mut self) -> Option<Successor> {
-        let s = self.successor.take()?;
-        let _ = self
-            .lp
-            .registry()
-            .deregister(&mut mio::unix::SourceFd(&s.ready.as_raw_fd()));
-        Some(s)
+        self.unwatch_successor();
+        self.successor.take()
     }
 
     pub(super) fn upgrade_failed(&mut self, why: &str) {

@@ -189,6 +189,13 @@ fn rig(workers: u32) -> Rig {
     rig_with(workers, crate::balance::Balance::Shared)
 }
 
+/// A rig whose master keeps an upgrade window of `grace` after its successor serves.
+fn rig_window(workers: u32, grace: Duration) -> Rig {
+    let mut r = rig(workers);
+    r.m.cfg.upgrade_grace = grace;
+    r
+}
+
 fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -229,6 +236,8 @@ fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
         predecessor: None,
         udp: None,
         carried: Default::default(),
+        // As before the upgrade window existed; `rig_window` opens one.
+        upgrade_grace: Duration::ZERO,
     };
     let m = Master::new(world.clone(), cfg, s, listener, addr, control, None).unwrap();
     Rig { m, world, dir }
@@ -332,3 +341,4 @@ impl Rig {
 mod balance;
 mod policy;
 mod timers;
+mod window;
