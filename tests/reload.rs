@@ -381,3 +381,51 @@ fn a_stop_right_after_a_reload_lets_the_old_generation_finish_too() {
     let status = server.wait_exit(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+#[test]
+fn binary_upgrade_with_its_window_under_load_drops_nothing_and_commit_retires_the_old_master() {
+    let dir = common::scratch_dir();
+    let pid_file = dir.join("echo.pid");
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--upgrade-grace",
+        "60",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ]);
+    let load = churning_load(&server, "200", "6");
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        wait_until(Duration::from_secs(30), || common::read_pid(&pid_file) != server.pid),
+        "{}",
+        server.stderr()
+    );
+    let new_pid = common::read_pid(&pid_file);
+    let _new = common::KillOnDrop::new(new_pid);
+    // The old master drains its workers under load and waits in its window...
+    assert!(
+        wait_until(Duration::from_secs(30), || common::children_of(server.pid)
+            == [new_pid]),
+        "{}",
+        server.stderr()
+    );
+    assert!(common::alive(server.pid));
+    // ... until the upgrade is committed.
+    let out = ctl(&server, &["upgrade", "--commit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.assert_exits_ok(Duration::from_secs(20));
+    let r = finish(load);
+    assert_eq!(r["errors"]["total"], 0, "{}", r["errors"]);
+    assert_eq!(
+        server.stats()["master_pid"].as_i64(),
+        Some(i64::from(new_pid))
+    );
+    echo_to_eof(server.connect(), b"served by the new master");
+    let _ = std::fs::remove_dir_all(&dir);
+}
