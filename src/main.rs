@@ -274,7 +274,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => {}
     }
     let totals = inherited_totals
-        .map(|t| stats::Carryover::parse(&t))
+        .map(|t| master::Carryover::parse(&t))
         .unwrap_or_default();
     let result = run_mode(
         args,
@@ -303,7 +303,7 @@ fn run_mode(
     addr: std::net::SocketAddr,
     control: std::path::PathBuf,
     (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
-    (predecessor, totals): (Option<std::os::fd::OwnedFd>, stats::Carryover),
+    (predecessor, totals): (Option<std::os::fd::OwnedFd>, master::Carryover),
 ) -> Result<()> {
     let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();

@@ -50,7 +50,7 @@ pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 pub const ENV_CONTROL_FD: &str = "PREFORK_ECHO_CONTROL_FD";
 /// Names the inherited metrics listener of a new master (with `--metrics`).
 pub const ENV_METRICS_FD: &str = "PREFORK_ECHO_METRICS_FD";
-/// Carries the old master's stats (JSON [`crate::stats::Carryover`]; an older master sent bare
+/// Carries the old master's stats (JSON [`crate::master::Carryover`]; an older master sent bare
 /// counters) to a new master, so totals, uptime and generations go on.
 pub const ENV_TOTALS: &str = "PREFORK_ECHO_TOTALS";
 /// The service manager's variables, never passed on to a worker.
@@ -204,7 +204,7 @@ pub struct Handover {
     pub metrics: Option<RawFd>,
     /// The write end of the readiness pipe.
     pub ready: RawFd,
-    /// The old master's stats to carry on ([`crate::stats::Carryover`]), as JSON.
+    /// The old master's stats to carry on ([`crate::master::Carryover`]), as JSON.
     pub carried: String,
 }
 

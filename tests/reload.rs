@@ -398,7 +398,8 @@ fn binary_upgrade_with_its_window_under_load_drops_nothing_and_commit_retires_th
     std::thread::sleep(Duration::from_millis(500));
     server.signal(Signal::SIGUSR2);
     assert!(
-        wait_until(Duration::from_secs(30), || common::read_pid(&pid_file) != server.pid),
+        wait_until(Duration::from_secs(30), || common::read_pid(&pid_file)
+            != server.pid),
         "{}",
         server.stderr()
     );

@@ -53,9 +53,9 @@ impl<S: System> Master<S> {
     }
 
     /// What a successor inherits: the stats go on as one server's.
-    pub(super) fn carryover(&self) -> crate::stats::Carryover {
+    pub(super) fn carryover(&self) -> super::Carryover {
         let snap = self.snapshot();
-        crate::stats::Carryover {
+        super::Carryover {
             totals: snap.totals,
             uptime_secs: snap.uptime_secs,
             generation: snap.generation,

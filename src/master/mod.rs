@@ -14,6 +14,7 @@
 //! `tests.rs` drives the same code with fake processes and a fake clock.
 
 mod answers;
+mod carryover;
 mod pool;
 mod reload;
 mod settings;
@@ -44,6 +45,7 @@ use crate::liveness::AwakeClock;
 use crate::serve_loop::{MAX_WAIT, Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 
+pub use carryover::Carryover;
 pub use pool::Backoff;
 pub use settings::{MASTER_FDS, MasterConfig, Settings, descriptor_room};
 use supervision::WorkerProc;

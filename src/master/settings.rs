@@ -36,7 +36,7 @@ pub struct MasterConfig {
     pub udp: Option<crate::balance::Listeners>,
     /// What the master this one replaced (binary upgrade) handed over: totals, uptime,
     /// generation and life-cycle counts, so the server's stats go on as one.
-    pub carried: crate::stats::Carryover,
+    pub carried: super::Carryover,
     /// `--upgrade-grace`: how long an old master keeps the sockets after its successor
     /// serves, to take the service back should the successor die (zero: retire at once).
     pub upgrade_grace: Duration,
