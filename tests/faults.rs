@@ -536,6 +536,7 @@ exec {real} "$@"
     );
     let v = server.stats();
     assert_eq!(v["lifecycle"]["upgrades_failed"], 1, "{v}");
+    assert_eq!(v["generation"], 3, "after the dead new master's 2: {v}");
     assert!(v["upgrade"].is_null(), "{v}");
     assert_eq!(
         server.log_count("upgrade rolled back"),

@@ -396,7 +396,13 @@ fn binary_upgrade_with_its_window_under_load_drops_nothing_and_commit_retires_th
     ]);
     let load = churning_load(&server, "200", "6");
     std::thread::sleep(Duration::from_millis(500));
-    server.signal(Signal::SIGUSR2);
+    // By request this time (`prefork-echo upgrade`, as USR2).
+    let out = ctl(&server, &["upgrade"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started a new master"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         wait_until(Duration::from_secs(30), || common::read_pid(&pid_file)
             != server.pid),

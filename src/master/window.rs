@@ -143,8 +143,9 @@ impl<S: System> Master<S> {
             .saturating_sub(until.saturating_duration_since(self.sys.now()));
         self.lifecycle.upgrades_failed += 1;
         self.phase = Phase::Running;
-        // Its workers go on draining as the old generation; the next turn fills the pool.
-        self.generation += 1;
+        // Its workers go on draining as the old generation; the next turn fills the pool. The
+        // dead master's generation was N+1: this one is N+2, so a number names one generation.
+        self.generation += 2;
         self.slots = vec![Backoff::default(); self.settings.workers as usize];
         self.take_control_back();
         if let Some(m) = self.metrics.as_mut() {

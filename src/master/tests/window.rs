@@ -78,8 +78,11 @@ fn a_new_master_that_dies_within_the_window_is_rolled_back() {
     r.turn();
     r.turn();
     assert_eq!(r.m.phase, Phase::Running, "serving again");
-    assert_eq!(r.m.generation, 2, "with a fresh generation");
-    let fresh = Rig::spawned(&r.acts(), 2);
+    assert_eq!(
+        r.m.generation, 3,
+        "with a fresh generation (the dead master's was 2)"
+    );
+    let fresh = Rig::spawned(&r.acts(), 3);
     assert_eq!(fresh.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1]);
     assert!(r.m.listener.is_some());
     assert_eq!(r.m.lifecycle.upgrades_failed, 1);
