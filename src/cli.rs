@@ -159,7 +159,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
     pub worker_timeout: f64,
     /// Settings file re-read on every reload (workers, drain_timeout, max_unsent,
-    /// stats_interval, worker_timeout); its keys override these flags.
+    /// stats_interval, worker_timeout, upgrade_grace); its keys override these flags.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Also echo UDP datagrams (RFC 862 over UDP) on the same address and port.

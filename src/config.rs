@@ -2,7 +2,8 @@
 //! resized or retuned without a restart.
 //!
 //! Format: one `key = value` per line; `#` starts a comment; blank lines are ignored.
-//! Keys: `workers`, `drain_timeout`, `max_unsent`, `stats_interval`, `worker_timeout`.
+//! Keys: `workers`, `drain_timeout`, `max_unsent`, `stats_interval`, `worker_timeout`,
+//! `upgrade_grace`.
 //! A key in the file overrides the command line's value; a key absent from the file keeps it.
 //! A key given twice is refused: which of the two was meant cannot be guessed.
 //!
@@ -29,6 +30,8 @@ pub struct FileConfig {
     pub stats_interval: Option<f64>,
     /// Seconds of silence after which a worker is considered hung.
     pub worker_timeout: Option<f64>,
+    /// Seconds an old master keeps the sockets after a binary upgrade (`--upgrade-grace`).
+    pub upgrade_grace: Option<f64>,
 }
 
 /// The largest config file accepted.
@@ -184,6 +187,7 @@ impl FileConfig {
                 "drain_timeout" => cfg.drain_timeout = Some(secs()?),
                 "stats_interval" => cfg.stats_interval = Some(secs()?),
                 "worker_timeout" => cfg.worker_timeout = Some(secs()?),
+                "upgrade_grace" => cfg.upgrade_grace = Some(secs()?),
                 other => {
                     return Err(ConfigError::UnknownKey {
                         line,

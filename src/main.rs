@@ -118,6 +118,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
         worker_timeout: (args.worker_timeout > 0.0)
             .then(|| protocol::duration::secs(args.worker_timeout)),
+        upgrade_grace: protocol::duration::secs(args.upgrade_grace),
         worker: worker::WorkerConfig {
             listen_fd: -1,
             ipc_fd: -1,
@@ -350,7 +351,6 @@ fn run_mode(
                 base,
                 predecessor,
                 carried: totals,
-                upgrade_grace: protocol::duration::secs(args.upgrade_grace),
                 udp: match (udp.is_empty(), args.balance) {
                     (true, _) => None,
                     (false, Balance::Reuseport) => Some(Listeners::reuseport(udp, addr, 0)?),

@@ -37,9 +37,6 @@ pub struct MasterConfig {
     /// What the master this one replaced (binary upgrade) handed over: totals, uptime,
     /// generation and life-cycle counts, so the server's stats go on as one.
     pub carried: super::Carryover,
-    /// `--upgrade-grace`: how long an old master keeps the sockets after its successor
-    /// serves, to take the service back should the successor die (zero: retire at once).
-    pub upgrade_grace: Duration,
 }
 
 /// The settings a reload can change.
@@ -51,6 +48,9 @@ pub struct Settings {
     pub worker_timeout: Option<Duration>,
     /// Template for every worker (descriptors, id and generation are filled in per spawn).
     pub worker: WorkerConfig,
+    /// `--upgrade-grace`: how long an old master keeps the sockets after its successor
+    /// serves, to take the service back should the successor die (zero: retire at once).
+    pub upgrade_grace: Duration,
 }
 
 impl Settings {
@@ -68,6 +68,9 @@ impl Settings {
         }
         if let Some(i) = file.stats_interval {
             s.worker.stats_interval = i;
+        }
+        if let Some(g) = file.upgrade_grace {
+            s.upgrade_grace = protocol::duration::secs(g);
         }
         if let Some(t) = file.worker_timeout {
             s.worker_timeout = (t > 0.0).then(|| protocol::duration::secs(t));

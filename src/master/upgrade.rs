@@ -99,7 +99,7 @@ impl<S: System> Master<S> {
         };
         s.serving = true;
         let pid = s.pid;
-        if self.phase == Phase::Running && !self.cfg.upgrade_grace.is_zero() {
+        if self.phase == Phase::Running && !self.settings.upgrade_grace.is_zero() {
             self.enter_window(pid);
             return;
         }

@@ -82,7 +82,7 @@ impl<S: System> Master<S> {
     /// The new master serves: drain this master's workers but keep every socket until the
     /// window closes.
     pub(super) fn enter_window(&mut self, successor: nix::unistd::Pid) {
-        let grace = self.cfg.upgrade_grace;
+        let grace = self.settings.upgrade_grace;
         let now = self.sys.now();
         self.phase = Phase::UpgradeWindow { until: now + grace };
         if let Some(r) = self.reload.take() {
@@ -138,7 +138,7 @@ impl<S: System> Master<S> {
             return;
         };
         let into = self
-            .cfg
+            .settings
             .upgrade_grace
             .saturating_sub(until.saturating_duration_since(self.sys.now()));
         self.lifecycle.upgrades_failed += 1;
@@ -159,7 +159,7 @@ impl<S: System> Master<S> {
         protocol::warn!(
             "upgrade rolled back: the new master (pid {}) exited ({how}) {into:.1?} into the {:?} upgrade window; this master (pid {}) serves again with generation {}",
             s.pid,
-            self.cfg.upgrade_grace,
+            self.settings.upgrade_grace,
             std::process::id(),
             self.generation
         );
@@ -216,11 +216,11 @@ impl<S: System> Master<S> {
             protocol::warn!("cannot tell the previous master this one serves: {e}");
             return;
         }
-        if !self.cfg.upgrade_grace.is_zero() {
+        if !self.settings.upgrade_grace.is_zero() {
             self.predecessor = Some(Predecessor {
                 pipe,
                 pid: std::os::unix::process::parent_id(),
-                until: self.sys.now() + self.cfg.upgrade_grace,
+                until: self.sys.now() + self.settings.upgrade_grace,
             });
         }
     }

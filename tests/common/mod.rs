@@ -113,13 +113,22 @@ impl Server {
         if !args.contains(&"--upgrade-grace") {
             cmd.args(["--upgrade-grace", "0"]);
         }
-        let mut child = cmd
-            .args(args)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the server binary");
+            .stderr(Stdio::piped());
+        // A binary copied by a test (BinaryCopy) can be "busy" for a moment: another test's
+        // fork may still hold the copy's write descriptor until its child execs (ETXTBSY).
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.expect("spawning the server binary"),
+            }
+        };
         let pid = child.id() as i32;
         let stderr = Arc::new(Mutex::new(String::new()));
         let (err_pipe, sink) = (child.stderr.take().unwrap(), Arc::clone(&stderr));

@@ -160,6 +160,8 @@ fn settings(workers: u32) -> Settings {
     Settings {
         workers,
         worker_timeout: Some(Duration::from_secs(30)),
+        // As before the upgrade window existed; `rig_window` opens one.
+        upgrade_grace: Duration::ZERO,
         worker: WorkerConfig {
             listen_fd: -1,
             ipc_fd: -1,
@@ -192,7 +194,7 @@ fn rig(workers: u32) -> Rig {
 /// A rig whose master keeps an upgrade window of `grace` after its successor serves.
 fn rig_window(workers: u32, grace: Duration) -> Rig {
     let mut r = rig(workers);
-    r.m.cfg.upgrade_grace = grace;
+    r.m.settings.upgrade_grace = grace;
     r
 }
 
@@ -236,8 +238,6 @@ fn rig_with(workers: u32, balance: crate::balance::Balance) -> Rig {
         predecessor: None,
         udp: None,
         carried: Default::default(),
-        // As before the upgrade window existed; `rig_window` opens one.
-        upgrade_grace: Duration::ZERO,
     };
     let m = Master::new(world.clone(), cfg, s, listener, addr, control, None).unwrap();
     Rig { m, world, dir }

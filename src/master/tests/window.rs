@@ -188,3 +188,18 @@ fn a_new_master_lets_go_of_the_window_when_it_closes() {
     assert_eq!(reader.read(&mut buf).unwrap(), 0, "pipe closed, no commit");
     assert!(r.m.commit_predecessor("late").is_none());
 }
+
+#[test]
+fn the_config_file_sets_the_window_and_a_reload_changes_it() {
+    let file = crate::config::FileConfig::parse("upgrade_grace = 7.5\n").unwrap();
+    let s = settings(1).with_file(&file);
+    assert_eq!(s.upgrade_grace, Duration::from_millis(7500));
+    assert!(crate::config::FileConfig::parse("upgrade_grace = soon\n").is_err());
+    // The window a master opens is the one its settings say at that moment.
+    let mut r = rig_window(1, Duration::from_secs(3));
+    upgraded(&mut r);
+    let Phase::UpgradeWindow { until } = r.m.phase else {
+        panic!("no window: {:?}", r.m.phase);
+    };
+    assert_eq!(until - r.m.sys.now(), Duration::from_secs(3));
+}
