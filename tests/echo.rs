@@ -148,7 +148,7 @@ fn half_close_gets_the_whole_echo_then_eof_in_every_mode() {
 #[test]
 fn ipv6_loopback_works_when_available() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("no IPv6 loopback on this machine; skipping");
+        common::skip("no IPv6 loopback on this machine");
         return;
     }
     let server = Server::start(&["--listen", "[::1]:0", "--workers", "2"]);
@@ -160,7 +160,9 @@ fn ipv6_loopback_works_when_available() {
 fn one_worker_holds_ten_thousand_idle_connections_and_still_echoes() {
     const IDLE: usize = 10_000;
     if common::raise_nofile() < IDLE as u64 + 500 {
-        eprintln!("descriptor limit too low for {IDLE} client sockets; skipping");
+        common::skip(&format!(
+            "descriptor limit too low for {IDLE} client sockets"
+        ));
         return;
     }
     let server = Server::start(&["--workers", "1"]);

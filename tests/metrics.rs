@@ -111,7 +111,7 @@ fn metrics_add_up_with_stats_and_parse_as_prometheus_text() {
                 );
             }
         }
-        None => eprintln!("prometheus_client is not installed: the real-parser check is skipped"),
+        None => common::skip_missing_tool("python3's prometheus_client"),
     }
     // Other paths and methods are refused; the server is unharmed.
     assert_eq!(get(addr, "/").0, "HTTP/1.1 404 Not Found");

@@ -158,8 +158,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn end_to_end_through_haproxy_with_send_proxy_v2() {
-    if Command::new("haproxy").arg("-v").output().is_err() {
-        eprintln!("haproxy is not installed (.ci/run installs it): skipping the HAProxy test");
+    if !common::have_tool("haproxy") {
         return;
     }
     let server = Server::launch(

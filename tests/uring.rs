@@ -28,7 +28,9 @@ fn ten_thousand_connections_on_the_ring_cost_no_buffers_idle_and_are_all_answere
         return;
     }
     if common::raise_nofile() < IDLE as u64 + 500 {
-        eprintln!("SKIPPED: descriptor limit too low for {IDLE} client sockets");
+        common::skip(&format!(
+            "descriptor limit too low for {IDLE} client sockets"
+        ));
         return;
     }
     let server = Server::start(&["--workers", "1", "--io", "uring", "--stats-interval", "0.2"]);

@@ -19,13 +19,9 @@ pub fn uring_or_skip(what: &str) -> bool {
     match worker::event_loop::probe_uring() {
         Ok(()) => true,
         Err(e) => {
-            // Straight to the process's stderr, past the test harness's capture, so that a
-            // test which passes by skipping says so in CI's log too.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {what}: this kernel or sandbox refuses io_uring ({e})"
-            );
+            super::skip(&format!(
+                "{what}: this kernel or sandbox refuses io_uring ({e})"
+            ));
             false
         }
     }

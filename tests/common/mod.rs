@@ -24,7 +24,8 @@ pub mod skip;
 pub mod tftp;
 
 pub use rng::Rng;
-pub use skip::{skip, skip_missing_tool};
+#[allow(unused_imports)] // each test file uses a different part of the harness
+pub use skip::{have_tool, skip, skip_missing_tool};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_prefork-echo");
@@ -332,16 +333,16 @@ pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// The user `nobody`, when this test runs as root and can act as it; `None` (saying why, so
-/// the skip shows in the output) otherwise.
+/// The user `nobody`, when this test runs as root and can act as it; `None` (a counted
+/// [`skip`] saying why) otherwise.
 pub fn nobody() -> Option<nix::unistd::User> {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("not root: cannot act as another user here; skipping that part");
+        skip("not root: cannot act as another user here");
         return None;
     }
     let u = nix::unistd::User::from_name("nobody").ok().flatten();
     if u.is_none() {
-        eprintln!("no user named nobody; skipping that part");
+        skip("no user named nobody");
     }
     u
 }

@@ -28,22 +28,10 @@ pub fn root_with(sizes: &[usize]) -> PathBuf {
     dir
 }
 
-/// Whether `tool` runs here; if not, says so (CI's `.ci/run` installs it).
+/// Whether `tool` runs here; if not, a counted skip of that part (CI's `.ci/run` installs
+/// it, so on CI its absence fails the test).
 pub fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        // Past the harness's capture, so a passing test's skip shows in CI's log.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{tool} is not installed (.ci/run installs it): its part of this test is skipped"
-        );
-    }
-    ok
+    super::have_tool(tool)
 }
 
 /// Runs a client command with a time limit, so a broken server fails the test, never hangs it.
