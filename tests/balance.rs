@@ -165,10 +165,10 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
 
 #[test]
 fn reuseport_is_for_process_mode() {
-    let out = std::process::Command::new(BIN)
-        .args(["--balance", "reuseport", "--mode", "thread"])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        std::process::Command::new(BIN).args(["--balance", "reuseport", "--mode", "thread"]),
+        common::COMMAND,
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--balance reuseport is for --mode process")

@@ -233,10 +233,10 @@ fn stop_returns_once_the_server_is_gone_and_the_pid_file_goes_with_it() {
         let out = if by == "control" {
             ctl(&server, &["stop"])
         } else {
-            Command::new(common::BIN)
-                .args(["stop", "--pid-file", pid_file.to_str().unwrap()])
-                .output()
-                .unwrap()
+            common::output_within(
+                Command::new(common::BIN).args(["stop", "--pid-file", pid_file.to_str().unwrap()]),
+                common::COMMAND,
+            )
         };
         assert!(
             out.status.success(),

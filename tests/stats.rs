@@ -217,11 +217,12 @@ fn stats_prints_a_table_and_the_control_socket_is_private() {
         "control socket mode {:o}",
         mode & 0o777
     );
-    let out = Command::new(common::BIN)
-        .args(["stats", "--control"])
-        .arg(&server.control)
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        Command::new(common::BIN)
+            .args(["stats", "--control"])
+            .arg(&server.control),
+        common::COMMAND,
+    );
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     for needle in [
@@ -235,10 +236,10 @@ fn stats_prints_a_table_and_the_control_socket_is_private() {
     }
     assert!(server.wait_for_log("stats: workers=2", Duration::from_secs(10)));
     // A stats request to a server that is not there fails with one line, exit 1.
-    let out = Command::new(common::BIN)
-        .args(["stats", "--control", "/nonexistent/prefork-echo.sock"])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        Command::new(common::BIN).args(["stats", "--control", "/nonexistent/prefork-echo.sock"]),
+        common::COMMAND,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }

@@ -383,7 +383,7 @@ fn tftp_options_that_do_not_fit_are_usage_errors() {
         (vec!["--tftp-write"], "--tftp-write is for --service tftp"),
         (vec!["--service", "tftp", "--root", d, "--udp"], "UDP only"),
     ] {
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = common::output_within(Command::new(BIN).args(&args), common::COMMAND);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");

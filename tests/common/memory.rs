@@ -1,16 +1,18 @@
 //! What the machine allows and what a process costs: io_uring, memory.
 
-/// Private memory (PSS) of a process, in bytes; 0 when it cannot be read.
+/// Private memory (PSS) of a live process, in bytes; fails the test when it cannot be read
+/// (a bound checked against 0 would pass whatever the process holds).
 pub fn pss(pid: i32) -> u64 {
-    procfs::process::Process::new(pid)
+    let rollup = procfs::process::Process::new(pid)
         .and_then(|p| p.smaps_rollup())
-        .ok()
-        .and_then(|r| {
-            r.memory_map_rollup
-                .iter()
-                .find_map(|m| m.extension.map.get("Pss").copied())
-        })
-        .unwrap_or(0)
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/smaps_rollup: {e}"));
+    let pss = rollup
+        .memory_map_rollup
+        .iter()
+        .find_map(|m| m.extension.map.get("Pss").copied())
+        .unwrap_or_else(|| panic!("no Pss in /proc/{pid}/smaps_rollup"));
+    assert!(pss > 0, "process {pid} has a PSS of 0: not a live process");
+    pss
 }
 
 /// Whether this kernel lets the server use `--io uring`; when not, says so (the test that
