@@ -57,6 +57,11 @@ pub fn load_flows(server: &Server, from: u64, more: u64, when: &str) -> u64 {
 
 /// Waits for echo-load and returns its JSON report.
 pub fn finish(mut load: Guarded) -> Value {
-    let out = load.0.take().unwrap().wait_with_output().expect("echo-load");
+    let out = load
+        .0
+        .take()
+        .unwrap()
+        .wait_with_output()
+        .expect("echo-load");
     serde_json::from_slice(&out.stdout).expect("echo-load report")
 }
