@@ -160,40 +160,18 @@ fn stats_json_matches_the_documented_schema() {
         let server = Server::start(&["--workers", "2", "--mode", mode, "--stats-interval", "0.1"]);
         let (conns, bytes) = send_known_traffic(&server, 3, 41);
         let v = wait_for_totals(&server, conns, bytes);
+        // Key for key and type for type, both ways, what the README's schema block says.
+        let schema = common::readme_schema::read();
+        if let Err(e) = schema.check(&v) {
+            panic!("{mode}: stats --json differs from the README's schema: {e}\n{v:#}");
+        }
         assert_eq!(v["version"], 1);
         assert_eq!(v["mode"], mode);
         assert_eq!(v["master_pid"].as_i64(), Some(i64::from(server.pid)));
         assert!(v["uptime_secs"].as_f64().unwrap() > 0.0);
         assert!(v["generation"].as_u64().unwrap() >= 1);
-        let counters = [
-            "accepted",
-            "active",
-            "bytes_in",
-            "bytes_out",
-            "accept_errors",
-            "io_errors",
-            "closed_by_limit",
-            "datagrams_in",
-            "datagrams_out",
-            "datagrams_refused",
-            "proxy_errors",
-        ];
-        for c in counters {
-            assert!(v["totals"][c].is_u64(), "totals.{c}");
-        }
         let workers = v["workers"].as_array().unwrap();
         assert_eq!(workers.len(), if mode == "fork-per-conn" { 1 } else { 2 });
-        for w in workers {
-            for k in ["id", "pid", "generation"] {
-                assert!(w[k].is_u64(), "workers[].{k}");
-            }
-            assert!(["starting", "running", "draining"].contains(&w["state"].as_str().unwrap()));
-            assert!(w["uptime_secs"].is_f64());
-            assert!(w["last_report_age_secs"].is_f64() || w["last_report_age_secs"].is_null());
-            for c in counters {
-                assert!(w["counters"][c].is_u64(), "workers[].counters.{c}");
-            }
-        }
         assert_eq!(
             v["fairness"]["shares"].as_array().unwrap().len(),
             workers.len()

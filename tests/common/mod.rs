@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 pub mod chat;
 pub mod churn;
 pub mod memory;
+pub mod readme_schema;
 mod rng;
 pub mod skip;
 pub mod tftp;
