@@ -248,8 +248,13 @@ fn stop_returns_once_the_server_is_gone_and_the_pid_file_goes_with_it() {
             "{by}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // `stop` returned: the master has exited already (reap it) and cleaned up.
-        let status = server.wait_exit(Duration::from_secs(2));
+        // `stop` returned: the master has exited already (a zombie until reaped here, which
+        // `alive` counts as gone) and cleaned up.
+        assert!(
+            !common::alive(server.pid),
+            "{by}: stop returned before the master exited"
+        );
+        let status = server.wait_exit(Duration::from_secs(10));
         assert!(status.is_some_and(|s| s.success()), "{by}: {status:?}");
         assert!(!pid_file.exists(), "{by}: pid file left behind");
         let _ = std::fs::remove_dir_all(&dir);
