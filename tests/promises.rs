@@ -1,7 +1,8 @@
 //! README promises that no other test held the server to: a worker that cannot boot exits 3
 //! and stops the master at once; workers ignore SIGINT; a new master that never gets ready is
 //! given up after the upgrade timeout; datagrams "from" a port below 1024 are dropped by the
-//! UDP echo and the TFTP service alike.
+//! UDP echo and the TFTP service alike; fork-per-conn TFTP forks at most `--max-conns`
+//! children and drops (and counts) a request beyond them.
 
 mod common;
 
@@ -231,4 +232,76 @@ fn datagrams_from_ports_below_1024_are_dropped_by_udp_echo_and_tftp() {
         let rrq = common::tftp::request(false, b"f100", "octet", &[]);
         low_port_dropped(&server, &rrq, &format!("TFTP, {mode}"));
     }
+}
+
+#[test]
+fn fork_per_conn_tftp_forks_at_most_max_conns_children_and_drops_the_rest() {
+    use common::tftp::{ack, head, recv, request, root_with, udp_client};
+    let root = root_with(&[5000]);
+    let server = Server::start(&[
+        "--service",
+        "tftp",
+        "--root",
+        root.to_str().unwrap(),
+        "--mode",
+        "fork-per-conn",
+        "--max-conns",
+        "2",
+        "--stats-interval",
+        "0.1",
+    ]);
+    let rrq = request(false, b"f5000", "octet", &[]);
+    // Two transfers held at their first block (never acknowledged yet): two children.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let c = udp_client();
+            c.send_to(&rrq, server.addr).unwrap();
+            let (p, tid) = recv(&c, "DATA 1");
+            assert_eq!(head(&p), (3, 1));
+            (c, tid)
+        })
+        .collect();
+    assert_eq!(common::children_of(server.pid).len(), 2);
+    // A third request is taken and dropped (counted), with no child and no answer.
+    let third = udp_client();
+    third.send_to(&rrq, server.addr).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            server.stats()["totals"]["closed_by_limit"].as_u64() >= Some(1)
+        }),
+        "{}",
+        server.stats()["totals"]
+    );
+    assert_eq!(common::children_of(server.pid).len(), 2);
+    third.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        third.recv_from(&mut buf).is_err(),
+        "a request over the limit was answered"
+    );
+    third.set_nonblocking(false).unwrap();
+    // One held transfer completes: its child ends, and the retrying client is served.
+    let (c, tid) = &held[0];
+    let mut block = 1u16;
+    loop {
+        c.send_to(&ack(block), *tid).unwrap();
+        let (p, _) = recv(c, "the next DATA");
+        assert_eq!(head(&p), (3, block + 1));
+        block += 1;
+        if p.len() < 516 {
+            c.send_to(&ack(block), *tid).unwrap();
+            break;
+        }
+    }
+    third
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let served = wait_until(Duration::from_secs(30), || {
+        third.send_to(&rrq, server.addr).unwrap();
+        matches!(third.recv_from(&mut buf), Ok((n, _)) if n >= 4 && head(&buf[..n]) == (3, 1))
+    });
+    assert!(
+        served,
+        "the retrying client was never served once a child ended"
+    );
 }
