@@ -113,7 +113,9 @@ fn cpu_secs(pid: i32) -> f64 {
     let ticks = procfs::ticks_per_second().max(1) as f64;
     procfs::process::Process::new(pid)
         .and_then(|p| p.stat())
-        .map_or(0.0, |s| (s.utime + s.stime) as f64 / ticks)
+        .map(|s| (s.utime + s.stime) as f64 / ticks)
+        // 0 for an unreadable process would pass any CPU bound.
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"))
 }
 
 #[test]

@@ -29,14 +29,14 @@ pub fn uring_or_skip(what: &str) -> bool {
     }
 }
 
-/// Whether process `pid` holds an io_uring instance (a descriptor on `anon_inode:[io_uring]`).
+/// Whether process `pid` holds an io_uring instance (a descriptor on `anon_inode:[io_uring]`);
+/// fails the test if its descriptors cannot be listed (a "no" would then prove nothing).
 pub fn holds_io_uring(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| {
-            dir.flatten().any(|e| {
-                std::fs::read_link(e.path())
-                    .is_ok_and(|target| target.to_string_lossy().contains("io_uring"))
-            })
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|target| target.to_string_lossy().contains("io_uring"))
         })
-        .unwrap_or(false)
 }

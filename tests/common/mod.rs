@@ -672,21 +672,20 @@ pub fn raise_nofile() -> u64 {
 /// process `pid` (matched through socket inodes in /proc/PID/fd and /proc/net/tcp{,6}).
 pub fn client_ports_held_by(pid: i32, server_port: u16) -> HashSet<u16> {
     use procfs::process::FDTarget;
+    // Unreadable is a failure, not "holds nothing": a test may assert a process holds none.
     let inodes: HashSet<u64> = procfs::process::Process::new(pid)
         .and_then(|p| p.fd())
-        .map(|fds| {
-            fds.flatten()
-                .filter_map(|fd| match fd.target {
-                    FDTarget::Socket(inode) => Some(inode),
-                    _ => None,
-                })
-                .collect()
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|fd| match fd.target {
+            FDTarget::Socket(inode) => Some(inode),
+            _ => None,
         })
-        .unwrap_or_default();
+        .collect();
     let entries = procfs::net::tcp()
-        .unwrap_or_default()
+        .expect("reading /proc/net/tcp")
         .into_iter()
-        .chain(procfs::net::tcp6().unwrap_or_default());
+        .chain(procfs::net::tcp6().unwrap_or_default()); // no IPv6: no IPv6 entries
     entries
         .filter(|e| inodes.contains(&e.inode) && e.local_address.port() == server_port)
         .map(|e| e.remote_address.port())
