@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::churn::{churning_load, finish};
+use common::churn::{churning_load, finish, load_flows};
 use common::{BIN, Server, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -79,8 +79,8 @@ fn a_slots_queue_waits_for_the_worker_that_replaces_a_dead_one() {
 /// Grows and shrinks the pool five times under 200 churning connections; nothing may fail.
 fn scaling_under_churn_drops_nothing(balance: &str) {
     let server = pool(balance);
-    let load = churning_load(&server, "200", "8");
-    std::thread::sleep(Duration::from_millis(500));
+    let load = churning_load(&server, "200", "15");
+    let mut seen = load_flows(&server, 0, 200, "before scaling");
     for (i, n) in ["4", "2", "3", "1", "4", "2"].into_iter().enumerate() {
         let out = server.ctl(&["scale", n]);
         assert!(
@@ -94,7 +94,7 @@ fn scaling_under_churn_drops_nothing(balance: &str) {
             "scale {i} to {n}: workers {:?}",
             server.workers()
         );
-        std::thread::sleep(Duration::from_millis(300));
+        seen = load_flows(&server, seen, 1, &format!("after scale {i} to {n}"));
     }
     let r = finish(load);
     assert_eq!(r["errors"]["total"], 0, "{balance}: {}", r["errors"]);
@@ -128,8 +128,8 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
         "--stats-interval",
         "0.2",
     ]);
-    let load = churning_load(&server, "200", "8");
-    std::thread::sleep(Duration::from_millis(500));
+    let load = churning_load(&server, "200", "15");
+    let mut seen = load_flows(&server, 0, 200, "before the reloads");
     // Reloads to fewer, more and as many workers.
     for n in ["2", "4", "4", "1", "3"] {
         std::fs::write(&config, format!("workers = {n}\n")).unwrap();
@@ -139,11 +139,13 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
             "reload to {n}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        seen = load_flows(&server, seen, 1, &format!("after the reload to {n}"));
     }
     server.signal(Signal::SIGUSR2);
     server.assert_exits_ok(Duration::from_secs(30));
     let new_pid = common::read_pid(&pid_file);
     let _new = common::KillOnDrop::new(new_pid);
+    load_flows(&server, seen, 1, "after the upgrade");
     let r = finish(load);
     assert_eq!(r["errors"]["total"], 0, "{}", r["errors"]);
     let mut c = server.connect();
@@ -165,10 +167,10 @@ fn reloads_and_an_upgrade_under_churn_drop_nothing_with_reuseport() {
 
 #[test]
 fn reuseport_is_for_process_mode() {
-    let out = std::process::Command::new(BIN)
-        .args(["--balance", "reuseport", "--mode", "thread"])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        std::process::Command::new(BIN).args(["--balance", "reuseport", "--mode", "thread"]),
+        common::COMMAND,
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--balance reuseport is for --mode process")

@@ -6,10 +6,7 @@ mod common;
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(common::BIN)
-        .args(args)
-        .output()
-        .expect("running the binary")
+    common::output_within(Command::new(common::BIN).args(args), common::COMMAND)
 }
 
 fn one_error_line(out: &Output) -> String {
@@ -121,16 +118,16 @@ fn bad_flags_exit_2_with_a_usage_error() {
 #[test]
 fn more_workers_than_the_descriptor_limit_allows_exits_1() {
     // `ulimit -n` in a shell that then execs the server sets a low hard limit for it alone.
-    let out = Command::new("sh")
-        .args([
+    let out = common::output_within(
+        Command::new("sh").args([
             "-c",
             &format!(
                 "ulimit -n 64 && exec {} --listen 127.0.0.1:0 --workers 100",
                 common::BIN
             ),
-        ])
-        .output()
-        .unwrap();
+        ]),
+        common::COMMAND,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = one_error_line(&out);
     assert!(

@@ -290,11 +290,12 @@ fn a_scale_the_descriptor_limit_cannot_hold_is_refused() {
         .unwrap();
     let _guard = common::KillOnDrop::new(child.id() as i32);
     common::read_announce(&mut child);
-    let out = Command::new(common::BIN)
-        .args(["scale", "60", "--control"])
-        .arg(&control)
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        Command::new(common::BIN)
+            .args(["scale", "60", "--control"])
+            .arg(&control),
+        common::COMMAND,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("RLIMIT_NOFILE"), "{err}");

@@ -93,12 +93,12 @@ fn idle_connections_are_closed_and_busy_ones_kept() {
             echo(&mut busy, b"tick");
             std::thread::sleep(Duration::from_millis(100));
         }
-        let mut b = [0u8; 1];
-        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert!(
-            matches!(idle.read(&mut b), Ok(0) | Err(_)),
-            "{args:?}: the idle connection is still open"
+        let got = common::read_until_closed(
+            &mut idle,
+            Duration::from_secs(5),
+            &format!("{args:?}: the idle connection"),
         );
+        assert!(got.is_empty(), "{args:?}");
         echo(&mut busy, b"busy is kept");
         assert!(
             wait_until(Duration::from_secs(5), || total(&server, "closed_by_limit")
@@ -113,7 +113,9 @@ fn cpu_secs(pid: i32) -> f64 {
     let ticks = procfs::ticks_per_second().max(1) as f64;
     procfs::process::Process::new(pid)
         .and_then(|p| p.stat())
-        .map_or(0.0, |s| (s.utime + s.stime) as f64 / ticks)
+        .map(|s| (s.utime + s.stime) as f64 / ticks)
+        // 0 for an unreadable process would pass any CPU bound.
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"))
 }
 
 #[test]
@@ -141,14 +143,21 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     // 90 clients: the kernel completes every handshake, the worker accepts what it can.
     let mut conns: Vec<TcpStream> = (0..90).map(|_| client(addr)).collect();
     for s in &mut conns {
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
         s.write_all(b"hi").unwrap();
     }
+    // Accepted in order: each is given a generous 5 s until the first that is not served,
+    // the rest (waiting behind it in the queue) 300 ms each.
+    let mut waiting = false;
     let served: Vec<usize> = (0..conns.len())
         .filter(|&i| {
+            let patience = if waiting { 300 } else { 5000 };
+            conns[i]
+                .set_read_timeout(Some(Duration::from_millis(patience)))
+                .unwrap();
             let mut b = [0u8; 2];
-            conns[i].read_exact(&mut b).is_ok()
+            let ok = conns[i].read_exact(&mut b).is_ok();
+            waiting |= !ok;
+            ok
         })
         .collect();
     assert!(
@@ -156,13 +165,14 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
         "served {}",
         served.len()
     );
-    // Out of descriptors, the worker must not spin: measure its CPU over a second.
+    // Out of descriptors, the worker must not spin: measure its CPU over 3 s (a spinning
+    // worker gets well over 20% of a core even on this shared box).
     let before = cpu_secs(worker);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(3));
     let used = cpu_secs(worker) - before;
     assert!(
-        used < 0.3,
-        "the worker burned {used:.2} s of CPU in 1 s while out of descriptors"
+        used < 0.6,
+        "the worker burned {used:.2} s of CPU in 3 s while out of descriptors"
     );
     assert!(common::alive(worker));
     // Free descriptors: the waiting clients are served, in full.
@@ -238,8 +248,9 @@ fn slow_loris_clients_do_not_starve_the_others() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Starved, it would wait for its 30 s read timeout; 5 s leaves this loaded box a margin.
     assert!(
-        worst < Duration::from_secs(1),
+        worst < Duration::from_secs(5),
         "a fast client waited {worst:?}"
     );
     // The slow ones were served too, byte by byte.
@@ -289,7 +300,8 @@ fn never_readers_cannot_grow_a_worker_past_its_bound(extra: &[&str]) {
     // And a client that does read is still answered at once.
     let t = Instant::now();
     echo_to_eof(server.connect(), b"I read my echo");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // "At once" on a loaded 2-core box: well under the 30 s a stuck worker would take.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
 
 #[test]

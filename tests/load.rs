@@ -9,11 +9,10 @@ use common::Server;
 use serde_json::Value;
 
 fn load(args: &[&str]) -> (Output, Value) {
-    let out = Command::new(common::echo_load())
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("running echo-load");
+    let out = common::output_within(
+        Command::new(common::echo_load()).args(args).arg("--json"),
+        std::time::Duration::from_secs(120),
+    );
     let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out, report)
 }

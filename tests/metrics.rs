@@ -111,7 +111,7 @@ fn metrics_add_up_with_stats_and_parse_as_prometheus_text() {
                 );
             }
         }
-        None => eprintln!("prometheus_client is not installed: the real-parser check is skipped"),
+        None => common::skip_missing_tool("python3's prometheus_client"),
     }
     // Other paths and methods are refused; the server is unharmed.
     assert_eq!(get(addr, "/").0, "HTTP/1.1 404 Not Found");
@@ -138,10 +138,45 @@ fn a_stalled_scraper_cannot_stall_the_master_and_upgrades_keep_the_endpoint() {
         pid_file.to_str().unwrap(),
     ]);
     let addr = metrics_addr(&server);
-    // Connects and never finishes its request: the master answers everyone else meanwhile.
-    let _stalled = TcpStream::connect(addr).unwrap();
-    assert_eq!(get(addr, "/metrics").0, "HTTP/1.1 200 OK");
+    // Three scrapers stall the master's side of the exchange three ways: half a request
+    // line, headers that never end, and a whole request whose answer it never reads (through
+    // a receive buffer far smaller than the exposition, so the master's write cannot finish).
+    let mut half_line = TcpStream::connect(addr).unwrap();
+    half_line.write_all(b"GET /metr").unwrap();
+    let mut endless = TcpStream::connect(addr).unwrap();
+    endless
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nX-Slow: ")
+        .unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(1024).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut unread: TcpStream = sock.into();
+    for _ in 0..3 {
+        // Pipelined: more answers than the small buffer holds, if the master keeps going.
+        unread
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+    }
+    // The master answers everyone else meanwhile, promptly.
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/metrics").0, "HTTP/1.1 200 OK");
+        assert!(server.ctl(&["stats"]).status.success());
+    }
     echo_to_eof(server.connect(), b"still serving");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the master answered slowly beside stalled scrapers: {:?}",
+        t.elapsed()
+    );
+    // And it drops the stalled scrapers at its deadline (5 s) instead of keeping them.
+    for (what, s) in [
+        ("half a line", &mut half_line),
+        ("endless headers", &mut endless),
+    ] {
+        let got = common::read_until_closed(s, Duration::from_secs(30), what);
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"), "{what}");
+    }
     // A binary upgrade hands the metrics socket over: the port keeps answering.
     server.signal(Signal::SIGUSR2);
     assert!(common::wait_until(Duration::from_secs(30), || {

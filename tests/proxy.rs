@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,9 +27,10 @@ fn start(mode: &[&str], extra: &[&str]) -> Server {
 }
 
 fn proxy_errors(server: &Server) -> u64 {
+    // A missing counter would read as "no errors": fail instead.
     server.stats()["totals"]["proxy_errors"]
         .as_u64()
-        .unwrap_or(0)
+        .expect("totals.proxy_errors")
 }
 
 /// Writes `parts` (with a pause between them, so they arrive apart), half-closes, and returns
@@ -45,9 +46,7 @@ fn exchange(addr: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
         }
     }
     let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut back = Vec::new();
-    let _ = s.read_to_end(&mut back);
-    back
+    common::read_until_closed(&mut s, Duration::from_secs(30), "an exchange")
 }
 
 fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
@@ -108,8 +107,11 @@ fn headers_are_stripped_and_bad_ones_close_the_connection_in_every_mode() {
         let t = Instant::now();
         let mut slow = common::client(server.addr);
         slow.write_all(b"PROXY TCP4 192.0.2.7").unwrap();
-        let mut back = Vec::new();
-        let _ = slow.read_to_end(&mut back);
+        let back = common::read_until_closed(
+            &mut slow,
+            Duration::from_secs(15),
+            &format!("{mode:?}: a header that never completes"),
+        );
         assert!(back.is_empty(), "{mode:?}");
         assert!(
             t.elapsed() < Duration::from_secs(15),
@@ -139,10 +141,10 @@ fn headers_from_peers_not_allowed_to_send_them_are_refused() {
             "{mode:?}"
         );
     }
-    let out = Command::new(common::BIN)
-        .args(["--proxy-protocol", "--proxy-from", "10.0.0.0/33"])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        Command::new(common::BIN).args(["--proxy-protocol", "--proxy-from", "10.0.0.0/33"]),
+        common::COMMAND,
+    );
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -158,8 +160,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn end_to_end_through_haproxy_with_send_proxy_v2() {
-    if Command::new("haproxy").arg("-v").output().is_err() {
-        eprintln!("haproxy is not installed (.ci/run installs it): skipping the HAProxy test");
+    if !common::have_tool("haproxy") {
         return;
     }
     let server = Server::launch(

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::churn::{churning_load, finish};
+use common::churn::{churning_load, finish, load_flows};
 use common::{Server, echo, echo_to_eof, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -37,8 +37,10 @@ fn ten_reloads_under_load_drop_nothing(spawn: &str, extra: &[&str]) {
         ]
         .concat(),
     );
-    let load = churning_load(&server, "200", "6");
-    std::thread::sleep(Duration::from_millis(500));
+    // Long enough to outlast ten reloads on a loaded machine; the accepted count, read
+    // before, in the middle and after the reloads, shows it ran through all of them.
+    let load = churning_load(&server, "200", "15");
+    let mut seen = load_flows(&server, 0, 200, "before the first reload");
     for i in 0..10 {
         let out = ctl(&server, &["reload"]);
         let said = String::from_utf8_lossy(&out.stdout);
@@ -51,6 +53,9 @@ fn ten_reloads_under_load_drop_nothing(spawn: &str, extra: &[&str]) {
             said.contains(&format!("generation {} serving", i + 2)),
             "{said}"
         );
+        if i == 4 || i == 9 {
+            seen = load_flows(&server, seen, 1, &format!("during reload {}", i + 1));
+        }
     }
     let r = finish(load);
     assert_eq!(r["errors"]["total"], 0, "{spawn}: {}", r["errors"]);
@@ -233,18 +238,23 @@ fn stop_returns_once_the_server_is_gone_and_the_pid_file_goes_with_it() {
         let out = if by == "control" {
             ctl(&server, &["stop"])
         } else {
-            Command::new(common::BIN)
-                .args(["stop", "--pid-file", pid_file.to_str().unwrap()])
-                .output()
-                .unwrap()
+            common::output_within(
+                Command::new(common::BIN).args(["stop", "--pid-file", pid_file.to_str().unwrap()]),
+                common::COMMAND,
+            )
         };
         assert!(
             out.status.success(),
             "{by}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // `stop` returned: the master has exited already (reap it) and cleaned up.
-        let status = server.wait_exit(Duration::from_secs(2));
+        // `stop` returned: the master has exited already (a zombie until reaped here, which
+        // `alive` counts as gone) and cleaned up.
+        assert!(
+            !common::alive(server.pid),
+            "{by}: stop returned before the master exited"
+        );
+        let status = server.wait_exit(Duration::from_secs(10));
         assert!(status.is_some_and(|s| s.success()), "{by}: {status:?}");
         assert!(!pid_file.exists(), "{by}: pid file left behind");
         let _ = std::fs::remove_dir_all(&dir);
@@ -324,8 +334,8 @@ fn binary_upgrade_under_load_drops_nothing() {
     let dir = common::scratch_dir();
     let pid_file = dir.join("echo.pid");
     let mut server = Server::start(&["--workers", "2", "--pid-file", pid_file.to_str().unwrap()]);
-    let load = churning_load(&server, "200", "5");
-    std::thread::sleep(Duration::from_millis(500));
+    let load = churning_load(&server, "200", "15");
+    let before = load_flows(&server, 0, 200, "before the upgrade");
     server.signal(Signal::SIGUSR2);
     // The old master hands over, drains and exits 0; the pid file names its successor.
     server.assert_exits_ok(Duration::from_secs(30));
@@ -337,6 +347,8 @@ fn binary_upgrade_under_load_drops_nothing() {
         server.stats()["master_pid"].as_i64(),
         Some(i64::from(new_pid))
     );
+    // The new master carries the totals over; the load still flows through it.
+    load_flows(&server, before, 1, "after the upgrade");
     let r = finish(load);
     assert_eq!(r["errors"]["total"], 0, "{}", r["errors"]);
     echo_to_eof(server.connect(), b"served by the new master");

@@ -77,7 +77,7 @@ fn downloads(mode: &str) {
     let (mut done, mut bytes) = (0u64, 0u64);
     for (client, tool, get) in CLIENTS {
         if !have(tool) {
-            continue;
+            continue; // a counted skip (a failure on CI, which installs it)
         }
         for &n in &sizes {
             let name = format!("f{n}");
@@ -96,6 +96,9 @@ fn downloads(mode: &str) {
                 bytes += n as u64;
             }
         }
+    }
+    if done == 0 {
+        return; // no client that finishes its transfers ran: each was a counted skip
     }
     let t = totals_after(&server, done);
     assert_eq!(t["transfers_done"].as_u64(), Some(done), "{t}");

@@ -63,7 +63,9 @@ fn chat_server(bug: &'static str) -> std::net::SocketAddr {
 }
 
 fn run(addr: std::net::SocketAddr, extra: &[&str]) -> (Option<i32>, Value) {
-    let out = Command::new(LOAD)
+    // Under `timeout`: a load generator that hangs fails the test (exit 124), not the suite.
+    let out = Command::new("timeout")
+        .args(["-k", "5", "120", LOAD])
         .args([
             "--target",
             &addr.to_string(),
@@ -114,7 +116,9 @@ fn dropped_repeated_reordered_and_mangled_lines_are_caught() {
 
 #[test]
 fn remote_targets_are_refused() {
-    let out = Command::new(LOAD)
+    // Under `timeout`: a load generator that hangs fails the test (exit 124), not the suite.
+    let out = Command::new("timeout")
+        .args(["-k", "5", "120", LOAD])
         .args(["--target", "192.0.2.1:7007"])
         .output()
         .unwrap();

@@ -11,7 +11,9 @@ use serde_json::Value;
 const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
 
 fn load(args: &[&str]) -> (Output, Value) {
-    let out = Command::new(LOAD)
+    // Under `timeout`: a load generator that hangs fails the test (exit 124), not the suite.
+    let out = Command::new("timeout")
+        .args(["-k", "5", "120", LOAD])
         .args(args)
         .arg("--json")
         .output()
@@ -90,7 +92,9 @@ fn refused_connections_are_counted_and_remote_targets_refused() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(r["errors"]["refused"], 3);
-    let out = Command::new(LOAD)
+    // Under `timeout`: a load generator that hangs fails the test (exit 124), not the suite.
+    let out = Command::new("timeout")
+        .args(["-k", "5", "120", LOAD])
         .args(["--target", "192.0.2.1:7"])
         .output()
         .unwrap();

@@ -124,15 +124,19 @@ impl ChatClient {
     }
 
     /// Asks `/who` until the answer starts with `want` (the room's news travels between
-    /// workers a moment behind); returns the last answer.
+    /// workers a moment behind) and returns it; fails the test if it never does.
     pub fn wait_for_who(&mut self, want: &str) -> String {
         let deadline = Instant::now() + ARRIVE;
         loop {
             self.say("/who");
             let who = self.until("a /who answer", |l| l.contains(" connected: "));
-            if who.starts_with(want) || Instant::now() > deadline {
+            if who.starts_with(want) {
                 return who;
             }
+            assert!(
+                Instant::now() < deadline,
+                "/who never answered {want:?}; last answer {who:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

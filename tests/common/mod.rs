@@ -19,13 +19,14 @@ use nix::unistd::Pid;
 pub mod chat;
 pub mod churn;
 pub mod memory;
+pub mod readme_schema;
 mod rng;
 pub mod skip;
 pub mod tftp;
 
 pub use rng::Rng;
-#[allow(unused_imports)] // not every test file skips
-pub use skip::{skip, skip_missing_tool};
+#[allow(unused_imports)] // each test file uses a different part of the harness
+pub use skip::{have_tool, skip, skip_missing_tool};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_prefork-echo");
@@ -185,6 +186,15 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The pids of the new masters this master said it started (upgrades).
+    pub fn successors(&self) -> Vec<i32> {
+        self.stderr()
+            .split("upgrade: started a new master (pid ")
+            .skip(1)
+            .filter_map(|r| r.split(')').next()?.parse().ok())
+            .collect()
+    }
+
     /// Waits (polling) until stderr contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         wait_until(timeout, || self.stderr().contains(needle))
@@ -224,12 +234,13 @@ impl Server {
 
     /// Runs `prefork-echo ARGS --control <its control socket>` and returns what happened.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .expect("running a prefork-echo command")
+        output_within(
+            Command::new(BIN)
+                .args(args)
+                .arg("--control")
+                .arg(&self.control),
+            COMMAND,
+        )
     }
 
     /// Waits until the master has run for `secs` more seconds of its own uptime (several loop
@@ -248,13 +259,14 @@ impl Server {
 
     /// Runs `prefork-echo stats --json` against this server and parses what it prints.
     pub fn stats(&self) -> serde_json::Value {
-        let out = Command::new(BIN)
-            .arg("stats")
-            .arg("--control")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .expect("running prefork-echo stats");
+        let out = output_within(
+            Command::new(BIN)
+                .arg("stats")
+                .arg("--control")
+                .arg(&self.control)
+                .arg("--json"),
+            COMMAND,
+        );
         assert!(
             out.status.success(),
             "stats failed: {}",
@@ -278,6 +290,14 @@ impl Drop for Server {
         let _ = self.child.wait();
         let seen: Vec<i32> = self.seen.lock().unwrap().iter().copied().collect();
         reap_pids(seen);
+        // A new master this one started (an upgrade) outlives it as this process's child,
+        // out of reach of the kill above: from the moment the old master logs its pid, it is
+        // killed here too, whatever panicked before a test's own guard was made.
+        for successor in self.successors() {
+            if is_my_child(successor) {
+                drop(KillOnDrop(successor));
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -321,6 +341,46 @@ impl Drop for BinaryCopy {
     }
 }
 
+/// How long a command that should finish at once (a usage error, a control request) may run.
+pub const COMMAND: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` to completion like `Command::output`, but within `within`: a command that is
+/// still running then (a regression that accepted a bad flag and started serving) is killed
+/// with its whole tree and fails the test, instead of hanging the suite.
+pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Output {
+    adopt_orphans();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", cmd.get_program()));
+    let pid = child.id() as i32;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = pipe.read_to_end(&mut all);
+            all
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let Some(status) = wait_for_exit(&mut child, within) else {
+        kill_tree(pid);
+        let _ = child.wait();
+        let err = err.join().unwrap_or_default();
+        panic!(
+            "{cmd:?} still ran after {within:?} (killed): {}",
+            String::from_utf8_lossy(&err)
+        );
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
 /// The pid a pid file names (its first line; the second records the start time).
 pub fn read_pid(path: &Path) -> i32 {
     std::fs::read_to_string(path)
@@ -334,11 +394,10 @@ pub fn read_pid(path: &Path) -> i32 {
 /// Runs `prefork-echo ARGS` with `env` added, fails the test (showing its stderr) unless it
 /// succeeds, and returns its stdout.
 pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("running prefork-echo");
+    let out = output_within(
+        Command::new(BIN).args(args).envs(env.iter().copied()),
+        COMMAND,
+    );
     assert!(
         out.status.success(),
         "prefork-echo {args:?} failed: {}",
@@ -347,16 +406,16 @@ pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// The user `nobody`, when this test runs as root and can act as it; `None` (saying why, so
-/// the skip shows in the output) otherwise.
+/// The user `nobody`, when this test runs as root and can act as it; `None` (a counted
+/// [`skip`] saying why) otherwise.
 pub fn nobody() -> Option<nix::unistd::User> {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("not root: cannot act as another user here; skipping that part");
+        skip("not root: cannot act as another user here");
         return None;
     }
     let u = nix::unistd::User::from_name("nobody").ok().flatten();
     if u.is_none() {
-        eprintln!("no user named nobody; skipping that part");
+        skip("no user named nobody");
     }
     u
 }
@@ -496,18 +555,18 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// (pid, ppid, state) of every process, from /proc.
+/// (pid, ppid, state) of every process, from /proc; fails the test if /proc cannot be
+/// listed (an empty list would read as "no workers" and "no descendants"). A process that
+/// exits while being listed is left out: it is gone either way.
 fn processes() -> Vec<(i32, i32, char)> {
     procfs::process::all_processes()
-        .map(|all| {
-            all.flatten()
-                .filter_map(|p| {
-                    let stat = p.stat().ok()?;
-                    Some((p.pid, stat.ppid, stat.state))
-                })
-                .collect()
+        .unwrap_or_else(|e| panic!("listing /proc: {e}"))
+        .flatten()
+        .filter_map(|p| {
+            let stat = p.stat().ok()?;
+            Some((p.pid, stat.ppid, stat.state))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Live (non-zombie) children of `pid`.
@@ -542,6 +601,14 @@ pub fn status(pid: i32) -> procfs::process::Status {
         .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"))
 }
 
+/// Whether `pid` is a child of this test process (alive or not yet reaped): only then is it
+/// certainly one this test started, not a stranger that reused the number.
+fn is_my_child(pid: i32) -> bool {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| s.ppid == std::process::id() as i32)
+}
+
 /// Whether `pid` is a live (non-zombie) process.
 pub fn alive(pid: i32) -> bool {
     procfs::process::Process::new(pid)
@@ -563,6 +630,38 @@ pub fn echo(s: &mut TcpStream, msg: &[u8]) {
     let mut back = vec![0; msg.len()];
     s.read_exact(&mut back).expect("reading the echo");
     assert!(back == msg, "echo differs from what was sent");
+}
+
+/// Reads `s` until the server closes it (end of stream, or a reset), within `within`, and
+/// returns what came first; fails the test if it is still open then (a read timeout is not
+/// a close).
+pub fn read_until_closed(s: &mut TcpStream, within: Duration, what: &str) -> Vec<u8> {
+    use std::io::ErrorKind;
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{what}: still open after {within:?}");
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("{what}: still open after {within:?}")
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return got;
+            }
+            Err(e) => panic!("{what}: reading: {e}"),
+        }
+    }
 }
 
 /// Sends `msg`, half-closes, and reads until the server closes: everything must come back.
@@ -587,21 +686,20 @@ pub fn raise_nofile() -> u64 {
 /// process `pid` (matched through socket inodes in /proc/PID/fd and /proc/net/tcp{,6}).
 pub fn client_ports_held_by(pid: i32, server_port: u16) -> HashSet<u16> {
     use procfs::process::FDTarget;
+    // Unreadable is a failure, not "holds nothing": a test may assert a process holds none.
     let inodes: HashSet<u64> = procfs::process::Process::new(pid)
         .and_then(|p| p.fd())
-        .map(|fds| {
-            fds.flatten()
-                .filter_map(|fd| match fd.target {
-                    FDTarget::Socket(inode) => Some(inode),
-                    _ => None,
-                })
-                .collect()
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|fd| match fd.target {
+            FDTarget::Socket(inode) => Some(inode),
+            _ => None,
         })
-        .unwrap_or_default();
+        .collect();
     let entries = procfs::net::tcp()
-        .unwrap_or_default()
+        .expect("reading /proc/net/tcp")
         .into_iter()
-        .chain(procfs::net::tcp6().unwrap_or_default());
+        .chain(procfs::net::tcp6().unwrap_or_default()); // no IPv6: no IPv6 entries
     entries
         .filter(|e| inodes.contains(&e.inode) && e.local_address.port() == server_port)
         .map(|e| e.remote_address.port())

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -28,22 +28,10 @@ pub fn root_with(sizes: &[usize]) -> PathBuf {
     dir
 }
 
-/// Whether `tool` runs here; if not, says so (CI's `.ci/run` installs it).
+/// Whether `tool` runs here; if not, a counted skip of that part (CI's `.ci/run` installs
+/// it, so on CI its absence fails the test).
 pub fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        // Past the harness's capture, so a passing test's skip shows in CI's log.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{tool} is not installed (.ci/run installs it): its part of this test is skipped"
-        );
-    }
-    ok
+    super::have_tool(tool)
 }
 
 /// Runs a client command with a time limit, so a broken server fails the test, never hangs it.
@@ -202,6 +190,39 @@ pub struct LossyRelay {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
+    /// What it did to the packets going each way: a test through loss that saw none lost
+    /// tested nothing.
+    pub tally: Arc<Tally>,
+}
+
+/// Packets the relay dropped and duplicated, toward the server and toward the clients.
+#[derive(Default, Debug)]
+pub struct Tally {
+    pub dropped_up: AtomicU64,
+    pub duplicated_up: AtomicU64,
+    pub dropped_down: AtomicU64,
+    pub duplicated_down: AtomicU64,
+}
+
+impl Tally {
+    fn count(&self, fate: u32, up: bool) {
+        let counter = match (fate, up) {
+            (0, true) => &self.dropped_up,
+            (2, true) => &self.duplicated_up,
+            (0, false) => &self.dropped_down,
+            (2, false) => &self.duplicated_down,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (dropped, duplicated) toward the clients: what makes the server retransmit.
+    pub fn down(&self) -> (u64, u64) {
+        (
+            self.dropped_down.load(Ordering::Relaxed),
+            self.duplicated_down.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl LossyRelay {
@@ -212,12 +233,23 @@ impl LossyRelay {
         let addr = front.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let handle =
-            thread::spawn(move || relay(front, server, (drop_pct, dup_pct), Rng::new(seed), &flag));
+        let tally = Arc::new(Tally::default());
+        let counts = Arc::clone(&tally);
+        let handle = thread::spawn(move || {
+            relay(
+                front,
+                server,
+                (drop_pct, dup_pct),
+                Rng::new(seed),
+                &flag,
+                &counts,
+            )
+        });
         LossyRelay {
             addr,
             stop,
             handle: Some(handle),
+            tally,
         }
     }
 }
@@ -244,6 +276,7 @@ fn relay(
     (drop_pct, dup_pct): (u64, u64),
     mut rng: Rng,
     stop: &AtomicBool,
+    tally: &Tally,
 ) {
     let mut legs: Vec<Leg> = Vec::new();
     let mut buf = vec![0u8; 65536];
@@ -275,7 +308,9 @@ fn relay(
                 }
             };
             let to = legs[i].tid.unwrap_or(server);
-            for _ in 0..fate() {
+            let f = fate();
+            tally.count(f, true);
+            for _ in 0..f {
                 let _ = legs[i].up.send_to(&buf[..n], to);
             }
         }
@@ -290,7 +325,9 @@ fn relay(
                 if leg.tid.is_some_and(|t| t != from) && from != server {
                     continue;
                 }
-                for _ in 0..fate() {
+                let f = fate();
+                tally.count(f, false);
+                for _ in 0..f {
                     let _ = front.send_to(&buf[..n], leg.client);
                 }
             }

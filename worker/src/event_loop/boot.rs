@@ -25,6 +25,9 @@ use crate::service::{Room, Service, Transport};
 /// Why a worker could not start.
 #[derive(Debug, Error)]
 pub enum BootError {
+    /// A descriptor the command line names is not open in this process.
+    #[error("descriptor {0} is not open")]
+    NotOpen(i32),
     /// The inherited listening descriptor is not a listening socket.
     #[error("descriptor {0} is not a listening socket")]
     NotListening(i32),
@@ -39,6 +42,19 @@ pub enum BootError {
         /// The failure.
         source: io::Error,
     },
+}
+
+/// Takes ownership of inherited descriptor `raw`, refusing one that is not open: wrapping a
+/// closed number would end the process on its drop (an I/O-safety abort) instead of exiting
+/// with the boot-failure code the master understands.
+fn inherited(raw: i32) -> Result<OwnedFd, BootError> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; it is harmless on any number.
+    if raw < 0 || unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
+        return Err(BootError::NotOpen(raw));
+    }
+    // SAFETY: open, handed to this process by the master (not close-on-exec), and nothing
+    // else in it owns it; each descriptor is taken exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Wraps the inherited listening socket, refusing a descriptor that is not one.
@@ -76,14 +92,7 @@ fn io_ctx(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
 
 impl<S: Service> Worker<S> {
     pub(super) fn boot(cfg: WorkerConfig, service: S) -> Result<Worker<S>, BootError> {
-        // SAFETY: the master handed these two descriptors to this process (open, not
-        // close-on-exec) and nothing else in it owns them; each is wrapped exactly once.
-        let (listen_fd, ipc_fd) = unsafe {
-            (
-                OwnedFd::from_raw_fd(cfg.listen_fd),
-                OwnedFd::from_raw_fd(cfg.ipc_fd),
-            )
-        };
+        let (listen_fd, ipc_fd) = (inherited(cfg.listen_fd)?, inherited(cfg.ipc_fd)?);
         let reporter = Reporter::new(ipc_fd).map_err(io_ctx("opening the IPC channel"))?;
         // A datagram service's one socket comes as the "listening" descriptor: the master
         // binds what the service's transport needs and hands it over alike.
@@ -93,11 +102,7 @@ impl<S: Service> Worker<S> {
         };
         let mut udp = match shared_udp {
             Some(u) => Some(u),
-            None if cfg.udp_fd >= 0 => {
-                // SAFETY: as above: inherited from the master for this process alone.
-                let fd = unsafe { OwnedFd::from_raw_fd(cfg.udp_fd) };
-                Some(adopt_udp(fd, cfg.udp_fd)?)
-            }
+            None if cfg.udp_fd >= 0 => Some(adopt_udp(inherited(cfg.udp_fd)?, cfg.udp_fd)?),
             None => None,
         };
         let udp_local = udp
@@ -128,10 +133,10 @@ impl<S: Service> Worker<S> {
                 .register(u, UDP, Interest::READABLE)
                 .map_err(io_ctx("watching the UDP socket"))?;
         }
-        let bus = (cfg.bus_fd >= 0).then(|| {
-            // SAFETY: as above: this worker's end of the bus, inherited for it alone.
-            std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(cfg.bus_fd) })
-        });
+        let bus = match cfg.bus_fd {
+            fd if fd >= 0 => Some(std::os::unix::net::UnixStream::from(inherited(fd)?)),
+            _ => None,
+        };
         let mut room = service.room(bus);
         room.watch(registry, BUS)
             .map_err(io_ctx("watching the bus"))?;
