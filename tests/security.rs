@@ -296,3 +296,115 @@ fn a_control_request_is_answered_despite_extra_bytes_or_a_half_close() {
     }
     echo_to_eof(server.connect(), b"still serving");
 }
+
+/// Runs `sh -c SCRIPT` as `user` (the serving user an attacker would have become).
+fn as_user(user: &nix::unistd::User, script: &str) {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "as {}: {script}: {}",
+        user.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `PID\nstarttime T\n` for a live process, as the server writes its own.
+fn pid_line(pid: i32) -> String {
+    let t = procfs::process::Process::new(pid)
+        .unwrap()
+        .stat()
+        .unwrap()
+        .starttime;
+    format!("{pid}\nstarttime {t}\n")
+}
+
+fn stop_by_pid_file(pid_file: &Path) -> std::process::Output {
+    Command::new(common::BIN)
+        .args(["stop", "--pid-file", pid_file.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_pid_file_the_serving_user_rewrites_cannot_aim_roots_stop_at_another_process() {
+    let Some(user) = common::nobody() else {
+        return common::skip("needs root and a user named nobody");
+    };
+    for args in [
+        &["--mode", "process", "--workers", "2"][..],
+        &["--mode", "process", "--workers", "2", "--spawn", "exec"],
+        &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
+    ] {
+        let dir = common::scratch_dir();
+        set_mode(&dir, 0o755);
+        let pid_file = dir.join("master.pid");
+        let mut all = args.to_vec();
+        all.extend(["--user", "nobody", "--pid-file", pid_file.to_str().unwrap()]);
+        let mut server = Server::start(&all);
+        assert_eq!(
+            std::fs::metadata(&pid_file).unwrap().uid(),
+            user.uid.as_raw(),
+            "{args:?}: the serving user owns the pid file (an upgraded master rewrites it)"
+        );
+        let genuine = std::fs::read_to_string(&pid_file).unwrap();
+        // A root process the serving user would like root to kill, named with its real start
+        // time so the start-time check alone cannot tell.
+        let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
+        let _guard = common::KillOnDrop::new(sleeper.id() as i32);
+        let mut targets = vec![(sleeper.id() as i32, "runs as uid 0")];
+        if args[1] == "process" {
+            // A worker runs as the serving user: the uid rule lets it through; its role not.
+            let worker = server.workers()[0];
+            targets.push((worker, "worker"));
+        }
+        for (target, why) in targets {
+            let forged = pid_file.with_extension("forged");
+            std::fs::write(&forged, pid_line(target)).unwrap();
+            set_mode(&forged, 0o644);
+            as_user(
+                &user,
+                &format!("cat {} > {}", forged.display(), pid_file.display()),
+            );
+            let out = stop_by_pid_file(&pid_file);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} {target}: {err}");
+            assert!(
+                err.contains("not signalling it") && err.contains(why),
+                "{args:?} {target}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            assert!(common::alive(target), "{args:?}: {target} was signalled");
+            assert!(
+                common::alive(server.pid),
+                "{args:?}: the server was stopped"
+            );
+        }
+        assert!(sleeper.try_wait().unwrap().is_none(), "the sleep lives");
+        echo_to_eof(server.connect(), b"still serving");
+        // The genuine file still stops the server, as the serving user left it or not.
+        as_user(
+            &user,
+            &format!(
+                "printf '{}' > {}",
+                genuine.replace('\n', "\\n"),
+                pid_file.display()
+            ),
+        );
+        let out = stop_by_pid_file(&pid_file);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(server.wait_exit(Duration::from_secs(30)).is_some());
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
