@@ -101,7 +101,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
 
 fn port(s: &str) -> Result<u16, ProxyError> {
     // Decimal, no sign, no leading zeros (the spec's form).
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty()
+        || s.len() > 5
+        || (s.len() > 1 && s.starts_with('0'))
+        || !s.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(ProxyError::Malformed("port"));
     }
     s.parse().map_err(|_| ProxyError::Malformed("port"))
@@ -387,6 +391,11 @@ mod tests {
             Some("[2001:db8::1]:4000".parse().unwrap())
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n").unwrap().unwrap().source, None);
+        let zero = b"PROXY TCP4 1.2.3.4 5.6.7.8 0 0\r\n";
+        assert_eq!(
+            parse(zero).unwrap().unwrap().source.map(|a| a.port()),
+            Some(0)
+        );
         assert_eq!(parse(b"PROXY TCP4 1.2.3.4"), Ok(None), "incomplete");
         assert_eq!(parse(b"PRO"), Ok(None));
         for bad in [
@@ -394,6 +403,8 @@ mod tests {
             b"PROXY TCP4 ::1 5.6.7.8 1 1\r\n",
             b"PROXY TCP5 1.2.3.4 5.6.7.8 1 1\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 007\r\n",
         ] {
             assert!(
                 matches!(parse(bad), Err(ProxyError::Malformed(_))),
