@@ -290,3 +290,52 @@ fn a_header_trickled_slowly_is_waited_for_without_spinning_in_every_mode() {
         }
     }
 }
+
+#[test]
+fn a_refused_connection_is_logged_once_and_a_flood_only_up_to_a_cap() {
+    const FLOOD: u64 = 40;
+    for mode in [
+        &["--mode", "process", "--spawn", "fork"][..],
+        &["--mode", "process", "--spawn", "exec"],
+        &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
+    ] {
+        let server = start(mode, &["--proxy-timeout", "3", "--stats-interval", "0.1"]);
+        assert!(
+            exchange(server.addr, &[b"hello\r\n"]).is_empty(),
+            "{mode:?}"
+        );
+        assert!(
+            server.wait_for_log("closed: no PROXY protocol header", Duration::from_secs(20)),
+            "{mode:?}: a refused connection left no log line: {}",
+            server.stderr()
+        );
+        // A flood: every one counted, only the first few logged.
+        let flood: Vec<_> = (0..FLOOD)
+            .map(|_| {
+                std::thread::spawn({
+                    let addr = server.addr;
+                    move || exchange(addr, &[b"GET / HTTP/1.0\r\n\r\n"])
+                })
+            })
+            .collect();
+        for t in flood {
+            assert!(t.join().unwrap().is_empty());
+        }
+        assert!(
+            wait_until(Duration::from_secs(20), || proxy_errors(&server)
+                == FLOOD + 1),
+            "{mode:?}: {} proxy errors",
+            proxy_errors(&server)
+        );
+        let logged = server.log_count("closed:");
+        assert_eq!(logged, 10, "{mode:?}: {}", server.stderr());
+        assert_eq!(server.log_count("more are counted in proxy_errors"), 1);
+        // The text table shows them too.
+        let table = String::from_utf8_lossy(&server.ctl(&["stats"]).stdout).to_string();
+        assert!(
+            table.contains(&format!("proxy header={}", FLOOD + 1)),
+            "{mode:?}: {table}"
+        );
+    }
+}

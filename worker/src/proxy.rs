@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+mod refusals;
+
+pub use refusals::{LOGGED_PER_WINDOW, Refusal, WINDOW_SECS, log_refused, share_log};
+
 /// The v2 signature.
 const V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// A v1 header is at most 107 bytes, CRLF included.
@@ -31,7 +35,7 @@ pub struct Header {
 }
 
 /// Why a header was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProxyError {
     /// The bytes are not a PROXY header.
     #[error("no PROXY protocol header")]
@@ -281,15 +285,19 @@ pub struct ProxyRule {
 impl ProxyRule {
     /// For a blocking connection (thread and fork-per-conn modes): checks the peer, reads and
     /// strips the header; returns the real client (`None`: the balancer's own connection).
+    /// A refusal is logged (see [`log_refused`]).
     pub fn accept_blocking(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
         let peer = stream.peer_addr()?;
         if !self.from.contains(peer.ip()) {
+            log_refused(peer, &Refusal::NotAllowed);
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{peer} may not send a PROXY header (--proxy-from)"),
             ));
         }
-        let source = read_blocking(stream, self.timeout)?.source;
+        let source = read_blocking(stream, self.timeout)
+            .inspect_err(|e| log_refused(peer, &Refusal::of(e)))?
+            .source;
         if let Some(client) = source {
             protocol::facade::debug!("connection from {client} (via {peer})");
         }
