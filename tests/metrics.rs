@@ -216,6 +216,10 @@ fn idle_metrics_connections_cannot_take_the_descriptors_the_control_socket_needs
             held = held.max(open_descriptors(server.pid));
         }
         assert!(idle.len() > 100, "{mode}: only {} connected", idle.len());
+        eprintln!(
+            "{mode}: {} connected, {held} descriptors at most ({base} before)",
+            idle.len()
+        );
         assert!(
             held <= base + 32 + 8,
             "{mode}: the master holds {held} descriptors ({base} before the flood)"
