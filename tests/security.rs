@@ -496,3 +496,78 @@ fn one_spoofed_datagram_cannot_set_two_udp_echo_servers_ping_ponging() {
         }
     }
 }
+
+/// Live (not zombie) processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    procfs::process::all_processes()
+        .unwrap()
+        .filter_map(|p| p.ok())
+        .filter(|p| p.stat().is_ok_and(|s| s.state != 'Z'))
+        .filter(|p| {
+            p.cmdline()
+                .is_ok_and(|c| c.iter().any(|a| a.contains(needle)))
+        })
+        .map(|p| p.pid())
+        .collect()
+}
+
+#[test]
+fn a_clean_stop_with_user_leaves_nothing_behind_in_roots_directory() {
+    if common::nobody().is_none() {
+        return common::skip("needs root and a user named nobody");
+    }
+    for mode in ["process", "thread", "fork-per-conn"] {
+        for by_signal in [false, true] {
+            let dir = common::scratch_dir();
+            set_mode(&dir, 0o755); // root's: the serving user may not unlink in it
+            let (pid_file, control) = (dir.join("master.pid"), dir.join("ctl.sock"));
+            let mut server = Server::start(&[
+                "--mode",
+                mode,
+                "--workers",
+                "1",
+                "--user",
+                "nobody",
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+            ]);
+            assert!(pid_file.exists() && control.exists());
+            echo_to_eof(server.connect(), b"hello");
+            if by_signal {
+                server.signal(nix::sys::signal::Signal::SIGTERM);
+            } else {
+                let out = Command::new(common::BIN)
+                    .args(["stop", "--control", control.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            server.assert_exits_ok(Duration::from_secs(30));
+            // Gone by the time the master has exited, not some time later.
+            let left: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert!(
+                left.is_empty(),
+                "{mode} (signal: {by_signal}): left behind {left:?}; {}",
+                server.stderr()
+            );
+            // And nothing of the server lingers (its janitor included).
+            let dir_name = dir.to_str().unwrap().to_string();
+            assert!(
+                wait_until(Duration::from_secs(10), || processes_mentioning(&dir_name)
+                    .is_empty()),
+                "{mode}: still running: {:?}",
+                processes_mentioning(&dir_name)
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}

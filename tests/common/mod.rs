@@ -24,6 +24,7 @@ pub mod skip;
 pub mod tftp;
 
 pub use rng::Rng;
+#[allow(unused_imports)] // not every test file skips
 pub use skip::{skip, skip_missing_tool};
 
 /// The binary under test.
