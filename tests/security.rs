@@ -571,3 +571,56 @@ fn a_clean_stop_with_user_leaves_nothing_behind_in_roots_directory() {
         }
     }
 }
+
+#[test]
+fn after_an_upgrade_with_user_the_successors_stop_leaves_nothing_behind_either() {
+    if common::nobody().is_none() {
+        return common::skip("needs root and a user named nobody");
+    }
+    let dir = common::scratch_dir();
+    set_mode(&dir, 0o755);
+    let (pid_file, control) = (dir.join("master.pid"), dir.join("ctl.sock"));
+    let mut server = Server::start(&[
+        "--workers",
+        "1",
+        "--user",
+        "nobody",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    server.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(server.wait_for_log(
+        "upgrade: started a new master (pid ",
+        Duration::from_secs(20)
+    ));
+    let successor: i32 = server
+        .stderr()
+        .split("upgrade: started a new master (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the successor's pid in the log");
+    let _guard = common::KillOnDrop::new(successor);
+    server.assert_exits_ok(Duration::from_secs(60));
+    // The files are the successor's now: still there while it serves.
+    assert!(control.exists() && pid_file.exists());
+    assert_eq!(common::read_pid(&pid_file), successor);
+    echo_to_eof(std::net::TcpStream::connect(server.addr).unwrap(), b"hello");
+    let out = stop_by_pid_file(&pid_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .is_none()),
+        "left behind: {:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
