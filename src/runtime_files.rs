@@ -276,8 +276,8 @@ pub fn verified_pid(path: &Path) -> Result<Pid, FileError> {
 /// signals at, or `Ok` if it is. Read from /proc, which the process cannot forge:
 /// - its uids: all of them `owner`'s, unless root owns the file (only root could write it);
 ///   a file the serving user owns thus lends root's signal only to that user's own processes;
-/// - its executable: the same file as this client's, or one named like it (an upgrade
-///   replaces the binary, and /proc then says `… (deleted)`);
+/// - its executable: the same file as this client's, or one named like it or `prefork-echo…`
+///   (an upgrade replaces the binary, and /proc then says `… (deleted)`);
 /// - its role: not a worker (exec'd workers run the hidden `worker` command; forked ones are
 ///   exact copies of their parent master: same executable, arguments and environment, where
 ///   an upgraded master was exec'd with a hand-over variable of its own).
@@ -309,8 +309,9 @@ fn vouch(pid: Pid, owner: u32) -> Result<(), String> {
     let same_file = mine
         .as_ref()
         .is_some_and(|m| m.id.is_some() && m.id == exe.id);
-    let alike =
-        |name: &str| name == "prefork-echo" || mine.as_ref().is_some_and(|m| m.name == name);
+    let alike = |name: &str| {
+        name.starts_with("prefork-echo") || mine.as_ref().is_some_and(|m| m.name == name)
+    };
     if !same_file && !alike(&exe.name) {
         return Err(format!("runs {:?}, not prefork-echo", exe.path));
     }
