@@ -49,9 +49,10 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Refusals logged per window, per server in thread and fork-per-conn modes (its children
-/// share the count), per worker in process mode; the rest are counted in `proxy_errors` and
-/// summed up in one line when the next window opens.
+/// Refusals logged per window, per server: the count lives in a page the master maps before
+/// it forks, so fork-per-conn's children and forked workers share it (an exec'd worker,
+/// `--spawn exec`, has its own). The rest are counted in `proxy_errors` and summed up in one
+/// line when the next window opens.
 pub const LOGGED_PER_WINDOW: u64 = 10;
 /// The window, in seconds.
 pub const WINDOW_SECS: u64 = 60;
