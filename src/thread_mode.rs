@@ -298,7 +298,7 @@ fn cut_transfers(shared: &Shared) {
 }
 
 /// Answers datagrams as the service says, within what each source may draw
-/// (`echo::SourceLimit`), with blocking I/O, until the server stops; an
+/// (`echo::SourceLimit`, for a service that asks for it), with blocking I/O, until the server stops; an
 /// exchange a datagram begins (a TFTP transfer) gets a thread of its own.
 fn udp_loop<S: Service>(
     udp: &std::net::UdpSocket,
@@ -321,7 +321,9 @@ fn udp_loop<S: Service>(
                     DatagramAnswer::Refuse => Tally::bump(&tally.datagrams_refused, 1),
                     DatagramAnswer::Ignore => {}
                     // Over its source's share: how a loop between two servers ends.
-                    DatagramAnswer::Reply(_) if !sources.allow(peer) => {
+                    DatagramAnswer::Reply(_)
+                        if service.limits_sources() && !sources.allow(peer) =>
+                    {
                         Tally::bump(&tally.datagrams_refused, 1)
                     }
                     DatagramAnswer::Reply(reply) => match udp.send_to(&reply, peer) {

@@ -68,4 +68,8 @@ impl Service for Echo {
             DatagramAnswer::Reply(datagram.into())
         }
     }
+
+    fn limits_sources(&self) -> bool {
+        true
+    }
 }

@@ -16,7 +16,7 @@ use crate::service::{Abort, DatagramAnswer, Exchange, Service, Step};
 
 impl<S: Service> Worker<S> {
     /// Answers each waiting datagram as the service says, within what its source may draw
-    /// (`echo::SourceLimit`); an exchange one begins starts at
+    /// (`echo::SourceLimit`, for a service that asks for it); an exchange one begins starts at
     /// once, so a flood of requests holds at most one exchange beyond the limit at a time. UDP
     /// promises no delivery: an answer that finds the send buffer full is dropped (and not
     /// counted as sent).
@@ -31,7 +31,11 @@ impl<S: Service> Worker<S> {
                         self.service
                             .answer_datagram(&self.scratch[..n], peer, self.udp_local);
                     let reply = match answer {
-                        DatagramAnswer::Reply(reply) if self.sources.allow(peer) => reply,
+                        DatagramAnswer::Reply(reply)
+                            if !self.service.limits_sources() || self.sources.allow(peer) =>
+                        {
+                            reply
+                        }
                         // Over its source's share: how a loop between two servers ends.
                         DatagramAnswer::Reply(_) => {
                             self.counters.datagrams_refused += 1;
