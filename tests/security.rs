@@ -371,14 +371,23 @@ fn a_pid_file_the_serving_user_rewrites_cannot_aim_roots_stop_at_another_process
                 &user,
                 &format!("cat {} > {}", forged.display(), pid_file.display()),
             );
-            let out = stop_by_pid_file(&pid_file);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{args:?} {target}: {err}");
-            assert!(
-                err.contains("not signalling it") && err.contains(why),
-                "{args:?} {target}: {err}"
-            );
-            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            for verb in ["stop", "reload"] {
+                let out = Command::new(common::BIN)
+                    .args([verb, "--pid-file", pid_file.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "{args:?} {verb} {target}: {err}"
+                );
+                assert!(
+                    err.contains("not signalling it") && err.contains(why),
+                    "{args:?} {verb} {target}: {err}"
+                );
+                assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            }
             assert!(common::alive(target), "{args:?}: {target} was signalled");
             assert!(
                 common::alive(server.pid),
