@@ -487,6 +487,7 @@ fn one_spoofed_datagram_cannot_set_two_udp_echo_servers_ping_ponging() {
             }),
             "{mode}: the loop goes on: {last:?}"
         );
+        eprintln!("{mode}: the loop ended after {last:?} datagrams in (A, B)");
         // Bounded by the burst (and what trickles in at the rate meanwhile), not unbounded.
         assert!(last.0 + last.1 < 20_000, "{mode}: {last:?}");
         // An ordinary client still gets its echoes from both.

@@ -8,7 +8,9 @@
 //! ([`loops_back`]). That is not enough: two echo servers on ordinary high ports loop just as
 //! well. So every answer also spends a token from its source's bucket ([`SourceLimit`]): a
 //! loop runs as fast as the two servers can answer, drains the bucket, and ends at its first
-//! dropped datagram, while a client that waits for its echoes never comes near the limit.
+//! dropped datagram, while a client sending up to [`SOURCE_RATE`] datagrams a second from one
+//! socket is never limited. (A client faster than that from one address and port looks
+//! exactly like a loop, and loses the excess.)
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
