@@ -229,12 +229,12 @@ fn listening(path: &Path) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return true; // cannot tell: leave the file
     };
-    let want = path.as_os_str().as_bytes();
+    // The path is the rest of the line after the inode (it may hold spaces itself).
+    let want = format!(" {}", path.display());
     table.lines().skip(1).any(|l| {
-        let fields: Vec<&str> = l.split_whitespace().collect();
-        fields.len() >= 8
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTING != 0)
-            && fields[7].as_bytes() == want
+        let flags = l.split_whitespace().nth(3);
+        flags.is_some_and(|f| u32::from_str_radix(f, 16).is_ok_and(|f| f & ACCEPTING != 0))
+            && l.ends_with(&want)
     })
 }
 
@@ -289,5 +289,55 @@ fn close_others(keep: &[RawFd]) {
             // SAFETY: dup2 onto stdin/stdout, both owned by this process.
             unsafe { libc::dup2(null.as_raw_fd(), target) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("prefork-janitor-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_socket_counts_as_served_only_while_someone_listens_on_it() {
+        let d = scratch("listen");
+        let path = d.join("a ctl.sock"); // a space: the path is the rest of the line
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(listening(&path));
+        drop(listener);
+        assert!(!listening(&path), "the file remains, nobody listens");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_the_very_file_created_is_removed() {
+        let d = scratch("tidy");
+        let path = d.join("master.pid");
+        std::fs::write(&path, "1\n").unwrap();
+        let file = Tidy::of(&path).unwrap();
+        assert!(file.still_ours());
+        // Replaced by another file under the same name: not ours any more, left alone.
+        let other = d.join("other");
+        std::fs::write(&other, "x\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(!file.still_ours());
+        let files = vec![(file, false)];
+        assert!(tidy(&files, None));
+        assert!(
+            path.exists(),
+            "a file the master did not create was removed"
+        );
+        // Its own file, naming no live process: removed.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "4194300\nstarttime 1\n").unwrap();
+        let files = vec![(Tidy::of(&path).unwrap(), false)];
+        assert!(tidy(&files, None));
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
