@@ -123,6 +123,19 @@ impl<C: AsFd> Clients<C> {
         late.len()
     }
 
+    /// How many clients it holds.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// The slot of the client that came first among those held (the lowest serial).
+    pub fn oldest(&self) -> Option<usize> {
+        self.slab
+            .iter()
+            .min_by_key(|(_, e)| e.serial)
+            .map(|(k, _)| k)
+    }
+
     /// The earliest deadline, for the owner's wait.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.slab.iter().map(|(_, e)| e.deadline).min()

@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod fork_per_conn;
 mod hub;
+mod janitor;
 mod listener;
 mod liveness;
 mod master;
@@ -256,6 +257,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .and_then(|()| runtime_files::write_pid_file(path, owner))
             .context("the pid file")?;
     }
+    // Dropping to --user leaves no right to remove these files from root's directory at
+    // exit: a root janitor process does it (janitor.rs).
+    let janitor = match &target {
+        Some(_) if !upgraded_as_user && nix::unistd::Uid::effective().is_root() => {
+            janitor::Janitor::spawn(&control, pid_file.as_deref())
+        }
+        _ => None,
+    };
     match &target {
         Some(t) if upgraded_as_user => {
             protocol::log!(
@@ -290,6 +299,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(path) = &pid_file {
         // Only our own: after an upgrade the file names the new master.
         runtime_files::remove_own_pid_file(path);
+    }
+    if let Some(j) = janitor {
+        j.finish();
     }
     result
 }

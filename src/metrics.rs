@@ -1,8 +1,10 @@
 //! `--metrics ADDR`: `GET /metrics` in the Prometheus text exposition format (version 0.0.4),
 //! rendered from the same snapshot `prefork-echo stats` shows. Served by the master's own loop
 //! (never by a worker), so it must never stall it: a request is at most [`MAX_REQUEST`] bytes,
-//! the answer is written without blocking, and a scraper that has not finished within
-//! [`DEADLINE`] is dropped.
+//! the answer is written without blocking, a scraper that has not finished within
+//! [`DEADLINE`] is dropped, and at most [`MAX_SCRAPERS`] are held at once (a newcomer beyond
+//! that pushes out the oldest), so idle connections can never take the master's descriptors
+//! from its control socket and its workers.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -21,6 +23,9 @@ use crate::stats::Snapshot;
 pub const MAX_REQUEST: usize = 4096;
 /// How long a scraper may take to send its request and read the answer.
 pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Scrapers held at once. Prometheus scrapes with one connection per target; a few more
+/// leave room for people with curl, and no more can pile up than the master can spare.
+pub const MAX_SCRAPERS: usize = 32;
 
 /// The exposition of `snap`.
 pub fn render(snap: &Snapshot) -> String {
@@ -227,6 +232,10 @@ impl AsFd for Scraper {
 pub struct MetricsServer {
     listener: TcpListener,
     clients: Clients<Scraper>,
+    /// Scrapers pushed out by newer ones since the last log line about it.
+    pushed_out: u64,
+    /// When that line was last logged.
+    last_push_log: Option<Instant>,
 }
 
 impl MetricsServer {
@@ -244,6 +253,8 @@ impl MetricsServer {
         MetricsServer {
             listener: TcpListener::from_std(listener),
             clients: Clients::new(),
+            pushed_out: 0,
+            last_push_log: None,
         }
     }
 
@@ -320,6 +331,9 @@ impl MetricsServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.clients.len() >= MAX_SCRAPERS {
+                        self.push_out_oldest(registry);
+                    }
                     let scraper = Scraper {
                         stream,
                         request: Vec::new(),
@@ -338,6 +352,26 @@ impl MetricsServer {
         }
     }
 
+    /// Makes room for a newcomer: the oldest scraper goes (likely idle, or a flood's first),
+    /// logged at most once a minute with how many went.
+    fn push_out_oldest(&mut self, registry: &Registry) {
+        if let Some(key) = self.clients.oldest() {
+            self.clients.remove(registry, key);
+            self.pushed_out += 1;
+        }
+        let now = Instant::now();
+        if self
+            .last_push_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            protocol::warn!(
+                "metrics: {} connection(s) dropped to stay within {MAX_SCRAPERS} at once",
+                std::mem::take(&mut self.pushed_out)
+            );
+            self.last_push_log = Some(now);
+        }
+    }
+
     /// Advances one scraper; `true` when it is done (answered, gone or misbehaving).
     fn progress(&mut self, key: usize, wants: &mut dyn FnMut(ScrapeId)) -> bool {
         let Some((id, entry)) = self.clients.get_mut(key) else {
@@ -349,8 +383,10 @@ impl MetricsServer {
         }
         if c.answer.is_empty() {
             let mut buf = [0u8; 1024];
-            while !c.request.windows(4).any(|w| w == b"\r\n\r\n") {
+            while !request_complete(&c.request) {
                 match c.stream.read(&mut buf) {
+                    // A client that half-closes after its request line is answered too.
+                    Ok(0) if c.request.contains(&b'\n') => break,
                     Ok(0) => return true,
                     Ok(n) => c.request.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -385,6 +421,21 @@ impl MetricsServer {
     }
 }
 
+/// Whether `request` is complete: its headers end with an empty line, the line ends allowed
+/// bare (`\n`) as well as `\r\n` (RFC 9112 §2.2 asks servers to accept a bare LF), or its
+/// first line has no HTTP version (a one-line request, `GET /metrics`).
+fn request_complete(request: &[u8]) -> bool {
+    let Some(first) = request.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let line = String::from_utf8_lossy(&request[..first]);
+    if line.split_whitespace().count() < 3 {
+        return true;
+    }
+    request[first..].windows(2).any(|w| w == b"\n\n")
+        || request[first..].windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// Whether a request asks for the metrics; otherwise the HTTP status to answer.
 fn route(request: &[u8]) -> Result<(), &'static str> {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -409,6 +460,36 @@ fn http(status: &str, content_type: &str, body: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_ends_at_an_empty_line_whatever_its_line_ends() {
+        for done in [
+            &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /metrics HTTP/1.0\n\n",
+            b"GET /metrics HTTP/1.1\nHost: x\n\n",
+            b"GET /metrics HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET /metrics\n",
+            b"GET /metrics\r\n",
+        ] {
+            assert!(
+                request_complete(done),
+                "{:?}",
+                String::from_utf8_lossy(done)
+            );
+        }
+        for not_yet in [
+            &b"GET /metrics HTTP/1.1\r\nHost: x\r\n"[..],
+            b"GET /metrics HTTP/1.1\n",
+            b"GET /metr",
+            b"",
+        ] {
+            assert!(
+                !request_complete(not_yet),
+                "{:?}",
+                String::from_utf8_lossy(not_yet)
+            );
+        }
+    }
 
     #[test]
     fn routes_only_get_metrics() {

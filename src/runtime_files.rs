@@ -11,7 +11,9 @@
 //!   user, and writable by nobody else unless it is sticky, in which case a file already at
 //!   the path must be ours;
 //! - the pid file records the process's start time beside its pid, so `stop --pid-file`
-//!   signals only the process that wrote it, never whatever took the number since.
+//!   signals only the process that wrote it, never whatever took the number since; and since
+//!   the serving user owns the file (an upgraded master, running as that user, must rewrite
+//!   it), what the file says is checked against what the process is (see [`verified_pid`]).
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -212,11 +214,21 @@ pub fn remove_own_pid_file(path: &Path) {
     }
 }
 
-/// Reads a pid file and returns the pid only if it names the live process that wrote it: a
-/// pid above 1 (0 and -1 would signal process groups, 1 is init) whose start time matches the
-/// one recorded. A stale file (the server is gone and the number was reused) is refused.
+/// Reads a pid file and returns the pid only if it names the live prefork-echo master that
+/// wrote it: a pid above 1 (0 and -1 would signal process groups, 1 is init) whose start time
+/// matches the one recorded, and then — since the file's owner may write anything in it —
+/// checked by what the process *is* ([`vouch`]): a prefork-echo binary, not one of its
+/// workers, and running as the file's owner (a file the serving user may rewrite can never
+/// aim root's `stop` at a process that user could not signal itself).
 pub fn verified_pid(path: &Path) -> Result<Pid, FileError> {
-    let text = std::fs::read_to_string(path).map_err(io("reading the pid file", path))?;
+    let mut file = std::fs::File::open(path).map_err(io("reading the pid file", path))?;
+    let owner = file
+        .metadata()
+        .map_err(io("reading the pid file", path))?
+        .uid();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)
+        .map_err(io("reading the pid file", path))?;
     let mut lines = text.lines();
     let shown = path.display();
     let pid: i32 = lines
@@ -240,13 +252,113 @@ pub fn verified_pid(path: &Path) -> Result<Pid, FileError> {
             ))
         })?;
     match start_time(pid) {
-        Some(t) if t == recorded => Ok(pid),
-        Some(_) => Err(FileError::Pid(format!(
-            "{shown} is stale: pid {pid} is now another process; not signalling it"
-        ))),
-        None => Err(FileError::Pid(format!(
-            "{shown} is stale: no process {pid} is running"
-        ))),
+        Some(t) if t == recorded => {}
+        Some(_) => {
+            return Err(FileError::Pid(format!(
+                "{shown} is stale: pid {pid} is now another process; not signalling it"
+            )));
+        }
+        None => {
+            return Err(FileError::Pid(format!(
+                "{shown} is stale: no process {pid} is running"
+            )));
+        }
+    }
+    vouch(pid, owner).map_err(|why| {
+        FileError::Pid(format!(
+            "{shown} names pid {pid}, which {why}; not signalling it"
+        ))
+    })?;
+    Ok(pid)
+}
+
+/// Why `pid` is not a prefork-echo master that the owner (`owner`) of its pid file may direct
+/// signals at, or `Ok` if it is. Read from /proc, which the process cannot forge:
+/// - its uids: all of them `owner`'s, unless root owns the file (only root could write it);
+///   a file the serving user owns thus lends root's signal only to that user's own processes;
+/// - its executable: the same file as this client's, or one named like it or `prefork-echo…`
+///   (an upgrade replaces the binary, and /proc then says `… (deleted)`);
+/// - its role: not a worker (exec'd workers run the hidden `worker` command; forked ones are
+///   exact copies of their parent master: same executable, arguments and environment, where
+///   an upgraded master was exec'd with a hand-over variable of its own).
+fn vouch(pid: Pid, owner: u32) -> Result<(), String> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status"))
+        .map_err(|e| format!("cannot be inspected ({e})"))?;
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if uids.len() != 4 {
+        return Err("shows no uids".into());
+    }
+    if owner != 0 && uids.iter().any(|&u| u != owner) {
+        return Err(format!(
+            "runs as uid {} while the pid file belongs to uid {owner}, who could have \
+             written any pid in it",
+            uids[1]
+        ));
+    }
+    let exe = Executable::of(pid).ok_or("is not a program this client can identify")?;
+    let mine = Executable::of(nix::unistd::getpid());
+    let same_file = mine
+        .as_ref()
+        .is_some_and(|m| m.id.is_some() && m.id == exe.id);
+    let alike = |name: &str| {
+        name.starts_with("prefork-echo") || mine.as_ref().is_some_and(|m| m.name == name)
+    };
+    if !same_file && !alike(&exe.name) {
+        return Err(format!("runs {:?}, not prefork-echo", exe.path));
+    }
+    let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+    if cmdline.split(|&b| b == 0).nth(1) == Some(b"worker") {
+        return Err("is a prefork-echo worker, not the master".into());
+    }
+    let parent = procfs::process::Process::new(pid.as_raw())
+        .and_then(|p| p.stat())
+        .map(|s| Pid::from_raw(s.ppid))
+        .ok();
+    if let Some(parent) = parent.filter(|p| p.as_raw() > 1) {
+        let same = |name: &str| {
+            let of = |p: Pid| std::fs::read(format!("/proc/{p}/{name}")).ok();
+            of(pid).is_some() && of(pid) == of(parent)
+        };
+        if Executable::of(parent).is_some_and(|p| p.id.is_some() && p.id == exe.id)
+            && same("cmdline")
+            && same("environ")
+        {
+            return Err(format!(
+                "is a worker forked by master {parent}, not the master"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What /proc says a process runs.
+struct Executable {
+    /// The path, without the ` (deleted)` the kernel adds once the file was replaced.
+    path: PathBuf,
+    /// Its file name.
+    name: String,
+    /// (device, inode) of the file itself, reachable even when deleted.
+    id: Option<(u64, u64)>,
+}
+
+impl Executable {
+    fn of(pid: Pid) -> Option<Executable> {
+        let link = format!("/proc/{pid}/exe");
+        let shown = std::fs::read_link(&link).ok()?;
+        let shown = shown.to_string_lossy();
+        let path = PathBuf::from(shown.strip_suffix(" (deleted)").unwrap_or(&shown));
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        let id = std::fs::metadata(&link).ok().map(|m| (m.dev(), m.ino()));
+        Some(Executable { path, name, id })
     }
 }
 
@@ -336,6 +448,40 @@ mod tests {
             std::fs::write(&f, text).unwrap();
             let e = verified_pid(&f).unwrap_err().to_string();
             assert!(e.contains(why), "{text:?}: {e}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_pid_file_naming_another_program_is_refused_whatever_its_start_time() {
+        let d = scratch("other");
+        let f = d.join("p");
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(sleep.id() as i32);
+        // /proc shows the new program only once exec is done.
+        for _ in 0..500 {
+            if Executable::of(pid).is_some_and(|e| e.name == "sleep") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let t = start_time(pid).unwrap();
+        std::fs::write(&f, format!("{pid}\nstarttime {t}\n")).unwrap();
+        let e = verified_pid(&f).unwrap_err().to_string();
+        let _ = sleep.kill();
+        let _ = sleep.wait();
+        assert!(e.contains("not prefork-echo"), "{e}");
+        // This process is its own binary: vouched for (the test of the happy path).
+        std::fs::write(&f, pid_file_text()).unwrap();
+        assert_eq!(verified_pid(&f).unwrap(), nix::unistd::getpid());
+        if Uid::effective().is_root() {
+            // Owned by someone else than the process it names: refused.
+            nix::unistd::chown(&f, Some(Uid::from_raw(65534)), None).unwrap();
+            let e = verified_pid(&f).unwrap_err().to_string();
+            assert!(e.contains("runs as uid 0"), "{e}");
         }
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -265,10 +265,11 @@ impl Snapshot {
         );
         let _ = writeln!(
             out,
-            "errors: accept={} io={} closed by limit={}; fairness (Jain) = {}",
+            "errors: accept={} io={} closed by limit={} proxy header={}; fairness (Jain) = {}",
             t.accept_errors,
             t.io_errors,
             t.closed_by_limit,
+            t.proxy_errors,
             self.fairness
                 .jain_index
                 .map_or("n/a".to_string(), |j| format!("{j:.3}"))
@@ -316,7 +317,7 @@ impl Snapshot {
         }
         let _ = writeln!(
             out,
-            "udp: datagrams in={} out={} refused={} (loop-prone sources)",
+            "udp: datagrams in={} out={} refused={} (loop-prone or over-limit sources)",
             t.datagrams_in, t.datagrams_out, t.datagrams_refused
         );
         let _ = writeln!(

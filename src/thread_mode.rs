@@ -297,7 +297,8 @@ fn cut_transfers(shared: &Shared) {
     }
 }
 
-/// Answers datagrams as the service says, with blocking I/O, until the server stops; an
+/// Answers datagrams as the service says, within what each source may draw
+/// (`echo::SourceLimit`, for a service that asks for it), with blocking I/O, until the server stops; an
 /// exchange a datagram begins (a TFTP transfer) gets a thread of its own.
 fn udp_loop<S: Service>(
     udp: &std::net::UdpSocket,
@@ -307,6 +308,8 @@ fn udp_loop<S: Service>(
     service: &S,
 ) {
     let mut buf = vec![0u8; 65_536];
+    // Each UDP thread keeps its own table, like each worker in process mode.
+    let mut sources = worker::echo::SourceLimit::new();
     let local = udp
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -317,6 +320,12 @@ fn udp_loop<S: Service>(
                 match service.answer_datagram(&buf[..n], peer, local) {
                     DatagramAnswer::Refuse => Tally::bump(&tally.datagrams_refused, 1),
                     DatagramAnswer::Ignore => {}
+                    // Over its source's share: how a loop between two servers ends.
+                    DatagramAnswer::Reply(_)
+                        if service.limits_sources() && !sources.allow(peer) =>
+                    {
+                        Tally::bump(&tally.datagrams_refused, 1)
+                    }
                     DatagramAnswer::Reply(reply) => match udp.send_to(&reply, peer) {
                         Ok(_) => Tally::bump(&tally.datagrams_out, 1),
                         Err(_) => Tally::bump(&tally.io_errors, 1),

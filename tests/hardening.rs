@@ -391,3 +391,20 @@ fn udp_datagrams_are_echoed_in_process_and_thread_modes() {
         echo_to_eof(server.connect(), b"tcp too");
     }
 }
+
+#[test]
+fn a_duration_in_exponent_form_is_refused_for_its_form_not_its_size() {
+    for (value, says) in [
+        ("1e9", "not a number of seconds written plainly"),
+        ("1e3", "not a number of seconds written plainly"),
+        ("99999999", "more than the limit"),
+    ] {
+        let out = Command::new(common::BIN)
+            .args(["--drain-timeout", value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+        assert!(err.contains(says), "{value}: {err}");
+    }
+}

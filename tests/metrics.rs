@@ -210,3 +210,104 @@ fn thread_and_fork_per_conn_modes_serve_metrics_too() {
         );
     }
 }
+
+/// Lowers `pid`'s descriptor limit (root may; the test's own limit is untouched).
+fn limit_descriptors(pid: i32, n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit on another process, reading a live local rlimit; no old value asked.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn open_descriptors(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn idle_metrics_connections_cannot_take_the_descriptors_the_control_socket_needs() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return common::skip("lowering a server's descriptor limit with prlimit takes root");
+    }
+    common::raise_nofile();
+    for mode in ["process", "thread", "fork-per-conn"] {
+        let server = Server::start(&["--mode", mode, "--workers", "1", "--metrics", "127.0.0.1:0"]);
+        let addr = metrics_addr(&server);
+        let base = open_descriptors(server.pid);
+        // A limit a few hundred idle connections would fill (the report saw 2,048 filled by
+        // 2,500).
+        limit_descriptors(server.pid, 200);
+        // Connect until 400 are open, or until connecting stalls (the listener's backlog full
+        // behind a master that cannot accept); the most descriptors the master held meanwhile
+        // is what counts.
+        let (mut idle, mut held, mut failures) = (Vec::new(), 0, 0);
+        while idle.len() < 400 && failures < 3 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => idle.push(s),
+                Err(_) => failures += 1,
+            }
+            held = held.max(open_descriptors(server.pid));
+        }
+        assert!(idle.len() > 100, "{mode}: only {} connected", idle.len());
+        eprintln!(
+            "{mode}: {} connected, {held} descriptors at most ({base} before)",
+            idle.len()
+        );
+        assert!(
+            held <= base + 32 + 8,
+            "{mode}: the master holds {held} descriptors ({base} before the flood)"
+        );
+        let t = std::time::Instant::now();
+        let out = server.ctl(&["stats"]);
+        assert!(
+            out.status.success(),
+            "{mode}: stats with {} idle metrics connections: {}",
+            idle.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "{mode}: {:?}",
+            t.elapsed()
+        );
+        // Metrics still answer, and so does the service.
+        assert_eq!(get(addr, "/metrics").0, "HTTP/1.1 200 OK", "{mode}");
+        echo_to_eof(server.connect(), b"still serving");
+        drop(idle);
+    }
+}
+
+#[test]
+fn a_request_with_bare_line_feeds_is_answered_at_once() {
+    let server = Server::start(&["--workers", "1", "--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&server);
+    for (request, half_close) in [
+        (&b"GET /metrics HTTP/1.0\n\n"[..], false),
+        (b"GET /metrics HTTP/1.1\nHost: x\n\n", false),
+        (b"GET /metrics\n", false),
+        (b"GET /metrics HTTP/1.0\n", true),
+    ] {
+        let t = std::time::Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        if half_close {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let shown = String::from_utf8_lossy(request);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK"),
+            "{shown:?}: {answer:?}"
+        );
+        // Not after the 5 s deadline that drops a client still owing its request.
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{shown:?}: {:?}",
+            t.elapsed()
+        );
+    }
+}

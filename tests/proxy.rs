@@ -224,3 +224,119 @@ fn end_to_end_through_haproxy_with_send_proxy_v2() {
     let _ = haproxy.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// CPU seconds used so far by `pid` and every process below it (threads included).
+fn tree_cpu_secs(pid: i32) -> f64 {
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    std::iter::once(pid)
+        .chain(common::descendants(pid))
+        .filter_map(|p| procfs::process::Process::new(p).ok()?.stat().ok())
+        .map(|s| (s.utime + s.stime) as f64 / ticks)
+        .sum()
+}
+
+#[test]
+fn a_header_trickled_slowly_is_waited_for_without_spinning_in_every_mode() {
+    const CONNECTIONS: usize = 300;
+    const WINDOW: Duration = Duration::from_secs(3);
+    let header = b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 7007\r\n";
+    for mode in [
+        &["--mode", "thread"][..],
+        &["--mode", "fork-per-conn"],
+        &["--mode", "process", "--spawn", "fork"],
+    ] {
+        common::raise_nofile();
+        let server = start(mode, &["--proxy-timeout", "120"]);
+        let mut conns: Vec<TcpStream> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = common::client(server.addr);
+                s.write_all(&header[..6]).unwrap();
+                s
+            })
+            .collect();
+        // Every connection has its thread or child waiting before the measurement starts.
+        let mut sent = 6;
+        assert!(wait_until(Duration::from_secs(60), || {
+            mode[1] != "fork-per-conn" || common::descendants(server.pid).len() >= CONNECTIONS
+        }));
+        std::thread::sleep(Duration::from_millis(500));
+        let before = tree_cpu_secs(server.pid);
+        let start = Instant::now();
+        // A byte per connection every half second: the header moves, slowly.
+        while start.elapsed() < WINDOW {
+            std::thread::sleep(Duration::from_millis(500));
+            for s in &mut conns {
+                s.write_all(&header[sent..sent + 1]).unwrap();
+            }
+            sent += 1;
+        }
+        let used = tree_cpu_secs(server.pid) - before;
+        let share = used / start.elapsed().as_secs_f64();
+        eprintln!("{mode:?}: {:.1}% of a CPU", share * 100.0);
+        // Busy-polling (a peek every 5 ms per connection) cost about 25% of a CPU here;
+        // waiting for readability costs next to nothing. Generous for a loaded box.
+        assert!(
+            share < 0.08,
+            "{mode:?}: {CONNECTIONS} connections trickling a header used {:.0}% of a CPU",
+            share * 100.0
+        );
+        // And the trickled headers are good: finished, they lead to an echo.
+        for s in conns.iter_mut().take(5) {
+            s.write_all(&header[sent..]).unwrap();
+            s.write_all(b"hello").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"hello", "{mode:?}");
+        }
+    }
+}
+
+#[test]
+fn a_refused_connection_is_logged_once_and_a_flood_only_up_to_a_cap() {
+    const FLOOD: u64 = 40;
+    for mode in [
+        &["--mode", "process", "--spawn", "fork"][..],
+        &["--mode", "process", "--spawn", "exec"],
+        &["--mode", "thread"],
+        &["--mode", "fork-per-conn"],
+    ] {
+        let server = start(mode, &["--proxy-timeout", "3", "--stats-interval", "0.1"]);
+        assert!(
+            exchange(server.addr, &[b"hello\r\n"]).is_empty(),
+            "{mode:?}"
+        );
+        assert!(
+            server.wait_for_log("closed: no PROXY protocol header", Duration::from_secs(20)),
+            "{mode:?}: a refused connection left no log line: {}",
+            server.stderr()
+        );
+        // A flood: every one counted, only the first few logged.
+        let flood: Vec<_> = (0..FLOOD)
+            .map(|_| {
+                std::thread::spawn({
+                    let addr = server.addr;
+                    move || exchange(addr, &[b"GET / HTTP/1.0\r\n\r\n"])
+                })
+            })
+            .collect();
+        for t in flood {
+            assert!(t.join().unwrap().is_empty());
+        }
+        assert!(
+            wait_until(Duration::from_secs(20), || proxy_errors(&server)
+                == FLOOD + 1),
+            "{mode:?}: {} proxy errors",
+            proxy_errors(&server)
+        );
+        let logged = server.log_count("closed:");
+        assert_eq!(logged, 10, "{mode:?}: {}", server.stderr());
+        assert_eq!(server.log_count("more are counted in proxy_errors"), 1);
+        // The text table shows them too.
+        let table = String::from_utf8_lossy(&server.ctl(&["stats"]).stdout).to_string();
+        assert!(
+            table.contains(&format!("proxy header={}", FLOOD + 1)),
+            "{mode:?}: {table}"
+        );
+    }
+}

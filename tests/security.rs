@@ -299,3 +299,92 @@ fn a_control_request_is_answered_despite_extra_bytes_or_a_half_close() {
     }
     echo_to_eof(server.connect(), b"still serving");
 }
+
+/// Sends one UDP datagram with a forged source, through a raw socket (`IPPROTO_RAW`: the
+/// header is ours, the kernel fills in the IP checksum and length). Root only.
+fn spoof_udp(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4, payload: &[u8]) {
+    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&from.ip().octets());
+    p.extend_from_slice(&to.ip().octets());
+    p.extend_from_slice(&from.port().to_be_bytes());
+    p.extend_from_slice(&to.port().to_be_bytes());
+    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+    p.extend_from_slice(payload);
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .expect("a raw socket (root)");
+    raw.send_to(&p, &std::net::SocketAddr::V4(to).into())
+        .expect("sending the forged datagram");
+}
+
+fn udp_total(server: &Server, name: &str) -> u64 {
+    server.stats()["totals"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn one_spoofed_datagram_cannot_set_two_udp_echo_servers_ping_ponging() {
+    if !Uid::effective().is_root() {
+        return common::skip("forging a datagram's source takes a raw socket (root)");
+    }
+    let v4 = |s: &Server| match s.addr {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    for mode in ["process", "thread"] {
+        let args = [
+            "--udp",
+            "--workers",
+            "1",
+            "--mode",
+            mode,
+            "--stats-interval",
+            "0.1",
+        ];
+        let a = Server::start(&args);
+        let b = Server::start(&args);
+        // As if B had sent A a datagram: A echoes it to B, B echoes it back to A, ...
+        spoof_udp(v4(&b), v4(&a), b"ping-pong");
+        let refused = || udp_total(&a, "datagrams_refused") + udp_total(&b, "datagrams_refused");
+        assert!(
+            wait_until(Duration::from_secs(30), || refused() > 0),
+            "{mode}: no datagram refused; in: A {} B {}",
+            udp_total(&a, "datagrams_in"),
+            udp_total(&b, "datagrams_in")
+        );
+        // The loop has ended: neither server's count moves any more.
+        let counts = || (udp_total(&a, "datagrams_in"), udp_total(&b, "datagrams_in"));
+        let mut last = counts();
+        let mut still = 0;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                std::thread::sleep(Duration::from_millis(300));
+                let now = counts();
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+                still >= 3
+            }),
+            "{mode}: the loop goes on: {last:?}"
+        );
+        eprintln!("{mode}: the loop ended after {last:?} datagrams in (A, B)");
+        // Bounded by the burst (and what trickles in at the rate meanwhile), not unbounded.
+        assert!(last.0 + last.1 < 20_000, "{mode}: {last:?}");
+        // An ordinary client still gets its echoes from both.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        for s in [&a, &b] {
+            for i in 0..50 {
+                let msg = format!("echo {i}");
+                client.send_to(msg.as_bytes(), s.addr).unwrap();
+                let mut buf = [0u8; 32];
+                let (n, _) = client.recv_from(&mut buf).expect("an echo");
+                assert_eq!(&buf[..n], msg.as_bytes());
+            }
+        }
+    }
+}

@@ -85,8 +85,9 @@ counters! {
     datagrams_in,
     /// UDP datagrams echoed back.
     datagrams_out,
-    /// UDP datagrams not echoed because their source could start an echo loop (see
-    /// `loops_back` in the worker's echo service).
+    /// UDP datagrams not answered because their source could start an echo loop, or had
+    /// drawn its share of answers (see `loops_back` and `SourceLimit` in the worker's echo
+    /// service).
     datagrams_refused,
     /// Connections closed because their PROXY protocol header was missing, malformed, too
     /// long, too slow, or came from a peer not allowed to send one (`--proxy-protocol`).

@@ -144,7 +144,12 @@ impl WorkerConfig {
     /// The PROXY protocol rule, when `--proxy-protocol` is on (`--proxy-from` was validated
     /// by the command line; an unparsable one here trusts nobody rather than everybody).
     pub fn proxy(&self) -> Option<crate::proxy::ProxyRule> {
-        self.proxy_protocol.then(|| crate::proxy::ProxyRule {
+        if !self.proxy_protocol {
+            return None;
+        }
+        // Before any fork: connection children share the rate limit of its log lines.
+        crate::proxy::share_log();
+        Some(crate::proxy::ProxyRule {
             from: crate::proxy::Networks::parse(&self.proxy_from)
                 .unwrap_or_else(|_| crate::proxy::Networks::nobody()),
             timeout: secs(self.proxy_timeout),

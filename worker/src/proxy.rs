@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+mod refusals;
+
+pub use refusals::{LOGGED_PER_WINDOW, Refusal, WINDOW_SECS, log_refused, share_log};
+
 /// The v2 signature.
 const V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// A v1 header is at most 107 bytes, CRLF included.
@@ -31,7 +35,7 @@ pub struct Header {
 }
 
 /// Why a header was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ProxyError {
     /// The bytes are not a PROXY header.
     #[error("no PROXY protocol header")]
@@ -101,7 +105,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
 
 fn port(s: &str) -> Result<u16, ProxyError> {
     // Decimal, no sign, no leading zeros (the spec's form).
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty()
+        || s.len() > 5
+        || (s.len() > 1 && s.starts_with('0'))
+        || !s.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(ProxyError::Malformed("port"));
     }
     s.parse().map_err(|_| ProxyError::Malformed("port"))
@@ -152,12 +160,89 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
 
 /// Reads and consumes the header of a blocking `stream` within `timeout`, leaving what
 /// follows it in the socket.
+///
+/// Between peeks it sleeps in `poll(2)` until the socket holds *more* than it has already
+/// seen: `SO_RCVLOWAT` set one byte past the peeked length makes the kernel report the socket
+/// readable only then (Linux's TCP honours it in poll), so a header trickled a byte at a time
+/// costs one wake-up per byte, not a peek every few milliseconds. The low-water mark is put
+/// back to 1 before the service gets the socket.
 pub fn read_blocking(stream: &TcpStream, timeout: Duration) -> Result<Header, io::Error> {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; MAX_HEADER];
-    // A socket accepted by mio (fork-per-conn's master) arrives non-blocking: its first peek
-    // would fail with "would block" whenever the header is a moment behind the connection.
-    stream.set_nonblocking(false)?;
+    // A socket accepted by mio (fork-per-conn's master) arrives non-blocking: poll decides
+    // when to peek, and the peek itself never waits.
+    stream.set_nonblocking(true)?;
+    let result = read_header(stream, deadline, &mut buf);
+    let reset = set_low_water(stream, 1).and_then(|()| stream.set_nonblocking(false));
+    let header = result?;
+    reset?;
+    Ok(header)
+}
+
+fn read_header(
+    stream: &TcpStream,
+    deadline: Instant,
+    buf: &mut [u8; MAX_HEADER],
+) -> io::Result<Header> {
+    let mut seen = 0;
+    loop {
+        let n = match stream.peek(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n > 0 {
+            match parse(&buf[..n]) {
+                Ok(Some(h)) => {
+                    consume(stream, h.len)?;
+                    return Ok(h);
+                }
+                Ok(None) if n == buf.len() => return Err(io::Error::other(ProxyError::TooLong)),
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        if n > 0 && n == seen {
+            // Readable yet nothing new: the peer has closed its side mid-header.
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        seen = n;
+        // Wake when more than the `n` bytes already seen are there, at the deadline, or when
+        // the peer hangs up (POLLRDHUP: a half-close reports readable below the mark too).
+        set_low_water(stream, n + 1)?;
+        wait_readable(stream, deadline)?;
+    }
+}
+
+/// Sets `SO_RCVLOWAT`: how many bytes the socket must hold before poll calls it readable.
+fn set_low_water(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a descriptor `stream` owns for this call, reading one c_int from
+    // a live local whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits until `stream` is readable (as `SO_RCVLOWAT` defines it) or hung up; a timeout at
+/// `deadline`.
+fn wait_readable(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -166,21 +251,17 @@ pub fn read_blocking(stream: &TcpStream, timeout: Duration) -> Result<Header, io
                 "no PROXY header in time",
             ));
         }
-        stream.set_read_timeout(Some(left))?;
-        let n = stream.peek(&mut buf)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        match parse(&buf[..n]) {
-            Ok(Some(h)) => {
-                consume(stream, h.len)?;
-                stream.set_read_timeout(None)?;
-                return Ok(h);
-            }
-            Ok(None) if n == buf.len() => return Err(io::Error::other(ProxyError::TooLong)),
-            // More is on its way: wait a little rather than spin on the same peek.
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(io::Error::other(e)),
+        // Whole milliseconds, rounded up so a wait never ends just short of the deadline.
+        let ms = u16::try_from(left.as_millis().saturating_add(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(
+            stream.as_fd(),
+            PollFlags::POLLIN | PollFlags::from_bits_retain(libc::POLLRDHUP),
+        )];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => continue, // the deadline check above decides
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -204,15 +285,19 @@ pub struct ProxyRule {
 impl ProxyRule {
     /// For a blocking connection (thread and fork-per-conn modes): checks the peer, reads and
     /// strips the header; returns the real client (`None`: the balancer's own connection).
+    /// A refusal is logged (see [`log_refused`]).
     pub fn accept_blocking(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
         let peer = stream.peer_addr()?;
         if !self.from.contains(peer.ip()) {
+            log_refused(peer, &Refusal::NotAllowed);
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{peer} may not send a PROXY header (--proxy-from)"),
             ));
         }
-        let source = read_blocking(stream, self.timeout)?.source;
+        let source = read_blocking(stream, self.timeout)
+            .inspect_err(|e| log_refused(peer, &Refusal::of(e)))?
+            .source;
         if let Some(client) = source {
             protocol::facade::debug!("connection from {client} (via {peer})");
         }
@@ -314,6 +399,11 @@ mod tests {
             Some("[2001:db8::1]:4000".parse().unwrap())
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n").unwrap().unwrap().source, None);
+        let zero = b"PROXY TCP4 1.2.3.4 5.6.7.8 0 0\r\n";
+        assert_eq!(
+            parse(zero).unwrap().unwrap().source.map(|a| a.port()),
+            Some(0)
+        );
         assert_eq!(parse(b"PROXY TCP4 1.2.3.4"), Ok(None), "incomplete");
         assert_eq!(parse(b"PRO"), Ok(None));
         for bad in [
@@ -321,6 +411,8 @@ mod tests {
             b"PROXY TCP4 ::1 5.6.7.8 1 1\r\n",
             b"PROXY TCP5 1.2.3.4 5.6.7.8 1 1\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 007\r\n",
         ] {
             assert!(
                 matches!(parse(bad), Err(ProxyError::Malformed(_))),

@@ -278,4 +278,12 @@ pub trait Service: Clone + Send + Sync + 'static {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> DatagramAnswer<'a, Self::Exchange>;
+
+    /// Whether its answers on the shared UDP socket are bounded per source (at most
+    /// `echo::SOURCE_RATE` a second after a burst of `echo::SOURCE_BURST`): a service that
+    /// answers every datagram in kind (echo) can be set ping-ponging with another such server
+    /// by one forged datagram, and the bound is what ends that loop.
+    fn limits_sources(&self) -> bool {
+        false
+    }
 }

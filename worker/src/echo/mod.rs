@@ -8,7 +8,7 @@ mod session;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use datagram::loops_back;
+pub use datagram::{SOURCE_BURST, SOURCE_RATE, SourceLimit, loops_back};
 pub use session::Connection;
 
 use protocol::stats::Counters;
@@ -67,5 +67,9 @@ impl Service for Echo {
         } else {
             DatagramAnswer::Reply(datagram.into())
         }
+    }
+
+    fn limits_sources(&self) -> bool {
+        true
     }
 }

@@ -171,6 +171,7 @@ impl<S: Service> Worker<S> {
             next_idle_sweep: None,
             udp,
             udp_again: false,
+            sources: crate::echo::SourceLimit::new(),
             proxy,
             pending: Slab::new(),
             udp_local,

@@ -15,7 +15,8 @@ use crate::exchange::{count_end, max_exchanges};
 use crate::service::{Abort, DatagramAnswer, Exchange, Service, Step};
 
 impl<S: Service> Worker<S> {
-    /// Answers each waiting datagram as the service says; an exchange one begins starts at
+    /// Answers each waiting datagram as the service says, within what its source may draw
+    /// (`echo::SourceLimit`, for a service that asks for it); an exchange one begins starts at
     /// once, so a flood of requests holds at most one exchange beyond the limit at a time. UDP
     /// promises no delivery: an answer that finds the send buffer full is dropped (and not
     /// counted as sent).
@@ -30,7 +31,16 @@ impl<S: Service> Worker<S> {
                         self.service
                             .answer_datagram(&self.scratch[..n], peer, self.udp_local);
                     let reply = match answer {
-                        DatagramAnswer::Reply(reply) => reply,
+                        DatagramAnswer::Reply(reply)
+                            if !self.service.limits_sources() || self.sources.allow(peer) =>
+                        {
+                            reply
+                        }
+                        // Over its source's share: how a loop between two servers ends.
+                        DatagramAnswer::Reply(_) => {
+                            self.counters.datagrams_refused += 1;
+                            continue;
+                        }
                         DatagramAnswer::Refuse => {
                             self.counters.datagrams_refused += 1;
                             continue;

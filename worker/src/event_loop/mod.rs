@@ -169,6 +169,8 @@ struct Worker<S: Service> {
     exchanges: Slab<S::Exchange>,
     /// The UDP turn's budget ran out: more datagrams may be waiting.
     udp_again: bool,
+    /// What each source may still draw in answers (ends echo loops between servers).
+    sources: crate::echo::SourceLimit,
 
     /// What the connections share (a chat room and its bus); `()` for echo and TFTP.
     room: S::Room,

@@ -10,7 +10,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use super::Worker;
-use crate::proxy::{self, MAX_HEADER};
+use crate::proxy::{self, MAX_HEADER, Refusal};
 use crate::service::Service;
 
 /// Tokens from here up are connections still owing their PROXY header.
@@ -29,8 +29,8 @@ enum Outcome {
     Done,
     /// More bytes are needed.
     Wait,
-    /// Refused (missing, malformed, too long, the peer closed).
-    Refused,
+    /// Refused (missing, malformed, too long, the peer closed), and why.
+    Refused(Refusal),
 }
 
 impl<S: Service> Worker<S> {
@@ -40,12 +40,16 @@ impl<S: Service> Worker<S> {
         let Some(rule) = &self.proxy else { return };
         let allowed = stream.peer_addr().is_ok_and(|p| rule.from.contains(p.ip()));
         if !allowed {
+            refused(&stream, &Refusal::NotAllowed);
             self.counters.proxy_errors += 1;
             return;
         }
         match take_header(&stream) {
             Outcome::Done => self.start_session(stream),
-            Outcome::Refused => self.counters.proxy_errors += 1,
+            Outcome::Refused(why) => {
+                refused(&stream, &why);
+                self.counters.proxy_errors += 1;
+            }
             Outcome::Wait => {
                 let deadline = Instant::now() + rule.timeout;
                 let entry = self.pending.vacant_entry();
@@ -77,7 +81,11 @@ impl<S: Service> Worker<S> {
         let _ = self.poll.registry().deregister(&mut p.stream);
         match outcome {
             Outcome::Done => self.start_session(p.stream),
-            _ => self.counters.proxy_errors += 1,
+            Outcome::Refused(why) => {
+                refused(&p.stream, &why);
+                self.counters.proxy_errors += 1;
+            }
+            Outcome::Wait => {}
         }
     }
 
@@ -92,6 +100,7 @@ impl<S: Service> Worker<S> {
         for key in late {
             let mut p = self.pending.remove(key);
             let _ = self.poll.registry().deregister(&mut p.stream);
+            refused(&p.stream, &Refusal::Late);
             self.counters.proxy_errors += 1;
         }
     }
@@ -106,11 +115,11 @@ impl<S: Service> Worker<S> {
 fn take_header(stream: &TcpStream) -> Outcome {
     let mut buf = [0u8; MAX_HEADER];
     let n = match stream.peek(&mut buf) {
-        Ok(0) => return Outcome::Refused,
+        Ok(0) => return Outcome::Refused(Refusal::Closed),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Wait,
         Err(e) if e.kind() == io::ErrorKind::Interrupted => return Outcome::Wait,
-        Err(_) => return Outcome::Refused,
+        Err(_) => return Outcome::Refused(Refusal::Closed),
     };
     match proxy::parse(&buf[..n]) {
         Ok(Some(h)) => {
@@ -118,7 +127,7 @@ fn take_header(stream: &TcpStream) -> Outcome {
             let mut sink = [0u8; MAX_HEADER];
             let mut reader = stream;
             if reader.read_exact(&mut sink[..h.len]).is_err() {
-                return Outcome::Refused;
+                return Outcome::Refused(Refusal::Closed);
             }
             if let (Some(client), Ok(peer)) = (h.source, stream.peer_addr()) {
                 protocol::facade::debug!("connection from {client} (via {peer})");
@@ -126,6 +135,14 @@ fn take_header(stream: &TcpStream) -> Outcome {
             Outcome::Done
         }
         Ok(None) if n < MAX_HEADER => Outcome::Wait,
-        Ok(None) | Err(_) => Outcome::Refused,
+        Ok(None) => Outcome::Refused(Refusal::Bad(proxy::ProxyError::TooLong)),
+        Err(e) => Outcome::Refused(Refusal::Bad(e)),
+    }
+}
+
+/// Logs (rate-limited) why a connection is closed before its service saw it.
+fn refused(stream: &TcpStream, why: &Refusal) {
+    if let Ok(peer) = stream.peer_addr() {
+        proxy::log_refused(peer, why);
     }
 }
