@@ -132,3 +132,129 @@ fn the_log_level_comes_from_the_environment() {
     let chatty = Server::start(&["--workers", "1"]);
     assert!(chatty.stderr().contains("spawned worker 0/g1"));
 }
+
+/// A load tool of this workspace, built beside the server.
+fn load_tool(name: &str) -> std::process::Command {
+    let path = std::path::Path::new(common::BIN).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo test --workspace",
+        path.display()
+    );
+    std::process::Command::new(path)
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn echo_load_measures_the_server_it_loads_and_refuses_another() {
+    for mode in ["process", "thread", "fork-per-conn"] {
+        let loaded = Server::start(&["--mode", mode, "--workers", "2"]);
+        let other = Server::start(&["--mode", mode, "--workers", "1"]);
+        let run = |server: &str| {
+            load_tool("echo-load")
+                .args(["--target", &loaded.addr.to_string(), "--connections", "4"])
+                .args(["--requests", "400", "--json", "--server-pid", server])
+                .output()
+                .unwrap()
+        };
+        // `auto` finds the master (not a worker, which holds the same listener).
+        let found = json_of(&run("auto"));
+        assert_eq!(found["server"]["pid"], loaded.pid, "{mode}: {found}");
+        assert!(found["server"]["pss_bytes"].as_u64() > Some(0), "{found}");
+        // The right pid by hand is believed.
+        let given = json_of(&run(&loaded.pid.to_string()));
+        assert_eq!(given["server"]["pid"], loaded.pid);
+        // Another server's pid is refused before any load, naming the one that serves.
+        let wrong = run(&other.pid.to_string());
+        let said = String::from_utf8_lossy(&wrong.stderr);
+        assert_eq!(wrong.status.code(), Some(1), "{mode}: {said}");
+        assert!(
+            said.contains(&format!("--server-pid {} ", other.pid))
+                && said.contains("does not serve")
+                && said.contains(&format!("pid {} ", loaded.pid)),
+            "{mode}: {said}"
+        );
+        assert!(wrong.stdout.is_empty(), "no report for a wrong server");
+    }
+}
+
+#[test]
+fn auto_finds_no_server_where_nothing_listens() {
+    // A port just freed: nothing listens there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = load_tool("echo-load")
+        .args(["--target", &addr.to_string(), "--requests", "1"])
+        .args(["--server-pid", "auto"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("nothing listens on {addr} (TCP)")),
+        "{said}"
+    );
+}
+
+#[test]
+fn chat_load_and_tftp_load_report_the_server_they_load() {
+    let chat = Server::start(&["--service", "chat", "--workers", "2"]);
+    let out = load_tool("chat-load")
+        .args(["--target", &chat.addr.to_string(), "--clients", "2"])
+        .args(["--duration", "0.5", "--json", "--server-pid", "auto"])
+        .output()
+        .unwrap();
+    let report = json_of(&out);
+    assert!(report["server_pss_mib"].as_f64() > Some(0.0), "{report}");
+
+    let root = common::tftp::root_with(&[4096]);
+    let original = root.join("f4096");
+    let tftp = Server::start(&[
+        "--service",
+        "tftp",
+        "--root",
+        root.to_str().unwrap(),
+        "--workers",
+        "2",
+    ]);
+    let run = |json: bool| {
+        let mut cmd = load_tool("tftp-load");
+        cmd.args(["--target", &tftp.addr.to_string(), "--file", "f4096"])
+            .arg("--verify")
+            .arg(&original)
+            .args(["--duration", "0.5", "--server-pid", "auto"]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let report = json_of(&run(true));
+    assert_eq!(report["server"]["pid"], tftp.pid, "{report}");
+    assert!(report["server"]["pss_mib"].as_f64() > Some(0.0), "{report}");
+    let text = ok_stdout(run(false));
+    assert!(
+        text.contains(&format!("server pid {} (", tftp.pid)) && text.contains("PSS"),
+        "{text}"
+    );
+    // The chat server's TCP port is no TFTP server.
+    let out = load_tool("tftp-load")
+        .args(["--target", &tftp.addr.to_string(), "--file", "f4096"])
+        .arg("--verify")
+        .arg(&original)
+        .args(["--duration", "0.5", "--server-pid", &chat.pid.to_string()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("does not serve"), "{said}");
+}

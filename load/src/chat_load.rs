@@ -156,6 +156,7 @@ fn print_report(r: &Report) {
 
 fn run(args: &Args) -> Result<Report> {
     let addr = loopback(&args.target)?;
+    let server_pid = args.out.server(addr, cost::Transport::Tcp)?;
     let n = args.clients as usize;
     let window = if args.rate.is_some() {
         64
@@ -189,7 +190,7 @@ fn run(args: &Args) -> Result<Report> {
         .map(|_| std::net::TcpStream::connect(addr))
         .collect::<io::Result<Vec<_>>>()
         .context("connecting the never-readers")?;
-    let before = args.out.server_pid.map(cost::sample);
+    let before = server_pid.map(cost::sample);
     let started = Instant::now();
     shared.sending.store(true, Ordering::Release);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
@@ -204,7 +205,7 @@ fn run(args: &Args) -> Result<Report> {
     // Until the last line arrived everywhere (or the settle time ran out): a server that
     // falls behind is not credited with deliveries it made after the clock stopped.
     let seconds = started.elapsed().as_secs_f64();
-    let after = args.out.server_pid.map(cost::sample);
+    let after = server_pid.map(cost::sample);
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut total = Tally::default();
     for (tally, h) in results {
