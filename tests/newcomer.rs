@@ -298,3 +298,33 @@ fn chat_load_and_tftp_load_report_the_server_they_load() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("does not serve"), "{said}");
 }
+
+/// The README's never-reader example shows what it claims: the never-reader is dropped
+/// (chat-load's report and the server's `slow_consumers` agree), nobody else is.
+#[test]
+fn the_readme_never_reader_example_drops_the_never_reader() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("chat-load ") && l.contains("--never-readers 1"))
+        .expect("README: the chat-load never-reader example");
+    let args: Vec<&str> = line[..line.find('#').unwrap_or(line.len())]
+        .split_whitespace()
+        .skip(1)
+        .collect();
+    let server = Server::start(&["--service", "chat", "--workers", "2"]);
+    let out = load_tool("chat-load")
+        .args(&args)
+        .args(["--target", &server.addr.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let report = json_of(&out);
+    assert_eq!(report["never_readers_dropped"], 1, "{line}: {report}");
+    assert_eq!(report["disconnected"], 0, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    let counted = common::wait_until(Duration::from_secs(10), || {
+        server.stats()["totals"]["slow_consumers"] == 1
+    });
+    assert!(counted, "{}", server.stats());
+}
