@@ -328,3 +328,19 @@ fn the_readme_never_reader_example_drops_the_never_reader() {
     });
     assert!(counted, "{}", server.stats());
 }
+
+/// The scripts' shared library keeps its word: no chart claimed that was not written,
+/// matplotlib installed on first use is imported in that same run, results directories are
+/// never reused, a run too small to conclude says so (scripts/benchlib_test.py).
+#[test]
+fn the_benchmark_scripts_library_passes_its_own_tests() {
+    let Ok(out) = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/benchlib_test.py"))
+        .output()
+    else {
+        return common::skip("python3 is not installed");
+    };
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("\nOK"), "{said}");
+}
