@@ -72,7 +72,7 @@ fn fork_per_conn_says_that_workers_does_not_apply() {
 fn the_log_names_spawn_modes_as_the_command_line_does() {
     let server = Server::start(&["--workers", "1", "--spawn", "exec"]);
     assert!(
-        server.stderr().contains("(spawn=exec)"),
+        server.wait_for_log("(spawn=exec)", Duration::from_secs(10)),
         "{}",
         server.stderr()
     );
@@ -170,7 +170,12 @@ fn the_log_level_comes_from_the_environment() {
         assert!(log.contains("main: warning: serving as root"), "{log}");
     }
     let chatty = Server::start(&["--workers", "1"]);
-    assert!(chatty.stderr().contains("spawned worker 0/g1"));
+    // The announce line can come before stderr's reader has caught up: wait for the line.
+    assert!(
+        chatty.wait_for_log("spawned worker 0/g1", Duration::from_secs(10)),
+        "{}",
+        chatty.stderr()
+    );
 }
 
 /// A load tool of this workspace, built beside the server.
