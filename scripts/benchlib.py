@@ -6,6 +6,8 @@ Traffic goes to loopback only."""
 
 import atexit
 import ctypes
+import datetime
+import importlib
 import json
 import os
 import signal
@@ -24,6 +26,7 @@ def _target_dir(manifest_dir):
 
 
 RELEASE = _target_dir(ROOT) / "release"
+RESULTS = ROOT / "scripts" / "results"
 SERVER = RELEASE / "prefork-echo"
 LOAD = RELEASE / "echo-load"
 _started = []
@@ -183,19 +186,107 @@ def load(target, server_pid=None, budget=None, **opts):
 
 
 def pyplot():
-    """matplotlib.pyplot with the Agg backend, installed into target/py on first use."""
-    py = ROOT / "target" / "py"
-    sys.path.insert(0, str(py))
+    """matplotlib.pyplot with the Agg backend, installed into TARGET/py on first use.
+
+    Raises ImportError, saying why, when matplotlib cannot be had (no pip, no network)."""
+    py = _target_dir(ROOT) / "py"
+    if str(py) not in sys.path:
+        sys.path.insert(0, str(py))
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
-        log("installing matplotlib into target/py")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(py),
-                        "matplotlib"], check=True)
-    import matplotlib
+        log(f"installing matplotlib into {py}")
+        py.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(py),
+                            "matplotlib"])
+        if p.returncode != 0:
+            raise ImportError(f"pip could not install matplotlib into {py} (exit {p.returncode})")
+        # The failed import above remembered that this directory held nothing (or did not
+        # exist): forget that, or Python never looks at what pip just put there.
+        sys.path_importer_cache.pop(str(py), None)
+        importlib.invalidate_caches()
+        import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def write_chart(draw, path):
+    """Calls draw(path) and returns True only if `path` then exists: a chart is claimed only
+    once written. A failure is logged, not raised (the tables stand without the picture)."""
+    try:
+        draw(path)
+    except Exception as e:  # noqa: BLE001 - any failure of an optional picture
+        log(f"no chart: {e}")
+        return False
+    if not Path(path).is_file():
+        log(f"no chart: {path} was not written")
+        return False
+    return True
+
+
+def results_dir(name, out=None):
+    """The new directory a script writes its results to, created here; never one that
+    already holds anything.
+
+    Without --out: RESULTS/YYYY-MM-DD-HHMMSS-NAME (with -2, -3, ... if two runs start in the
+    same second). RESULTS is scripts/results/, which git ignores except for the runs the
+    README quotes, committed on purpose (`git add -f`; see scripts/results/README.md).
+    With --out: that directory, refused if it exists and is not empty."""
+    if out:
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            sys.exit(f"{out} already exists and is not an empty directory: not overwriting it "
+                     "(choose another --out)")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-{name}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out = RESULTS / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    sys.exit(f"no free results directory for {stem} under {RESULTS}")
+
+
+# Below these a run's medians are one unlucky round from the opposite verdict on a shared
+# two-core machine: one binary measured against itself moved 0.70-1.38x from round to
+# round (README, "How small a difference this machine can tell apart").
+MIN_ROUNDS = 5
+MIN_SECONDS = 3.0
+
+
+def honesty(rounds, duration, samples):
+    """Lines saying what a run can support, for its results.md and its output.
+
+    `samples` maps a label (server and point) to its per-round values (None for a failed
+    round; `duration` None where a round is not timed). Gives the widest spreads measured
+    (min and max over the median), and, when the run has fewer than MIN_ROUNDS rounds or
+    shorter measurements than MIN_SECONDS, says that its figures cannot support a
+    conclusion."""
+    spreads = []
+    for label, xs in samples.items():
+        xs = [x for x in xs if x]
+        if len(xs) >= 2:
+            m = median(xs)
+            spreads.append((max(xs) / min(xs), label, min(xs) / m, max(xs) / m))
+    spreads.sort(reverse=True)
+    lines = []
+    if spreads:
+        lines.append("Spread over rounds (min and max over the median), the widest: "
+                     + "; ".join(f"{label} {lo:.2f}-{hi:.2f}x" for _, label, lo, hi in spreads[:3])
+                     + ". A difference smaller than this is noise.")
+    timed = duration is not None
+    if rounds < MIN_ROUNDS or (timed and duration < MIN_SECONDS):
+        run = f"{rounds} round(s)" + (f" of {duration:g} s" if timed else "")
+        enough = f"--rounds {MIN_ROUNDS}" + (f" --duration {MIN_SECONDS:g}" if timed else "")
+        lines.append(f"TOO SMALL TO CONCLUDE: {run}. On this kind of machine one point moves by "
+                     "tens of percent between rounds, so a ranking read from this run may be the "
+                     f"opposite of the truth; use at least {enough} and compare medians.")
+    return lines
 
 
 def median(xs):

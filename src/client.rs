@@ -41,7 +41,8 @@ fn unexpected(path: &Path, answer: &str) -> anyhow::Error {
 }
 
 fn read_pid(path: &Path) -> Result<Pid> {
-    Ok(crate::runtime_files::verified_pid(path)?)
+    // The error's text already ends with its cause: not chained a second time.
+    crate::runtime_files::verified_pid(path).map_err(|e| anyhow!("{e}"))
 }
 
 /// Asks by signal what `request` asks over the control socket (the verb table says which).

@@ -51,7 +51,11 @@ pub fn render(snap: &Snapshot) -> String {
             "prefork_echo_{total} {}",
             snap.totals.to_array()[i]
         ));
-        let help = format!("{doc} All workers, including those that have exited.");
+        let help = if kind == "gauge" {
+            format!("{doc} Summed over the live workers.")
+        } else {
+            format!("{doc} All workers, including those that have exited.")
+        };
         section(&mut out, &total, kind, &help, &mut lines);
         for w in &snap.workers {
             lines.push(format!(
@@ -525,6 +529,10 @@ mod tests {
             "prefork_echo_worker_bytes_in_total{worker=\"0\",generation=\"3\",pid=\"77\"} 42\n"
         ));
         assert!(text.contains("# TYPE prefork_echo_active_connections gauge"));
+        assert!(
+            text.contains("cumulative). Summed over the live workers.\n"),
+            "{text}"
+        );
         assert!(text.contains("prefork_echo_workers{state=\"running\"} 1"));
         for name in Counters::NAMES {
             assert!(text.contains(name), "{name} missing");

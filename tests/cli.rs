@@ -198,3 +198,54 @@ fn version_names_the_commit_and_completions_and_man_page_are_generated() {
     assert_eq!(run(&["completions", "tcsh"]).status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A control command with nothing to talk to says there is no server, and where it looked;
+/// never a bare errno, never a cause twice.
+#[test]
+fn control_commands_without_a_server_say_so_once() {
+    // A port just freed: no server there, so no control socket at its default path.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for verb in ["stats", "reload", "stop"] {
+        let out = run(&[verb, "--listen", &addr.to_string()]);
+        assert_eq!(out.status.code(), Some(1), "{verb}");
+        let err = one_error_line(&out);
+        let sock = format!("-{}.sock: no such file)", addr.port());
+        assert!(
+            err.contains(&format!(
+                "error: no server on {addr} (looked for its control socket at "
+            )) && err.contains(&sock)
+                && !err.contains("os error"),
+            "{verb}: {err}"
+        );
+    }
+    let dir = common::scratch_dir();
+    let sock = dir.join("nothing.sock");
+    let err = one_error_line(&run(&["stats", "--control", sock.to_str().unwrap()]));
+    assert!(
+        err.contains(&format!(
+            "no server at control socket {} (no such file)",
+            sock.display()
+        )),
+        "{err}"
+    );
+    // A socket file left behind by a server that is gone: nobody listens on it.
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let err = one_error_line(&run(&["scale", "2", "--control", stale.to_str().unwrap()]));
+    assert!(err.contains("(a socket file nobody listens on)"), "{err}");
+    // A missing pid file: its cause, once.
+    let pid_file = dir.join("master.pid");
+    for verb in ["stop", "reload"] {
+        let err = one_error_line(&run(&[verb, "--pid-file", pid_file.to_str().unwrap()]));
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{verb}: {err}"
+        );
+        assert!(err.contains(pid_file.to_str().unwrap()), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

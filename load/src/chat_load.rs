@@ -15,6 +15,7 @@
 
 mod chat_client;
 mod cost;
+mod never_reader;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -77,6 +78,8 @@ struct Report {
     target: String,
     clients: u64,
     never_readers: u64,
+    /// Never-readers the server had disconnected by the end of the run.
+    never_readers_dropped: u64,
     mode: String,
     seconds: f64,
     sent: u64,
@@ -149,6 +152,12 @@ fn print_report(r: &Report) {
         "errors: lost={} duplicated={} out_of_order={} corrupt={} disconnected={}",
         r.lost, r.duplicated, r.out_of_order, r.corrupt, r.disconnected
     );
+    if r.never_readers > 0 {
+        println!(
+            "never-readers: {} of {} disconnected by the server",
+            r.never_readers_dropped, r.never_readers
+        );
+    }
     if let (Some(cpu), Some(pss)) = (r.server_cpu_us_per_delivery, r.server_pss_mib) {
         println!("server: {cpu:.2} µs CPU per delivery, PSS {pss:.1} MiB");
     }
@@ -156,6 +165,7 @@ fn print_report(r: &Report) {
 
 fn run(args: &Args) -> Result<Report> {
     let addr = loopback(&args.target)?;
+    let server_pid = args.out.server(addr, cost::Transport::Tcp)?;
     let n = args.clients as usize;
     let window = if args.rate.is_some() {
         64
@@ -185,11 +195,11 @@ fn run(args: &Args) -> Result<Report> {
     }
     ready.wait();
     // Held open, never read, until the report is made.
-    let _sleepers = (0..args.never_readers)
+    let sleepers = (0..args.never_readers)
         .map(|_| std::net::TcpStream::connect(addr))
         .collect::<io::Result<Vec<_>>>()
         .context("connecting the never-readers")?;
-    let before = args.out.server_pid.map(cost::sample);
+    let before = server_pid.map(cost::sample);
     let started = Instant::now();
     shared.sending.store(true, Ordering::Release);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
@@ -204,7 +214,7 @@ fn run(args: &Args) -> Result<Report> {
     // Until the last line arrived everywhere (or the settle time ran out): a server that
     // falls behind is not credited with deliveries it made after the clock stopped.
     let seconds = started.elapsed().as_secs_f64();
-    let after = args.out.server_pid.map(cost::sample);
+    let after = server_pid.map(cost::sample);
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut total = Tally::default();
     for (tally, h) in results {
@@ -239,6 +249,7 @@ fn run(args: &Args) -> Result<Report> {
         target: addr.to_string(),
         clients: args.clients,
         never_readers: args.never_readers,
+        never_readers_dropped: never_reader::dropped(&sleepers),
         mode: match args.rate {
             Some(r) => format!("open loop, {r} lines/s per client"),
             None => format!("closed loop, window {window}"),

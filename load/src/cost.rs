@@ -3,7 +3,13 @@
 //! pages shared by forked workers among them instead of counting them once per process as
 //! RSS does).
 
+mod serving;
+
+use std::net::SocketAddr;
+
 use procfs::process::Process;
+
+pub use serving::Transport;
 
 /// One sample of a process tree.
 #[derive(Clone, Copy, Debug, Default)]
@@ -93,11 +99,48 @@ fn pss(proc: &Process) -> u64 {
 /// The flags every load tool shares: whose cost to measure, and how to print the report.
 #[derive(Debug, clap::Args)]
 pub struct Reporting {
-    /// The server's pid: report its CPU per unit of work and its memory (PSS), over its whole
-    /// process tree.
-    #[arg(long, value_name = "PID")]
-    pub server_pid: Option<i32>,
+    /// Report the server's CPU per unit of work and its memory (PSS), over its whole process
+    /// tree. `auto`: the process that listens on --target (found in /proc; it must be one whose
+    /// descriptors you may read). A PID is checked the same way: if neither it nor a process
+    /// below it listens on --target, the tool refuses rather than report another server.
+    #[arg(long, value_name = "PID|auto", value_parser = parse_server)]
+    pub server_pid: Option<ServerPid>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `--server-pid` names.
+#[derive(Clone, Copy, Debug)]
+pub enum ServerPid {
+    /// Whatever process tree listens on the target.
+    Auto,
+    /// This pid, once checked to serve the target.
+    Pid(i32),
+}
+
+fn parse_server(s: &str) -> Result<ServerPid, String> {
+    match s {
+        "auto" => Ok(ServerPid::Auto),
+        _ => match s.parse::<i32>() {
+            Ok(p) if p > 0 => Ok(ServerPid::Pid(p)),
+            _ => Err(format!("{s:?} is neither a pid nor `auto`")),
+        },
+    }
+}
+
+impl Reporting {
+    /// The pid whose tree to sample, checked to be the server of `target` (None without
+    /// `--server-pid`).
+    pub fn server(
+        &self,
+        target: SocketAddr,
+        transport: Transport,
+    ) -> Result<Option<i32>, serving::ServingError> {
+        match self.server_pid {
+            None => Ok(None),
+            Some(ServerPid::Auto) => serving::find(target, transport).map(Some),
+            Some(ServerPid::Pid(pid)) => serving::check(pid, target, transport).map(|()| Some(pid)),
+        }
+    }
 }

@@ -170,6 +170,8 @@ fn resolve(target: &str) -> Result<SocketAddr> {
 
 fn run(args: &Args) -> Result<Report> {
     let target = resolve(&args.target)?;
+    // Named before any load: a wrong server is refused at once, not after the run.
+    let server_pid = args.out.server(target, cost::Transport::Tcp)?;
     let duration = match (args.duration, args.requests) {
         (Some(d), _) if !(d.is_finite() && d > 0.0) => bail!("--duration must be more than 0"),
         (Some(d), _) => Some(Duration::from_secs_f64(d)),
@@ -224,7 +226,7 @@ fn run(args: &Args) -> Result<Report> {
     drop(tx);
     barrier.wait();
     let start = Instant::now();
-    let server_before = args.out.server_pid.map(cost::sample);
+    let server_before = server_pid.map(cost::sample);
     let cpu_before = self_cpu();
     let progress = std::io::stderr().is_terminal() && !args.out.json;
     let mut outcomes = Vec::new();
@@ -250,7 +252,7 @@ fn run(args: &Args) -> Result<Report> {
     }
     let client_cpu = self_cpu() - cpu_before;
     // Sample the server while it still holds every connection.
-    let server_after = args.out.server_pid.map(cost::sample);
+    let server_after = server_pid.map(cost::sample);
     shared.release.store(true, Ordering::SeqCst);
     for h in handles {
         let _ = h.join();
@@ -260,8 +262,7 @@ fn run(args: &Args) -> Result<Report> {
         elapsed,
         client_cpu,
         outcomes,
-        server_before,
-        server_after,
+        server_pid.zip(server_before).zip(server_after),
     ))
 }
 
@@ -270,8 +271,7 @@ fn summarise(
     elapsed: f64,
     client_cpu: f64,
     outcomes: Vec<Outcome>,
-    before: Option<cost::TreeSample>,
-    after: Option<cost::TreeSample>,
+    server: Option<((i32, cost::TreeSample), cost::TreeSample)>,
 ) -> Report {
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
         .expect("histogram bounds");
@@ -295,17 +295,14 @@ fn summarise(
     per_conn.sort_unstable();
     let round_trips: u64 = per_conn.iter().sum();
     let mb = |b: u64| b as f64 / elapsed.max(1e-9) / 1e6;
-    let server = match (args.out.server_pid, before, after) {
-        (Some(pid), Some(b), Some(a)) => Some(ServerCost {
-            pid,
-            processes: a.processes,
-            cpu_secs: a.cpu_secs - b.cpu_secs,
-            cpu_us_per_round_trip: (a.cpu_secs - b.cpu_secs) * 1e6 / round_trips.max(1) as f64,
-            context_switches: a.context_switches.saturating_sub(b.context_switches),
-            pss_bytes: a.pss_bytes,
-        }),
-        _ => None,
-    };
+    let server = server.map(|((pid, b), a)| ServerCost {
+        pid,
+        processes: a.processes,
+        cpu_secs: a.cpu_secs - b.cpu_secs,
+        cpu_us_per_round_trip: (a.cpu_secs - b.cpu_secs) * 1e6 / round_trips.max(1) as f64,
+        context_switches: a.context_switches.saturating_sub(b.context_switches),
+        pss_bytes: a.pss_bytes,
+    });
     Report {
         target: args.target.clone(),
         connections: args.connections,

@@ -5,7 +5,8 @@
 //! options asked (`--blksize`, `--windowsize`; a server that does not take an option is
 //! followed, as RFC 2347 says), and checks every transfer's length and FNV-1a hash against
 //! `--verify`. Reports throughput (MB/s), transfers/s, transfer time percentiles, the client's
-//! retransmissions, errors by kind and, given `--server-pid`, the server's CPU per megabyte.
+//! retransmissions, errors by kind and, given `--server-pid`, the server's CPU per megabyte and
+//! its memory (PSS over its process tree).
 //! Exit code: 0 when every transfer was complete and correct, 1 otherwise, 2 on a usage error.
 
 mod cost;
@@ -81,6 +82,16 @@ struct Report {
     transfer_ms_p50: f64,
     transfer_ms_p99: f64,
     server_cpu_secs_per_mb: Option<f64>,
+    /// The server measured (`--server-pid`), its processes, CPU seconds over the run and PSS.
+    server: Option<ServerCost>,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerCost {
+    pid: i32,
+    processes: usize,
+    cpu_secs: f64,
+    pss_mib: f64,
 }
 
 /// FNV-1a, 64-bit: a cheap, order-sensitive check that two byte streams are the same.
@@ -240,9 +251,10 @@ fn run(args: Args) -> Result<bool> {
     let original = std::fs::read(&args.verify)
         .with_context(|| format!("--verify {}", args.verify.display()))?;
     let want = (original.len() as u64, fnv(FNV_START, &original));
+    let server_pid = args.out.server(server, cost::Transport::Udp)?;
     let args = Arc::new(args);
     let stop = Arc::new(AtomicBool::new(false));
-    let before = args.out.server_pid.map(cost::sample);
+    let before = server_pid.map(cost::sample);
     let started = Instant::now();
     let threads: Vec<_> = (0..args.concurrency)
         .map(|_| {
@@ -284,7 +296,7 @@ fn run(args: Args) -> Result<bool> {
         all.micros.extend(t.micros);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after = args.out.server_pid.map(cost::sample);
+    let after = server_pid.map(cost::sample);
     all.micros.sort_unstable();
     let mb = all.bytes as f64 / 1e6;
     let report = Report {
@@ -306,6 +318,15 @@ fn run(args: Args) -> Result<bool> {
             (Some(b), Some(a)) if mb > 0.0 => Some((a.cpu_secs - b.cpu_secs) / mb),
             _ => None,
         },
+        server: server_pid
+            .zip(before)
+            .zip(after)
+            .map(|((pid, b), a)| ServerCost {
+                pid,
+                processes: a.processes,
+                cpu_secs: a.cpu_secs - b.cpu_secs,
+                pss_mib: a.pss_bytes as f64 / (1 << 20) as f64,
+            }),
     };
     if args.out.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -330,6 +351,16 @@ fn run(args: Args) -> Result<bool> {
                 .map(|e| format!(" (first: {e})"))
                 .unwrap_or_default()
         );
+        if let Some(sv) = &report.server {
+            println!(
+                "server pid {} ({} processes): CPU {:.2} s = {:.3} s/MB · PSS {:.1} MiB",
+                sv.pid,
+                sv.processes,
+                sv.cpu_secs,
+                report.server_cpu_secs_per_mb.unwrap_or(0.0),
+                sv.pss_mib
+            );
+        }
     }
     Ok(report.errors == 0 && report.transfers > 0)
 }

@@ -22,6 +22,27 @@ pub fn default_path(addr: SocketAddr) -> Result<PathBuf, ControlError> {
     Ok(dir.join(format!("{}-{}.sock", addr.ip(), addr.port())))
 }
 
+/// The address whose default control path `path` is, if it is one (so an error can name
+/// the server the user asked for, not only a file).
+fn default_path_of(path: &Path) -> Option<SocketAddr> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".sock")?;
+    let (ip, port) = stem.rsplit_once('-')?;
+    let addr = SocketAddr::new(ip.parse().ok()?, port.parse().ok()?);
+    (default_path(addr).ok()? == path).then_some(addr)
+}
+
+/// The wording of [`ControlError::NoServer`].
+pub(super) fn no_server(path: &Path, listen: Option<SocketAddr>, why: &str) -> String {
+    match listen {
+        Some(addr) => format!(
+            "no server on {addr} (looked for its control socket at {}: {why}); \
+             is it running, and was it started with another --control?",
+            path.display()
+        ),
+        None => format!("no server at control socket {} ({why})", path.display()),
+    }
+}
+
 /// Sends one request line to the server at `path` and returns its answer, as the JSON line
 /// it sent (for `stats --json`) and parsed.
 pub fn request_within(
@@ -34,7 +55,18 @@ pub fn request_within(
         source,
     };
     let name = path.to_fs_name::<GenericFilePath>().map_err(io_err)?;
-    let stream = Stream::connect(name).map_err(io_err)?;
+    let stream = Stream::connect(name).map_err(|source| {
+        let why = match source.kind() {
+            std::io::ErrorKind::NotFound => "no such file",
+            std::io::ErrorKind::ConnectionRefused => "a socket file nobody listens on",
+            _ => return io_err(source),
+        };
+        ControlError::NoServer {
+            path: path.to_path_buf(),
+            listen: default_path_of(path),
+            why,
+        }
+    })?;
     trust_peer(path, &stream)?;
     stream.set_recv_timeout(Some(wait)).map_err(io_err)?;
     stream
@@ -102,5 +134,11 @@ mod tests {
         );
         assert!(v6.to_string_lossy().ends_with("/::1-7007.sock"), "{v6:?}");
         assert_ne!(v4, v6);
+        assert_eq!(
+            default_path_of(&v4),
+            Some("127.0.0.1:7007".parse().unwrap())
+        );
+        assert_eq!(default_path_of(&v6), Some("[::1]:7007".parse().unwrap()));
+        assert_eq!(default_path_of(Path::new("/tmp/127.0.0.1-7007.sock")), None);
     }
 }

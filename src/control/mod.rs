@@ -75,6 +75,16 @@ pub enum ControlError {
         /// What was wrong, with the start of the answer.
         why: String,
     },
+    /// Nothing answers at the path: no server runs there (see [`connect`]'s wording).
+    #[error("{}", connect::no_server(path, *listen, why))]
+    NoServer {
+        /// The socket path.
+        path: PathBuf,
+        /// The address whose default path it is, if it is one.
+        listen: Option<std::net::SocketAddr>,
+        /// What was found at the path instead.
+        why: &'static str,
+    },
     /// A system call failed.
     #[error("control socket {path}")]
     Io {
