@@ -413,7 +413,8 @@ impl<S: Service> ForkServer<S> {
                 self.counters.closed_by_limit += 1;
                 continue;
             }
-            let mut keep = [udp.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            let mut keep = vec![udp.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            keep.extend(self.service.descriptors());
             let lp = &mut self.lp;
             let (service, report_tx) = (&self.service, &self.report_tx);
             let datagram = &buf[..n];

@@ -54,6 +54,7 @@ impl<S: System> Master<S> {
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
+            root: (self.settings.worker.root_fd >= 0).then_some(self.settings.worker.root_fd),
             totals: serde_json::to_string(&self.snapshot().totals)?,
         };
         let lp = &mut self.lp;

@@ -65,6 +65,9 @@ pub struct WorkerConfig {
     /// The directory TFTP serves (`--service tftp`).
     #[arg(long)]
     pub root: Option<std::path::PathBuf>,
+    /// Inherited descriptor of the TFTP root, opened once by the master at start; -1: none.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub root_fd: RawFd,
     /// TFTP accepts write requests (new files only).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub tftp_write: bool,
@@ -118,6 +121,7 @@ impl WorkerConfig {
             ("--proxy-from", self.proxy_from.clone()),
             ("--proxy-timeout", self.proxy_timeout.to_string()),
             ("--max-line", self.max_line.to_string()),
+            ("--root-fd", self.root_fd.to_string()),
             ("--tftp-write", self.tftp_write.to_string()),
             ("--tftp-max-file", self.tftp_max_file.to_string()),
         ]
@@ -188,6 +192,7 @@ mod tests {
             proxy_from: "10.0.0.0/8".into(),
             proxy_timeout: 2.0,
             root: Some("/srv/tftp".into()),
+            root_fd: 11,
             max_line: 77,
             tftp_write: true,
             tftp_max_file: 99,

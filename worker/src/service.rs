@@ -240,6 +240,12 @@ pub trait Service: Clone + Send + Sync + 'static {
     /// Its `--service` name, for log lines.
     fn name(&self) -> &'static str;
 
+    /// Descriptors it holds that a forked child (fork-per-conn) must keep: the child closes
+    /// every other one (TFTP's root directory).
+    fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
     /// Whether its processes must reach one another (see [`ServiceKind::needs_bus`]).
     fn needs_bus(&self) -> bool {
         false

@@ -164,6 +164,7 @@ fn settings(workers: u32) -> Settings {
             listen_fd: -1,
             ipc_fd: -1,
             udp_fd: -1,
+            root_fd: -1,
             bus_fd: -1,
             id: 0,
             generation: 1,

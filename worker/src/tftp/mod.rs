@@ -17,7 +17,6 @@ mod send;
 use std::borrow::Cow;
 use std::io::{BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +33,21 @@ pub use send::Sending;
 /// Largest upload `--tftp-max-file` allows unless told otherwise.
 pub const DEFAULT_MAX_FILE: u64 = 32 << 20;
 
+/// The root a worker was handed by its master (`--root-fd`): the directory the master opened
+/// once at start, never the path again.
+pub fn inherited_root(fd: std::os::fd::RawFd) -> std::io::Result<Root> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if fd < 0 {
+        return Err(std::io::Error::other(
+            "no --root-fd: the master opens --root once and hands its workers the descriptor",
+        ));
+    }
+    // SAFETY: the master left this descriptor open across fork or exec for this worker alone
+    // (`spawn_worker` keeps it); it is wrapped exactly once, here, at boot, before anything
+    // else could take the number.
+    Root::adopt(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The TFTP service.
 #[derive(Debug, Clone)]
 pub struct Tftp {
@@ -43,13 +57,14 @@ pub struct Tftp {
 }
 
 impl Tftp {
-    /// Serves the files beneath `root`; `write` allows uploads of new files up to `max_file`.
-    pub fn new(root: &Path, write: bool, max_file: u64) -> std::io::Result<Tftp> {
-        Ok(Tftp {
-            root: Arc::new(Root::open(root)?),
+    /// Serves the files beneath `root` (the directory opened at start); `write` allows
+    /// uploads of new files up to `max_file`.
+    pub fn new(root: Arc<Root>, write: bool, max_file: u64) -> Tftp {
+        Tftp {
+            root,
             write,
             max_file,
-        })
+        }
     }
 
     /// Starts the transfer a request asks for, or says why not.
@@ -164,6 +179,10 @@ impl Service for Tftp {
 
     fn name(&self) -> &'static str {
         "tftp"
+    }
+
+    fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.root.raw_fd()]
     }
 
     fn room(&self, _bus: Option<std::os::unix::net::UnixStream>) {}

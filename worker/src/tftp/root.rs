@@ -3,15 +3,17 @@
 //! `RESOLVE_BENEATH`), so `..`, absolute paths and symlinks that lead out fail in the kernel
 //! itself, atomically: there is no check-then-open window for a symlink swap to slip through.
 //!
-//! The directory is opened afresh for each request rather than held open, so a
-//! fork-per-conn child (which keeps only the descriptors it is given) and a worker see the
-//! same thing, as tftpd does with its working directory.
+//! The directory is opened once, when the server starts (before it drops root), and only
+//! that descriptor is used from then on: every worker, exec'd or forked, and every
+//! fork-per-conn child inherits it. Renaming the path or putting a symlink in its place later
+//! (its owner may be a less privileged user) changes nothing for the running server, as
+//! tftpd's `chroot`/`chdir` at start-up does.
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
@@ -20,10 +22,10 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::packet::{Code, Refusal};
 
-/// The served directory.
+/// The served directory, as the descriptor opened at start.
 #[derive(Debug)]
 pub struct Root {
-    path: PathBuf,
+    dir: OwnedFd,
 }
 
 /// A file a write request created, to remove again if the upload does not complete.
@@ -78,21 +80,52 @@ fn refusal(e: Errno) -> Refusal {
 }
 
 impl Root {
-    /// The root at `path`, checked to be a directory this process can open.
+    /// Opens the directory at `path`, once: the server keeps this descriptor for its life.
     pub fn open(path: &Path) -> std::io::Result<Root> {
-        let root = Root {
-            path: path.to_path_buf(),
-        };
-        root.dir()?;
-        Ok(root)
-    }
-
-    fn dir(&self) -> nix::Result<OwnedFd> {
-        nix::fcntl::open(
-            &self.path,
+        let dir = nix::fcntl::open(
+            path,
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
-        )
+        )?;
+        Ok(Root { dir })
+    }
+
+    /// The root from a descriptor opened by the master (inherited across fork or exec),
+    /// checked to be a directory.
+    pub fn adopt(dir: OwnedFd) -> std::io::Result<Root> {
+        let st = fstat(&dir)?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+            return Err(std::io::Error::other(
+                "the --root descriptor is not a directory",
+            ));
+        }
+        Ok(Root { dir })
+    }
+
+    /// Fails unless the directory is owned by root, this process's user or `also`, and
+    /// writable by neither group nor others: the check for a directory opened again by path
+    /// (which another user could have swapped) rather than inherited.
+    pub fn check_trusted(&self, also: Option<u32>) -> std::io::Result<()> {
+        let st = fstat(&self.dir)?;
+        let me = nix::unistd::Uid::effective().as_raw();
+        if st.st_uid != 0 && st.st_uid != me && Some(st.st_uid) != also {
+            return Err(std::io::Error::other(format!(
+                "the directory is owned by uid {}, not by root or the serving user",
+                st.st_uid
+            )));
+        }
+        if st.st_mode & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "the directory is writable by group or others (mode {:o})",
+                st.st_mode & 0o7777
+            )));
+        }
+        Ok(())
+    }
+
+    /// The descriptor's number, for a child that must inherit it.
+    pub fn raw_fd(&self) -> RawFd {
+        self.dir.as_raw_fd()
     }
 
     /// Opens a regular file beneath the root for reading; its size comes along.
@@ -102,7 +135,7 @@ impl Root {
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
             .resolve(beneath());
-        let fd = openat2(self.dir().map_err(refusal)?, path, how).map_err(refusal)?;
+        let fd = openat2(&self.dir, path, how).map_err(refusal)?;
         let st = fstat(&fd).map_err(refusal)?;
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
             return Err(Refusal::new(Code::Access, "not a regular file"));
@@ -125,7 +158,7 @@ impl Root {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(beneath());
-        let dir = openat2(self.dir().map_err(refusal)?, parent, how).map_err(refusal)?;
+        let dir = openat2(&self.dir, parent, how).map_err(refusal)?;
         let fd = openat(
             &dir,
             base,
