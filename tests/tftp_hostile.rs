@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::tftp::*;
 use common::{Server, wait_until};
@@ -32,11 +32,25 @@ fn start(mode: &[&str], root: &Path, extra: &[&str]) -> Server {
 /// Downloads `name` with a raw client acknowledging every block; `Err(code)` if refused.
 fn try_fetch(server: SocketAddr, name: &[u8]) -> Result<Vec<u8>, u16> {
     let c = udp_client();
-    c.send_to(&request(false, name, "octet", &[]), server)
-        .unwrap();
+    // The request is sent again each second until answered (as real clients do): under a
+    // flood the server's socket may drop it.
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut first = None;
+    for _ in 0..30 {
+        c.send_to(&request(false, name, "octet", &[]), server)
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        if let Ok((n, from)) = c.recv_from(&mut buf) {
+            buf.truncate(n);
+            first = Some((buf, from));
+            break;
+        }
+    }
+    let mut first = Some(first.expect("no answer to 30 requests"));
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut got = Vec::new();
     loop {
-        let (p, from) = recv(&c, "DATA");
+        let (p, from) = first.take().unwrap_or_else(|| recv(&c, "DATA"));
         let (op, block) = head(&p);
         if op == 5 {
             return Err(block);
@@ -129,5 +143,234 @@ fn a_root_swapped_after_start_changes_nothing_in_every_mode() {
             "{mode:?}: no file is created outside the original root"
         );
         drop(server);
+    }
+}
+
+/// A socket on `ip` (any 127.x address is this host) that never reads: a forged source.
+fn silent(ip: [u8; 4]) -> UdpSocket {
+    UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap()
+}
+
+/// The threads of `pid`.
+fn threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// Requests from sources that never answer, asking for the longest timeout, hold nothing a
+/// real client needs: with room for 100 transfers, 650 such requests from five addresses
+/// (and more while it downloads, 1,000 a second) leave a legitimate client its download,
+/// byte for byte, and no mode grows past its 100 threads or children.
+fn lockout(mode: &[&str]) {
+    let root = root_with(&[20_000]);
+    let original = std::fs::read(root.join("f20000")).unwrap();
+    let server = start(mode, &root, &["--max-conns", "100"]);
+    let flooders: Vec<UdpSocket> = (2..7).map(|i| silent([127, 0, 0, i])).collect();
+    let rrq = request(false, b"f20000", "octet", &[("timeout", "255")]);
+    for _ in 0..130 {
+        for f in &flooders {
+            let _ = f.send_to(&rrq, server.addr);
+        }
+    }
+    let base_threads = threads(server.pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = std::sync::Arc::clone(&stop);
+        let (flooders, addr) = (flooders, server.addr);
+        std::thread::spawn(move || {
+            // Still coming while the real client downloads (bounded: at most 20 s).
+            let until = Instant::now() + Duration::from_secs(20);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                for f in &flooders {
+                    let _ = f.send_to(&rrq, addr);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let got = try_fetch(server.addr, b"f20000");
+    let (mut peak_threads, mut peak_children) = (0, 0);
+    for _ in 0..20 {
+        peak_threads = peak_threads.max(threads(server.pid));
+        peak_children = peak_children.max(common::children_of(server.pid).len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    flood.join().unwrap();
+    assert_eq!(got.as_ref().map(Vec::len), Ok(original.len()), "{mode:?}");
+    assert!(got.unwrap() == original, "{mode:?}: the download differs");
+    match mode[1] {
+        "thread" => assert!(
+            peak_threads <= base_threads.max(1) + 100,
+            "{mode:?}: {peak_threads} threads (from {base_threads})"
+        ),
+        "fork-per-conn" => assert!(peak_children <= 100, "{mode:?}: {peak_children} children"),
+        _ => {}
+    }
+    // Forged requests were evicted (or turned away), and counted: five sources hold at most
+    // 80 transfers, so most of the (at least 497) requests taken made way for a later one.
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            || server.stats()["totals"]["closed_by_limit"].as_u64() >= Some(300)
+        ),
+        "{mode:?}: {}",
+        server.stats()["totals"]
+    );
+}
+
+#[test]
+fn forged_requests_do_not_lock_a_client_out_in_process_mode() {
+    lockout(MODES[0]);
+}
+
+#[test]
+fn forged_requests_do_not_lock_a_client_out_in_thread_mode() {
+    lockout(MODES[2]);
+}
+
+#[test]
+fn forged_requests_do_not_lock_a_client_out_in_fork_per_conn_mode() {
+    lockout(MODES[3]);
+}
+
+/// Packets that reach `s` within `window`.
+fn count_packets(s: &UdpSocket, window: Duration) -> usize {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let until = Instant::now() + window;
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while Instant::now() < until {
+        if s.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One request from a source that never answers draws its first packet three times, then
+/// nothing: the transfer is over within seconds, whatever `timeout` it asked for.
+#[test]
+fn a_source_that_never_answers_gets_three_packets_in_every_mode() {
+    let runs: Vec<_> = [MODES[0], MODES[2], MODES[3]]
+        .into_iter()
+        .map(|mode| {
+            let root = root_with(&[20_000]);
+            std::thread::spawn(move || {
+                let server = start(mode, &root, &["--tftp-write"]);
+                let read = silent([127, 0, 0, 1]);
+                let patient = silent([127, 0, 0, 1]);
+                let write = silent([127, 0, 0, 1]);
+                read.send_to(&request(false, b"f20000", "octet", &[]), server.addr)
+                    .unwrap();
+                let asked = [("timeout", "255")];
+                patient
+                    .send_to(&request(false, b"f20000", "octet", &asked), server.addr)
+                    .unwrap();
+                write
+                    .send_to(&request(true, b"up", "octet", &[]), server.addr)
+                    .unwrap();
+                // 0, 1, 2 s, then given up at 3 s (the old schedule: 0, 1, 3, 7 s, ...).
+                let read = count_packets(&read, Duration::from_secs(8));
+                // Counted as they queued on the sockets meanwhile.
+                let patient = count_packets(&patient, Duration::from_millis(100));
+                let write = count_packets(&write, Duration::from_millis(100));
+                let failed = server.stats()["totals"]["transfers_failed"].as_u64();
+                (mode, [read, patient, write], failed)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (mode, sent, failed) = run.join().unwrap();
+        // DATA 1 to each reader (one of which asked for a 255 s timeout), ACK 0 to the
+        // writer: three times each, never more.
+        assert_eq!(
+            sent,
+            [3, 3, 3],
+            "{mode:?}: packets to sources that never answered"
+        );
+        assert!(failed >= Some(3), "{mode:?}: all given up ({failed:?})");
+    }
+}
+
+/// Starts a download that waits (10 s timeout) after its first DATA; returns the client and
+/// the transfer's address.
+fn waiting_transfer(server: SocketAddr) -> (UdpSocket, SocketAddr) {
+    let c = udp_client();
+    c.send_to(
+        &request(false, b"f20000", "octet", &[("timeout", "10")]),
+        server,
+    )
+    .unwrap();
+    let (p, tid) = recv(&c, "OACK");
+    assert_eq!(head(&p).0, 6);
+    c.send_to(&ack(0), tid).unwrap();
+    assert_eq!(head(&recv(&c, "DATA 1").0), (3, 1));
+    (c, tid)
+}
+
+/// A UDP datagram from 127.0.0.1:`from` to 127.0.0.1:`to`, sent through a raw socket (as a
+/// forger would): `from` may be a port some other socket holds.
+fn forge(from: u16, to: u16, payload: &[u8]) {
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("a raw socket (root)");
+    let mut p = Vec::new();
+    p.extend_from_slice(&from.to_be_bytes());
+    p.extend_from_slice(&to.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // no checksum (IPv4 allows it)
+    p.extend_from_slice(payload);
+    let dest = SocketAddr::from(([127, 0, 0, 1], 0));
+    raw.send_to(&p, &dest.into()).unwrap();
+}
+
+/// CPU seconds used so far by `pid` and its children.
+fn cpu_secs(pid: i32) -> f64 {
+    let ticks = procfs::ticks_per_second() as f64;
+    std::iter::once(pid)
+        .chain(common::children_of(pid))
+        .filter_map(|p| procfs::process::Process::new(p).ok()?.stat().ok())
+        .map(|s| (s.utime + s.stime) as f64 / ticks)
+        .sum()
+}
+
+/// An ERROR sent to a transfer's port by a stranger gets nothing back, and one forged
+/// between two transfers' ports (each "from" the other) cannot set them answering each
+/// other: the server stays idle.
+#[test]
+fn errors_are_never_answered_and_transfer_ports_cannot_ping_pong_in_every_mode() {
+    if !nix::unistd::Uid::effective().is_root() {
+        common::skip("not root: no raw socket to forge a source port with");
+        return;
+    }
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let root = root_with(&[20_000]);
+        let server = start(mode, &root, &[]);
+        let (_c1, t1) = waiting_transfer(server.addr);
+        let (_c2, t2) = waiting_transfer(server.addr);
+        let stranger = udp_client();
+        stranger
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let error = [0, 5, 0, 0, b'x', 0];
+        stranger.send_to(&error, t1).unwrap();
+        let mut buf = [0u8; 600];
+        assert!(
+            stranger.recv_from(&mut buf).is_err(),
+            "{mode:?}: an ERROR from a stranger is answered"
+        );
+        let before = cpu_secs(server.pid);
+        forge(t1.port(), t2.port(), &error);
+        forge(t2.port(), t1.port(), &[0, 4, 0, 1]);
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_secs(server.pid) - before;
+        assert!(
+            used < 0.5,
+            "{mode:?}: {used:.2} CPU seconds in 2 s after one forged packet: a loop"
+        );
     }
 }

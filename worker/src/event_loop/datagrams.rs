@@ -11,7 +11,7 @@ use mio::{Interest, Token};
 use protocol::stats::Counters;
 
 use super::{DATAGRAMS_PER_TURN, EXCHANGE_BASE, Worker};
-use crate::exchange::{count_end, max_exchanges};
+use crate::exchange::{Admit, Held, admit, count_end, max_exchanges};
 use crate::service::{Abort, DatagramAnswer, Exchange, Service, Step};
 
 impl<S: Service> Worker<S> {
@@ -60,14 +60,29 @@ impl<S: Service> Worker<S> {
         self.udp_again = true;
     }
 
-    /// Watches a new exchange's socket and lets it send its first packet.
+    /// Watches a new exchange's socket and lets it send its first packet. When the worker
+    /// (or the request's source) is at its limit, the oldest exchange whose peer never
+    /// answered makes way, silently; with none such the request is told "busy".
     fn start_exchange(&mut self, mut x: S::Exchange) {
         self.counters.transfers += 1;
-        if self.exchanges.len() as u64 >= max_exchanges(self.cfg.max_conns) {
-            self.counters.closed_by_limit += 1;
-            let end = x.abort(Abort::Busy, &mut self.counters);
-            count_end(end, &mut self.counters);
-            return;
+        let held = self.exchanges.iter().map(|(key, x)| Held {
+            key,
+            source: x.peer().ip(),
+            started: x.started(),
+            verified: x.verified(),
+        });
+        match admit(held, x.peer().ip(), max_exchanges(self.cfg.max_conns)) {
+            Admit::Yes => {}
+            Admit::Evict(key) => {
+                self.counters.closed_by_limit += 1;
+                self.exchange_step(key, |x, c, _| x.abort(Abort::Evicted, c));
+            }
+            Admit::Busy => {
+                self.counters.closed_by_limit += 1;
+                let end = x.abort(Abort::Busy, &mut self.counters);
+                count_end(end, &mut self.counters);
+                return;
+            }
         }
         let entry = self.exchanges.vacant_entry();
         let fd = x.socket().as_raw_fd();

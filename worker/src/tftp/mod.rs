@@ -89,7 +89,9 @@ impl Tftp {
         let settings = options::negotiate(&req.options, req.mode, size, self.max_file)?;
         // The transfer's own port, on the address the request came to (a wildcard listen
         // address lets the kernel choose the route back).
+        // Connected to the peer: the kernel drops everyone else's datagrams (see `link`).
         let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .and_then(|s| s.connect(peer).map(|()| s))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| {
                 Refusal::new(Code::Undefined, format!("no socket for the transfer: {e}"))
@@ -162,12 +164,37 @@ impl Exchange for Transfer {
 
     fn abort(&mut self, why: Abort, counters: &mut Counters) -> Step {
         let why = match why {
-            Abort::Busy => Refusal::new(Code::Undefined, "server busy, try again later"),
-            Abort::Stopping => Refusal::new(Code::Undefined, "server shutting down"),
+            Abort::Busy => Some(Refusal::new(
+                Code::Undefined,
+                "server busy, try again later",
+            )),
+            Abort::Stopping => Some(Refusal::new(Code::Undefined, "server shutting down")),
+            Abort::Evicted => None,
         };
         match self {
             Transfer::Send(s) => s.abort(why, counters),
             Transfer::Receive(r) => r.abort(why, counters),
+        }
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.link().peer
+    }
+
+    fn verified(&self) -> bool {
+        self.link().verified
+    }
+
+    fn started(&self) -> Instant {
+        self.link().started
+    }
+}
+
+impl Transfer {
+    fn link(&self) -> &Link {
+        match self {
+            Transfer::Send(s) => s.link(),
+            Transfer::Receive(r) => r.link(),
         }
     }
 }

@@ -118,7 +118,7 @@ impl Receiving {
         if self.dallying {
             return Step::Done;
         }
-        if !self.link.retry(now) {
+        if self.link.is_gone() || !self.link.retry(now) {
             self.created.remove();
             return Step::Failed;
         }
@@ -164,7 +164,8 @@ impl Receiving {
             if last {
                 self.ack_received(counters);
                 self.dallying = true;
-                self.link.deadline = now + self.link.timeout * 2;
+                self.link.progressed(now);
+                self.link.wait(now, self.link.timeout * 2);
             } else {
                 if self.unacked == self.window {
                     self.ack_received(counters);
@@ -173,15 +174,25 @@ impl Receiving {
                 self.link.progressed(now);
             }
         }
+        if self.link.is_gone() && !self.dallying {
+            self.created.remove();
+            return Step::Failed;
+        }
         Step::Going
     }
 
-    /// Ends the upload early, telling the client why; the partial file goes.
-    pub fn abort(&mut self, why: Refusal, counters: &mut Counters) -> Step {
+    /// Ends the upload early, telling the client why (`None`: silently); the partial
+    /// file goes.
+    pub fn abort(&mut self, why: Option<Refusal>, counters: &mut Counters) -> Step {
         if self.dallying {
-            Step::Done
-        } else {
-            self.refuse(why, counters)
+            return Step::Done;
+        }
+        match why {
+            Some(why) => self.refuse(why, counters),
+            None => {
+                self.created.remove();
+                Step::Failed
+            }
         }
     }
 }
