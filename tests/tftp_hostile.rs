@@ -374,3 +374,95 @@ fn errors_are_never_answered_and_transfer_ports_cannot_ping_pong_in_every_mode()
         );
     }
 }
+
+/// A FIFO in the root is refused without ever being opened: a writer blocked in `open` on
+/// it stays blocked (opening it for reading would have let that writer through).
+#[test]
+fn a_fifo_in_the_root_is_never_opened_in_every_mode() {
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let root = root_with(&[]);
+        let fifo = root.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let server = start(mode, &root, &[]);
+        let (opened, through) = std::sync::mpsc::channel();
+        let writer = {
+            let fifo = fifo.clone();
+            // Blocks until someone opens the FIFO for reading; never writes.
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&fifo);
+                let _ = opened.send(f.is_ok());
+            })
+        };
+        assert_eq!(try_fetch(server.addr, b"fifo"), Err(2), "{mode:?}");
+        let let_through = through.recv_timeout(Duration::from_secs(1)).is_ok();
+        // Lets the writer go (a reader of our own), whatever happened.
+        let _reader = nix::fcntl::open(
+            &fifo,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        writer.join().unwrap();
+        assert!(!let_through, "{mode:?}: the server opened the FIFO");
+    }
+}
+
+/// The entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// An upload whose process is SIGKILLed half-way leaves nothing behind: the file appears
+/// only when complete. Process mode loses a worker, fork-per-conn a child, thread mode the
+/// whole server.
+#[test]
+fn an_upload_killed_half_way_leaves_nothing_in_every_mode() {
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let root = root_with(&[513]);
+        let before = entries(&root);
+        let mut server = start(mode, &root, &["--tftp-write"]);
+        let c = udp_client();
+        c.send_to(&request(true, b"partial", "octet", &[]), server.addr)
+            .unwrap();
+        let (p, tid) = recv(&c, "ACK 0");
+        assert_eq!(head(&p), (4, 0), "{mode:?}");
+        for block in 1..=5u16 {
+            let mut d = vec![0, 3];
+            d.extend_from_slice(&block.to_be_bytes());
+            d.extend_from_slice(&[b'x'; 512]);
+            c.send_to(&d, tid).unwrap();
+            assert_eq!(head(&recv(&c, "ACK").0), (4, block), "{mode:?}");
+        }
+        let victim = match mode[1] {
+            "thread" => server.pid,
+            "fork-per-conn" => {
+                let children = common::children_of(server.pid);
+                assert_eq!(children.len(), 1, "{mode:?}: the upload's child");
+                children[0]
+            }
+            _ => server.workers()[0],
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        if victim == server.pid {
+            server.wait_exit(Duration::from_secs(10));
+        } else {
+            assert!(wait_until(Duration::from_secs(10), || {
+                !std::path::Path::new(&format!("/proc/{victim}")).exists()
+            }));
+        }
+        assert_eq!(
+            entries(&root),
+            before,
+            "{mode:?}: what the killed upload left"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! A write request served (`--tftp-write`): DATA blocks come in, each window acknowledged,
-//! into a file created for this upload alone. An upload that does not complete — timed out,
-//! aborted, over `--tftp-max-file` — removes its partial file.
+//! into an unnamed file created for this upload alone, linked into place under its name when
+//! the last block is in. An upload that does not complete — timed out, aborted, over
+//! `--tftp-max-file`, its process killed — leaves nothing behind.
 
 use std::fs::File;
 use std::io::Write;
@@ -155,6 +156,12 @@ impl Receiving {
             let last = payload.len() < self.blksize;
             if let Err(r) = self.store(payload, last) {
                 return self.refuse(r, counters);
+            }
+            // Complete: only now does the file appear under its name.
+            if last {
+                if let Err(r) = self.created.publish(&self.file) {
+                    return self.refuse(r, counters);
+                }
             }
             self.oack = None;
             self.received += 1;

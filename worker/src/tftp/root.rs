@@ -16,9 +16,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
-use nix::sys::stat::{Mode, SFlag, fstat};
-use nix::unistd::{UnlinkatFlags, unlinkat};
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 
 use super::packet::{Code, Refusal};
 
@@ -28,21 +28,55 @@ pub struct Root {
     dir: OwnedFd,
 }
 
-/// A file a write request created, to remove again if the upload does not complete.
+/// The file a write request writes, unseen until [`Created::publish`] links it into place
+/// under its name: an unnamed file (`O_TMPFILE`) in the target's directory, so an upload that
+/// fails, or a process killed half-way, leaves nothing behind. Where the file system has no
+/// `O_TMPFILE`, a hidden name (`.NAME.tftp-upload`) stands in, removed on failure (but left by
+/// a process killed half-way).
 #[derive(Debug)]
 pub struct Created {
     parent: OwnedFd,
     name: Vec<u8>,
+    /// The hidden stand-in name, when the file system refused `O_TMPFILE`.
+    temp: Option<Vec<u8>>,
 }
 
 impl Created {
-    /// Removes the partial file (best effort: it may already be gone).
+    /// Gives up the upload: an unnamed file vanishes when closed; a stand-in is removed.
     pub fn remove(&self) {
-        let _ = unlinkat(
-            &self.parent,
-            OsStr::from_bytes(&self.name),
-            UnlinkatFlags::NoRemoveDir,
-        );
+        if let Some(temp) = &self.temp {
+            let _ = unlinkat(
+                &self.parent,
+                OsStr::from_bytes(temp),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+
+    /// Links the complete file into place under its name, never replacing anything there.
+    pub fn publish(&self, file: &File) -> Result<(), Refusal> {
+        let name = OsStr::from_bytes(&self.name);
+        let linked = match &self.temp {
+            Some(temp) => {
+                let temp = OsStr::from_bytes(temp);
+                let r = linkat(&self.parent, temp, &self.parent, name, AtFlags::empty());
+                self.remove();
+                r
+            }
+            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH (root); a server that dropped root
+            // links through /proc's name for the descriptor instead.
+            None => linkat(file, "", &self.parent, name, AtFlags::AT_EMPTY_PATH).or_else(|_| {
+                let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+                linkat(
+                    AT_FDCWD,
+                    proc.as_str(),
+                    &self.parent,
+                    name,
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                )
+            }),
+        };
+        linked.map_err(refusal)
     }
 }
 
@@ -128,17 +162,37 @@ impl Root {
         self.dir.as_raw_fd()
     }
 
-    /// Opens a regular file beneath the root for reading; its size comes along.
+    /// Opens a regular file beneath the root for reading; its size comes along. The type is
+    /// checked through an `O_PATH` descriptor first, which opens nothing: a FIFO or a device
+    /// in the root is never opened (a FIFO's writer would be let through, a device's open
+    /// can have effects of its own). Only then is that very file opened for reading.
     pub fn open_read(&self, name: &[u8]) -> Result<(File, u64), Refusal> {
         let path = relative(name)?;
-        // O_NONBLOCK: opening a FIFO someone left in the root must not hang the worker.
         let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(beneath());
-        let fd = openat2(&self.dir, path, how).map_err(refusal)?;
-        let st = fstat(&fd).map_err(refusal)?;
+        let located = openat2(&self.dir, path, how).map_err(refusal)?;
+        let st = fstat(&located).map_err(refusal)?;
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
             return Err(Refusal::new(Code::Access, "not a regular file"));
+        }
+        // O_NONBLOCK all the same: should the name have been swapped for a FIFO meanwhile
+        // (the fallback below), opening it must not hang the worker.
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+        // The same inode, through /proc's name for the descriptor ...
+        let proc = format!("/proc/self/fd/{}", located.as_raw_fd());
+        let fd = match nix::fcntl::open(proc.as_str(), flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // ... or, without /proc, the name again, checked to be the same file.
+            Err(Errno::ENOENT) => {
+                let how = OpenHow::new().flags(flags).resolve(beneath());
+                openat2(&self.dir, path, how).map_err(refusal)?
+            }
+            Err(e) => return Err(refusal(e)),
+        };
+        let again = fstat(&fd).map_err(refusal)?;
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+            return Err(Refusal::new(Code::Access, "the file changed while opened"));
         }
         Ok((File::from(fd), st.st_size.max(0) as u64))
     }
@@ -159,18 +213,46 @@ impl Root {
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(beneath());
         let dir = openat2(&self.dir, parent, how).map_err(refusal)?;
-        let fd = openat(
+        // Refused now if the name is taken (the link at the end would fail anyway).
+        match fstatat(&dir, base, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(_) => return Err(refusal(Errno::EEXIST)),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(refusal(e)),
+        }
+        let unnamed = openat(
             &dir,
-            base,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            ".",
+            OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o644),
-        )
-        .map_err(refusal)?;
+        );
+        let (fd, temp) = match unnamed {
+            Ok(fd) => (fd, None),
+            // No O_TMPFILE on this file system (or kernel): a hidden stand-in name.
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {
+                let mut temp = b".".to_vec();
+                temp.extend_from_slice(base.as_bytes());
+                temp.extend_from_slice(b".tftp-upload");
+                let fd = openat(
+                    &dir,
+                    OsStr::from_bytes(&temp),
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o644),
+                )
+                .map_err(refusal)?;
+                (fd, Some(temp))
+            }
+            Err(e) => return Err(refusal(e)),
+        };
         Ok((
             File::from(fd),
             Created {
                 parent: dir,
                 name: base.as_bytes().to_vec(),
+                temp,
             },
         ))
     }
@@ -179,7 +261,7 @@ impl Root {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     fn scratch_dir(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tftp-root-{tag}-{}", std::process::id()));
@@ -234,10 +316,21 @@ mod tests {
         assert_eq!(root.create(b"link/x").unwrap_err().code, Code::Access);
         assert!(!d.join("victim").exists());
         assert_eq!(std::fs::read(d.join("root/old")).unwrap(), b"keep");
-        let (_f, created) = root.create(b"sub/new").unwrap();
-        assert!(d.join("root/sub/new").exists());
+        let (f, created) = root.create(b"sub/new").unwrap();
+        assert!(!d.join("root/sub/new").exists(), "unseen until complete");
+        (&f).write_all(b"whole").unwrap();
+        created.publish(&f).unwrap();
+        assert_eq!(std::fs::read(d.join("root/sub/new")).unwrap(), b"whole");
+        assert_eq!(root.create(b"sub/new").unwrap_err().code, Code::Exists);
+        let (_f, created) = root.create(b"sub/gone").unwrap();
         created.remove();
-        assert!(!d.join("root/sub/new").exists());
+        drop(_f);
+        assert_eq!(std::fs::read_dir(d.join("root/sub")).unwrap().count(), 1);
+        // A name taken meanwhile is never replaced.
+        let (f, created) = root.create(b"raced").unwrap();
+        std::fs::write(d.join("root/raced"), b"first").unwrap();
+        assert_eq!(created.publish(&f).unwrap_err().code, Code::Exists);
+        assert_eq!(std::fs::read(d.join("root/raced")).unwrap(), b"first");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
