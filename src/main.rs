@@ -138,6 +138,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             root: args.root.clone(),
             tftp_write: args.tftp_write,
             tftp_max_file: args.tftp_max_file,
+            tftp_min_free: args.tftp_min_free,
             max_line: args.max_line as usize,
         },
     };
@@ -342,7 +343,8 @@ fn run_mode(
         let root = tftp_root
             .clone()
             .context("the --root directory was not opened")?;
-        Ok(worker::tftp::Tftp::new(root, w.tftp_write, w.tftp_max_file))
+        let sizes = (w.tftp_max_file, w.tftp_min_free);
+        Ok(worker::tftp::Tftp::new(root, w.tftp_write, sizes))
     };
     let chat = || worker::chat::Chat::new(settings.worker.max_line, settings.worker.max_unsent);
     let limits = blocking::Limits::of(&settings.worker);

@@ -421,7 +421,10 @@ fn an_upload_cut_by_a_stop_is_told_and_leaves_no_partial_file() {
             assert_eq!(head(&recv(&c, "ACK").0), (4, n), "{mode}");
         }
         // Under way, but unseen until complete.
-        assert!(!root.join(&name).exists(), "{mode}: a partial upload is visible");
+        assert!(
+            !root.join(&name).exists(),
+            "{mode}: a partial upload is visible"
+        );
         // The client goes quiet; the stop's drain deadline passes; the upload is cut.
         server.signal(Signal::SIGTERM);
         let p = loop {

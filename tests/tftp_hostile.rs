@@ -466,3 +466,101 @@ fn an_upload_killed_half_way_leaves_nothing_in_every_mode() {
         );
     }
 }
+
+/// Upload names with a newline, ESC, DEL or another control byte are refused (access
+/// violation) and create nothing.
+#[test]
+fn upload_names_with_control_bytes_are_refused_in_every_mode() {
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let root = root_with(&[]);
+        let server = start(mode, &root, &["--tftp-write"]);
+        for name in [&b"new\nline"[..], b"\x1b[31mred", b"del\x7f", b"bell\x07"] {
+            assert_eq!(
+                try_upload(server.addr, name, b"x"),
+                Err(2),
+                "{mode:?}: {name:?}"
+            );
+        }
+        assert_eq!(try_upload(server.addr, b"plain name", b"x"), Ok(()));
+        assert!(wait_until(Duration::from_secs(10), || entries(&root) == ["plain name"]));
+    }
+}
+
+/// An option named twice counts once, as first named, and the OACK names it once.
+#[test]
+fn an_option_named_twice_is_taken_once_as_first_named_in_every_mode() {
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let root = root_with(&[2000]);
+        let server = start(mode, &root, &[]);
+        let c = udp_client();
+        let asked = [("blksize", "600"), ("blksize", "1024"), ("BLKSIZE", "700")];
+        c.send_to(&request(false, b"f2000", "octet", &asked), server.addr)
+            .unwrap();
+        let (p, tid) = recv(&c, "OACK");
+        assert_eq!(p, b"\x00\x06blksize\x00600\x00", "{mode:?}");
+        c.send_to(&ack(0), tid).unwrap();
+        let (d, _) = recv(&c, "DATA 1");
+        assert_eq!(d.len(), 4 + 600, "{mode:?}: blocks of the first value");
+        c.send_to(&[0, 5, 0, 0, 0], tid).unwrap(); // done with it
+    }
+}
+
+/// A tmpfs of `size` mounted in a scratch directory, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = common::scratch_dir().join("tmpfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: whatever still holds it open, the mount goes.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Uploads stop at the floor of free space (`--tftp-min-free`): on a 2 MiB file system with
+/// a 1 MiB floor, a first 600 KB upload goes through, a second is refused (disk full) part
+/// way, and leaves nothing; with the default floor nothing is written there at all.
+#[test]
+fn uploads_stop_at_the_floor_of_free_space_in_every_mode() {
+    if !nix::unistd::Uid::effective().is_root() {
+        common::skip("not root: cannot mount a small tmpfs");
+        return;
+    }
+    let data = common::Rng::new(9).bytes(600_000);
+    for mode in [MODES[0], MODES[2], MODES[3]] {
+        let Some(fs) = Tmpfs::mount("2m") else {
+            common::skip("mount -t tmpfs refused here");
+            return;
+        };
+        let server = start(mode, &fs.0, &["--tftp-write", "--tftp-min-free", "1048576"]);
+        assert_eq!(try_upload(server.addr, b"first", &data), Ok(()), "{mode:?}");
+        assert_eq!(
+            try_upload(server.addr, b"second", &data),
+            Err(3),
+            "{mode:?}"
+        );
+        assert!(wait_until(Duration::from_secs(10), || entries(&fs.0) == ["first"]));
+        let st = nix::sys::statvfs::statvfs(&fs.0).unwrap();
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        assert!(free >= 1 << 20, "{mode:?}: {free} bytes left free");
+        drop(server);
+        // The default floor (64 MiB) is more than this whole file system holds.
+        let server = start(mode, &fs.0, &["--tftp-write"]);
+        assert_eq!(try_upload(server.addr, b"third", b"x"), Err(3), "{mode:?}");
+        drop(server);
+    }
+}

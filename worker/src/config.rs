@@ -74,6 +74,9 @@ pub struct WorkerConfig {
     /// Largest file a TFTP upload may create, in bytes.
     #[arg(long, default_value_t = crate::tftp::DEFAULT_MAX_FILE)]
     pub tftp_max_file: u64,
+    /// Bytes a TFTP upload must leave free on the root's file system.
+    #[arg(long, default_value_t = crate::tftp::DEFAULT_MIN_FREE)]
+    pub tftp_min_free: u64,
 }
 
 /// How a process-mode worker moves its connections' bytes (`--io`).
@@ -124,6 +127,7 @@ impl WorkerConfig {
             ("--root-fd", self.root_fd.to_string()),
             ("--tftp-write", self.tftp_write.to_string()),
             ("--tftp-max-file", self.tftp_max_file.to_string()),
+            ("--tftp-min-free", self.tftp_min_free.to_string()),
         ]
         .into_iter()
         .chain(
@@ -196,6 +200,7 @@ mod tests {
             max_line: 77,
             tftp_write: true,
             tftp_max_file: 99,
+            tftp_min_free: 98,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

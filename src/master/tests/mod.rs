@@ -181,6 +181,7 @@ fn settings(workers: u32) -> Settings {
             root: None,
             tftp_write: false,
             tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
+            tftp_min_free: worker::tftp::DEFAULT_MIN_FREE,
             max_line: worker::chat::DEFAULT_MAX_LINE,
         },
     }

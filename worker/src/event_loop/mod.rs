@@ -114,7 +114,8 @@ pub fn run(cfg: WorkerConfig) -> i32 {
         }
         ServiceKind::Tftp => match crate::tftp::inherited_root(cfg.root_fd) {
             Ok(root) => {
-                let tftp = Tftp::new(std::sync::Arc::new(root), cfg.tftp_write, cfg.tftp_max_file);
+                let sizes = (cfg.tftp_max_file, cfg.tftp_min_free);
+                let tftp = Tftp::new(std::sync::Arc::new(root), cfg.tftp_write, sizes);
                 serve_with(cfg, tftp)
             }
             Err(e) => {

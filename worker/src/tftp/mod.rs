@@ -32,6 +32,9 @@ pub use send::Sending;
 
 /// Largest upload `--tftp-max-file` allows unless told otherwise.
 pub const DEFAULT_MAX_FILE: u64 = 32 << 20;
+/// Free space uploads must leave on the root's file system unless `--tftp-min-free` says
+/// otherwise.
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 /// The root a worker was handed by its master (`--root-fd`): the directory the master opened
 /// once at start, never the path again.
@@ -54,16 +57,18 @@ pub struct Tftp {
     root: Arc<Root>,
     write: bool,
     max_file: u64,
+    min_free: u64,
 }
 
 impl Tftp {
     /// Serves the files beneath `root` (the directory opened at start); `write` allows
-    /// uploads of new files up to `max_file`.
-    pub fn new(root: Arc<Root>, write: bool, max_file: u64) -> Tftp {
+    /// uploads of new files up to `max_file` bytes that leave `min_free` bytes free.
+    pub fn new(root: Arc<Root>, write: bool, (max_file, min_free): (u64, u64)) -> Tftp {
         Tftp {
             root,
             write,
             max_file,
+            min_free,
         }
     }
 
@@ -112,12 +117,16 @@ impl Tftp {
             }
             None => {
                 let created = self.root.create(req.filename)?;
+                // Refused at once when the file system is already at its floor.
+                if created.1.free_bytes()? < self.min_free {
+                    return Err(Refusal::new(Code::DiskFull, "not enough free space"));
+                }
                 Transfer::Receive(Box::new(Receiving::new(
                     link,
                     created,
                     sizes,
                     oack,
-                    (netascii, self.max_file),
+                    (netascii, self.max_file, self.min_free),
                 )))
             }
         })

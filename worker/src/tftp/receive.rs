@@ -15,6 +15,9 @@ use super::packet::{self, Code, Packet, Refusal};
 use super::root::Created;
 use crate::service::Step;
 
+/// Bytes written between two looks at the free space (one `fstatvfs` each).
+const FREE_CHECK: u64 = 64 << 10;
+
 /// An upload in progress.
 #[derive(Debug)]
 pub struct Receiving {
@@ -31,6 +34,8 @@ pub struct Receiving {
     unacked: usize,
     written: u64,
     max_file: u64,
+    /// Bytes the upload must leave free on the file system (`--tftp-min-free`).
+    min_free: u64,
     /// Netascii uploads are decoded on the way to disk.
     decoder: Option<Decoder>,
     decoded: Vec<u8>,
@@ -47,7 +52,7 @@ impl Receiving {
         (file, created): (File, Created),
         (blksize, window): (usize, usize),
         oack: Option<Vec<u8>>,
-        (netascii, max_file): (bool, u64),
+        (netascii, max_file, min_free): (bool, u64, u64),
     ) -> Receiving {
         Receiving {
             link,
@@ -60,6 +65,7 @@ impl Receiving {
             unacked: 0,
             written: 0,
             max_file,
+            min_free,
             decoder: netascii.then(Decoder::default),
             decoded: Vec::new(),
             dallying: false,
@@ -98,6 +104,16 @@ impl Receiving {
         };
         if self.written + bytes.len() as u64 > self.max_file {
             return Err(Refusal::new(Code::DiskFull, "file larger than allowed"));
+        }
+        // The floor of free space, looked at before each stretch of FREE_CHECK bytes (the
+        // first block included): there must be room for the stretch above the floor.
+        let after = self.written + bytes.len() as u64;
+        if self.written == 0 || after / FREE_CHECK != self.written / FREE_CHECK {
+            let free = self.created.free_bytes()?;
+            let stretch = FREE_CHECK.max(bytes.len() as u64);
+            if free < self.min_free.saturating_add(stretch) {
+                return Err(Refusal::new(Code::DiskFull, "not enough free space"));
+            }
         }
         self.file
             .write_all(bytes)

@@ -41,6 +41,13 @@ pub struct Created {
     temp: Option<Vec<u8>>,
 }
 
+impl Drop for Created {
+    /// However the upload ends, a stand-in name does not outlive it.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl Created {
     /// Gives up the upload: an unnamed file vanishes when closed; a stand-in is removed.
     pub fn remove(&self) {
@@ -51,6 +58,12 @@ impl Created {
                 UnlinkatFlags::NoRemoveDir,
             );
         }
+    }
+
+    /// Bytes free for this process on the file system the upload goes to.
+    pub fn free_bytes(&self) -> Result<u64, Refusal> {
+        let st = nix::sys::statvfs::fstatvfs(&self.parent).map_err(refusal)?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
     /// Links the complete file into place under its name, never replacing anything there.
@@ -199,6 +212,14 @@ impl Root {
 
     /// Creates a new file beneath the root (never an existing one, never through a symlink).
     pub fn create(&self, name: &[u8]) -> Result<(File, Created), Refusal> {
+        // A name with a newline, ESC or other control byte would reach a terminal (an
+        // admin's `ls`) as line breaks and escape sequences: refused, as an access violation.
+        if name.iter().any(|&b| b < 0x20 || b == 0x7f) {
+            return Err(Refusal::new(
+                Code::Access,
+                "control characters in a file name are refused",
+            ));
+        }
         let path = relative(name)?;
         let (parent, base) = match (path.parent(), path.file_name()) {
             (Some(p), Some(b)) => (p, b),
@@ -326,6 +347,15 @@ mod tests {
         created.remove();
         drop(_f);
         assert_eq!(std::fs::read_dir(d.join("root/sub")).unwrap().count(), 1);
+        for hostile in [
+            &b"new\nline"[..],
+            b"esc\x1b[31m",
+            b"del\x7f",
+            b"tab\t",
+            b"sub/\x01",
+        ] {
+            assert_eq!(root.create(hostile).unwrap_err().code, Code::Access);
+        }
         // A name taken meanwhile is never replaced.
         let (f, created) = root.create(b"raced").unwrap();
         std::fs::write(d.join("root/raced"), b"first").unwrap();
