@@ -564,3 +564,29 @@ fn uploads_stop_at_the_floor_of_free_space_in_every_mode() {
         drop(server);
     }
 }
+
+/// A binary upgrade after the root was swapped: the new master serves the directory the
+/// old one opened (handed over by descriptor), not what the path names now.
+#[test]
+fn a_binary_upgrade_after_a_root_swap_serves_the_original_root() {
+    let root = root_with(&[513]);
+    let scratch = root.parent().unwrap().to_path_buf();
+    let outside = scratch.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("planted"), b"outside the root").unwrap();
+    let pid_file = scratch.join("tftp.pid");
+    let mut server = start(MODES[0], &root, &["--pid-file", pid_file.to_str().unwrap()]);
+    std::fs::rename(&root, scratch.join("root.old")).unwrap();
+    std::os::unix::fs::symlink(&outside, &root).unwrap();
+    server.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(wait_until(Duration::from_secs(30), || {
+        common::read_pid(&pid_file) != server.pid
+    }));
+    let _new = common::KillOnDrop::new(common::read_pid(&pid_file));
+    // Once the old master is gone, only the new one answers.
+    server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old master exits");
+    assert_eq!(try_fetch(server.addr, b"planted"), Err(1));
+    assert_eq!(try_fetch(server.addr, b"f513").map(|d| d.len()), Ok(513));
+}
