@@ -26,9 +26,13 @@ pub fn max_exchanges(max_conns: u64) -> u64 {
     }
 }
 
-/// Exchanges one source address may hold at once (in one worker, or one thread-mode or
-/// fork-per-conn server): a flood from one address cannot take every slot.
-pub const PER_SOURCE: usize = 16;
+/// Exchanges whose peer has not answered yet that one source address may hold at once (in one
+/// worker, or one thread-mode or fork-per-conn server), out of `max`: an eighth, at most 64.
+/// A flood from one address (forged or not) then holds at most that share, while a real
+/// client at one address may carry on as many answered transfers as there is room for.
+pub fn unanswered_per_source(max: u64) -> usize {
+    usize::try_from((max / 8).clamp(1, 64)).unwrap_or(64)
+}
 
 /// One exchange held, as admission sees it.
 #[derive(Debug, Clone, Copy)]
@@ -55,35 +59,36 @@ pub enum Admit<K> {
 }
 
 /// Whether a request from `source` may start beside the exchanges `held`, at most `max` in
-/// all and [`PER_SOURCE`] per source address. When either bound is reached, the oldest
-/// exchange whose peer never answered (of that source first, when the source is at its
-/// bound) makes way: forged requests can only ever displace each other, never a transfer a
-/// real client is carrying on, and a new request always gets its chance.
+/// all and [`unanswered_per_source`] unanswered ones per source address. When either bound is
+/// reached, the oldest exchange whose peer never answered (of that source, when the source is
+/// at its bound) makes way: forged requests can only ever displace each other, never a
+/// transfer a real client is carrying on, and a new request always gets its chance.
 pub fn admit<K: Copy>(
     held: impl IntoIterator<Item = Held<K>>,
     source: IpAddr,
     max: u64,
 ) -> Admit<K> {
-    let (mut total, mut same) = (0u64, 0usize);
+    let mut total = 0u64;
+    let mut unanswered_same = 0usize;
     let mut oldest: Option<Held<K>> = None;
     let mut oldest_same: Option<Held<K>> = None;
     let older = |a: &Option<Held<K>>, h: &Held<K>| a.is_none_or(|o| h.started < o.started);
     for h in held {
         total += 1;
-        if h.source == source {
-            same += 1;
-        }
         if h.verified {
             continue;
         }
         if older(&oldest, &h) {
             oldest = Some(h);
         }
-        if h.source == source && older(&oldest_same, &h) {
-            oldest_same = Some(h);
+        if h.source == source {
+            unanswered_same += 1;
+            if older(&oldest_same, &h) {
+                oldest_same = Some(h);
+            }
         }
     }
-    let victim = if same >= PER_SOURCE {
+    let victim = if unanswered_same >= unanswered_per_source(max) {
         oldest_same
     } else if total >= max {
         oldest
@@ -197,20 +202,26 @@ mod tests {
     }
 
     #[test]
-    fn one_source_is_held_to_its_share_and_displaces_only_itself() {
-        let mut table: Vec<Held<u32>> = (0..PER_SOURCE as u32)
+    fn one_source_is_held_to_its_share_of_unanswered_and_displaces_only_itself() {
+        let share = unanswered_per_source(1000);
+        assert_eq!(
+            (share, unanswered_per_source(100), unanswered_per_source(3)),
+            (64, 12, 1)
+        );
+        let mut table: Vec<Held<u32>> = (0..share as u32)
             .map(|k| held(k, 2, 100 + u64::from(k), false))
             .collect();
         // An older unanswered exchange of another source is left alone.
         table.push(held(99, 3, 1000, false));
         assert_eq!(
             admit(table.clone(), ip(2), 1000),
-            Admit::Evict(PER_SOURCE as u32 - 1)
+            Admit::Evict(share as u32 - 1)
         );
         assert_eq!(admit(table.clone(), ip(4), 1000), Admit::Yes);
+        // Answered transfers of one address are not held to that share.
         for h in &mut table {
             h.verified = true;
         }
-        assert_eq!(admit(table, ip(2), 1000), Admit::Busy);
+        assert_eq!(admit(table, ip(2), 1000), Admit::Yes);
     }
 }
