@@ -99,6 +99,19 @@ pub fn admit<K: Copy>(
     victim.map_or(Admit::Busy, |h| Admit::Evict(h.key))
 }
 
+/// Victims looked at (and found to have answered after all) before a request gives up on
+/// making room: each look is one system call.
+pub const EVICTION_LOOKS: usize = 8;
+
+/// Whether a datagram waits on an exchange's (connected) socket: its peer has answered,
+/// though the driver has not read it yet. Judged before an eviction, so a client whose
+/// acknowledgement is queued is not taken for a forged source.
+pub fn answer_waiting(socket: std::os::fd::RawFd) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    nix::sys::socket::recv(socket, &mut byte, flags).is_ok()
+}
+
 /// A receive buffer for the largest UDP datagram.
 pub const SCRATCH: usize = 65536;
 

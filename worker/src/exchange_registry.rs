@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::exchange::{Admit, Held, admit};
+use crate::exchange::{Admit, EVICTION_LOOKS, Held, admit, answer_waiting};
 use crate::service::{Abort, Exchange};
 
 /// How long a newcomer waits for an evicted exchange's thread to let go.
@@ -131,6 +131,7 @@ impl Registry {
                 .collect()
         };
         let until = Instant::now() + EVICTION_WAIT;
+        let mut looks = 0;
         // Looked at again after each eviction: another thread may have taken the room meanwhile.
         loop {
             let victim = match admit(held(&table), source, max) {
@@ -138,6 +139,14 @@ impl Registry {
                 Admit::Busy => return Err(Refused::Busy),
                 Admit::Evict(victim) => victim,
             };
+            // A victim whose answer is queued, unread by its thread yet, has answered.
+            if let Some(e) = table.entries.get(&victim) {
+                if looks < EVICTION_LOOKS && answer_waiting(e.fd) {
+                    looks += 1;
+                    e.flags.set_verified();
+                    continue;
+                }
+            }
             entered = Entered::Evicted;
             if let Some(e) = table.entries.get(&victim) {
                 e.flags.evicted.store(true, Ordering::Relaxed);

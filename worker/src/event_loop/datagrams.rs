@@ -11,7 +11,9 @@ use mio::{Interest, Token};
 use protocol::stats::Counters;
 
 use super::{DATAGRAMS_PER_TURN, EXCHANGE_BASE, Worker};
-use crate::exchange::{Admit, Held, admit, count_end, max_exchanges};
+use crate::exchange::{
+    Admit, EVICTION_LOOKS, Held, admit, answer_waiting, count_end, max_exchanges,
+};
 use crate::service::{Abort, DatagramAnswer, Exchange, Service, Step};
 
 impl<S: Service> Worker<S> {
@@ -65,13 +67,30 @@ impl<S: Service> Worker<S> {
     /// answered makes way, silently; with none such the request is told "busy".
     fn start_exchange(&mut self, mut x: S::Exchange) {
         self.counters.transfers += 1;
-        let held = self.exchanges.iter().map(|(key, x)| Held {
-            key,
-            source: x.peer().ip(),
-            started: x.started(),
-            verified: x.verified(),
-        });
-        match admit(held, x.peer().ip(), max_exchanges(self.cfg.max_conns)) {
+        let mut looks = 0;
+        let decision = loop {
+            let held = self.exchanges.iter().map(|(key, x)| Held {
+                key,
+                source: x.peer().ip(),
+                started: x.started(),
+                verified: x.verified(),
+            });
+            let decision = admit(held, x.peer().ip(), max_exchanges(self.cfg.max_conns));
+            let Admit::Evict(key) = decision else {
+                break decision;
+            };
+            // A victim whose answer is queued but unread has answered: read it, look again.
+            let waiting = self
+                .exchanges
+                .get(key)
+                .is_some_and(|v| answer_waiting(v.socket().as_raw_fd()));
+            if !waiting || looks == EVICTION_LOOKS {
+                break decision;
+            }
+            looks += 1;
+            self.on_exchange(key);
+        };
+        match decision {
             Admit::Yes => {}
             Admit::Evict(key) => {
                 self.counters.closed_by_limit += 1;
