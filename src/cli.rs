@@ -211,6 +211,10 @@ pub struct ServeArgs {
     /// With --tftp-write: the largest file an upload may create, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = worker::tftp::DEFAULT_MAX_FILE)]
     pub tftp_max_file: u64,
+    /// With --tftp-write: uploads are refused (TFTP error 3, disk full) when they would leave
+    /// less than this many bytes free on the root's file system.
+    #[arg(long, value_name = "BYTES", default_value_t = worker::tftp::DEFAULT_MIN_FREE)]
+    pub tftp_min_free: u64,
 }
 
 /// How a control command finds the server: its control socket.

@@ -112,7 +112,7 @@ fn edge(result: Result<()>) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let base = master::Settings {
+    let mut base = master::Settings {
         workers: match args.workers {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
@@ -125,6 +125,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             ipc_fd: -1,
             udp_fd: -1,
             bus_fd: -1,
+            root_fd: -1,
             id: 0,
             generation: 1,
             max_unsent: args.max_unsent as usize,
@@ -140,10 +141,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             root: args.root.clone(),
             tftp_write: args.tftp_write,
             tftp_max_file: args.tftp_max_file,
+            tftp_min_free: args.tftp_min_free,
             max_line: args.max_line as usize,
         },
     };
-    let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
+    let mut settings =
+        master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
     if args.io == worker::config::IoDriver::Uring {
         // Refused here, in one line, rather than by every worker failing to boot.
         worker::event_loop::probe_uring()
@@ -173,6 +176,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         metrics: inherited_metrics,
         totals: inherited_totals,
         slots: inherited_slots,
+        root: inherited_root,
     } = spawn::from_predecessor();
     // With --balance reuseport, the sockets of slots 1 and up (slot 0's is `socket`).
     let mut more_slots = Vec::new();
@@ -265,6 +269,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
+    // The TFTP root is opened once, here, before root is dropped (or taken over from the old
+    // master in an upgrade); every worker and child serves beneath this descriptor.
+    let tftp_root = match args.service {
+        ServiceKind::Tftp => {
+            let path = args.root.as_deref().unwrap_or(std::path::Path::new("."));
+            let root = open_root(path, inherited_root, predecessor.is_some(), target.as_ref())
+                .with_context(|| format!("--root {}", path.display()))?;
+            base.worker.root_fd = root.raw_fd();
+            settings.worker.root_fd = root.raw_fd();
+            Some(std::sync::Arc::new(root))
+        }
+        _ => None,
+    };
     match &target {
         Some(t) if upgraded_as_user => {
             protocol::log!(
@@ -295,6 +312,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         control,
         (control_server, metrics),
         (predecessor, totals),
+        tftp_root,
     );
     if let Some(path) = &pid_file {
         // Only our own: after an upgrade the file names the new master.
@@ -317,6 +335,7 @@ fn run_mode(
     control: std::path::PathBuf,
     (control_server, metrics): (control::ControlServer, Option<metrics::MetricsServer>),
     (predecessor, totals): (Option<std::os::fd::OwnedFd>, master::Carryover),
+    tftp_root: Option<std::sync::Arc<worker::tftp::Root>>,
 ) -> Result<()> {
     let workers = settings.workers;
     let stats_every = settings.worker.stats_every().unwrap_or_default();
@@ -335,9 +354,11 @@ fn run_mode(
     };
     let tftp = || -> Result<worker::tftp::Tftp> {
         let w = &settings.worker;
-        let root = w.root.as_deref().unwrap_or(std::path::Path::new("."));
-        worker::tftp::Tftp::new(root, w.tftp_write, w.tftp_max_file)
-            .with_context(|| format!("--root {}", root.display()))
+        let root = tftp_root
+            .clone()
+            .context("the --root directory was not opened")?;
+        let sizes = (w.tftp_max_file, w.tftp_min_free);
+        Ok(worker::tftp::Tftp::new(root, w.tftp_write, sizes))
     };
     let chat = || worker::chat::Chat::new(settings.worker.max_line, settings.worker.max_unsent);
     let limits = blocking::Limits::of(&settings.worker);
@@ -411,6 +432,29 @@ fn run_mode(
             }
         }
     }
+}
+
+/// The TFTP root: the descriptor an upgraded master's predecessor handed over, or the path
+/// opened now. A master started by an upgrade whose predecessor handed no descriptor (an older
+/// binary) re-opens the path, which may have been swapped since: that directory must then be
+/// one no other user could have put there (owned by root or the serving user, writable by
+/// neither group nor others), as the runtime directory is checked.
+fn open_root(
+    path: &std::path::Path,
+    inherited: Option<std::os::fd::OwnedFd>,
+    upgraded: bool,
+    target: Option<&privileges::Target>,
+) -> Result<worker::tftp::Root> {
+    use worker::tftp::Root;
+    if let Some(fd) = inherited {
+        return Root::adopt(fd).context("the root directory handed over by the old master");
+    }
+    let root = Root::open(path).context("opening the directory")?;
+    if upgraded {
+        root.check_trusted(target.map(|t| t.uid.as_raw()))
+            .context("re-opened after an upgrade")?;
+    }
+    Ok(root)
 }
 
 /// Raises the soft descriptor limit to the hard one (a worker holds one descriptor per

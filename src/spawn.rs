@@ -50,6 +50,8 @@ pub const ENV_UDP_FD: &str = "PREFORK_ECHO_UDP_FD";
 pub const ENV_CONTROL_FD: &str = "PREFORK_ECHO_CONTROL_FD";
 /// Names the inherited metrics listener of a new master (with `--metrics`).
 pub const ENV_METRICS_FD: &str = "PREFORK_ECHO_METRICS_FD";
+/// Names the inherited TFTP root directory of a new master (`--service tftp`).
+pub const ENV_ROOT_FD: &str = "PREFORK_ECHO_ROOT_FD";
 /// Carries the old master's stats (JSON [`crate::master::Carryover`]; an older master sent bare
 /// counters) to a new master, so totals, uptime and generations go on.
 pub const ENV_TOTALS: &str = "PREFORK_ECHO_TOTALS";
@@ -163,7 +165,13 @@ pub fn spawn_worker(
     };
     let pid = fork_child(
         Lineage::Worker,
-        &mut [listener, child_end.as_raw_fd(), cfg.udp_fd, cfg.bus_fd],
+        &mut [
+            listener,
+            child_end.as_raw_fd(),
+            cfg.udp_fd,
+            cfg.bus_fd,
+            cfg.root_fd,
+        ],
         &worker::HANDLED_SIGNALS,
         || {
             if plan.is_none() {
@@ -204,6 +212,9 @@ pub struct Handover {
     pub metrics: Option<RawFd>,
     /// The write end of the readiness pipe.
     pub ready: RawFd,
+    /// The TFTP root opened at start: the successor serves the same directory, not whatever
+    /// the path names by then.
+    pub root: Option<RawFd>,
     /// The old master's stats to carry on ([`crate::master::Carryover`]), as JSON.
     pub carried: String,
 }
@@ -219,6 +230,7 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
         .map(|a| a.as_bytes().to_vec())
         .collect();
     let metrics = handover.metrics.unwrap_or(-1);
+    let root = handover.root.unwrap_or(-1);
     let env = ExecPlan::environment(
         &[
             ENV_LISTEN_FD,
@@ -226,6 +238,7 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             ENV_UDP_FD,
             ENV_CONTROL_FD,
             ENV_METRICS_FD,
+            ENV_ROOT_FD,
             ENV_TOTALS,
             ENV_SLOT_FDS,
             "LISTEN_PID",
@@ -238,12 +251,19 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
             (ENV_UDP_FD, slot_list(&handover.udp)),
             (ENV_CONTROL_FD, handover.control.to_string()),
             (ENV_METRICS_FD, metrics.to_string()),
+            (ENV_ROOT_FD, root.to_string()),
             (ENV_TOTALS, handover.carried.clone()),
             (ENV_SLOT_FDS, slot_list(&handover.slots)),
         ],
     );
     let plan = ExecPlan::new(exe, args, env)?;
-    let mut keep = vec![handover.listener, handover.ready, handover.control, metrics];
+    let mut keep = vec![
+        handover.listener,
+        handover.ready,
+        handover.control,
+        metrics,
+        root,
+    ];
     keep.extend_from_slice(&handover.slots);
     keep.extend_from_slice(&handover.udp);
     fork_child(Lineage::Successor, &mut keep, &[], shed, || {
@@ -269,6 +289,8 @@ pub struct Inherited {
     pub totals: Option<String>,
     /// With `--balance reuseport`: the sockets of slots 1 and up.
     pub slots: Vec<std::os::fd::OwnedFd>,
+    /// The TFTP root directory (`--service tftp`).
+    pub root: Option<std::os::fd::OwnedFd>,
 }
 
 /// What a predecessor master handed to this process (all `None` outside an upgrade).
@@ -301,6 +323,7 @@ pub fn from_predecessor() -> Inherited {
         metrics: fd(ENV_METRICS_FD),
         totals: std::env::var(ENV_TOTALS).ok(),
         slots: fd_list(ENV_SLOT_FDS),
+        root: fd(ENV_ROOT_FD),
     };
     // Read once: the variables must not reach this master's own workers or successor.
     for name in [
@@ -310,6 +333,7 @@ pub fn from_predecessor() -> Inherited {
         ENV_UDP_FD,
         ENV_CONTROL_FD,
         ENV_METRICS_FD,
+        ENV_ROOT_FD,
         ENV_TOTALS,
     ] {
         // SAFETY: called at start-up, before this process starts any thread (the master

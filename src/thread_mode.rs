@@ -22,6 +22,7 @@ use crate::serve_loop::{Ready, ServeLoop, StatsLog};
 use crate::signals::{self, Action};
 use crate::stats::{Snapshot, WorkerRow};
 use worker::exchange::{count_end, drive_blocking, max_exchanges};
+use worker::exchange_registry::{Entered, Registry};
 use worker::service::{Abort, DatagramAnswer, End, Exchange, Service};
 
 /// Stack of a connection thread. The echo loop's buffer is on the heap, so 64 KiB is ample
@@ -46,6 +47,8 @@ struct Shared {
     /// The server will not wait for transfers any longer: they tell their peers and end.
     cut: AtomicBool,
     active: AtomicUsize,
+    /// The transfers running (a thread each), for admission.
+    transfers: Arc<Registry>,
 }
 
 /// One acceptor thread's counters, updated by the connection threads it started. Relaxed
@@ -95,6 +98,7 @@ pub fn run<S: Service>(
         accepting: AtomicBool::new(true),
         cut: AtomicBool::new(false),
         active: AtomicUsize::new(0),
+        transfers: Arc::new(Registry::default()),
     });
     let started = Instant::now();
     let sigs = Signals::new(signals::numbers()).context("installing signal handlers")?;
@@ -345,17 +349,27 @@ fn udp_loop<S: Service>(
     }
 }
 
-/// Runs an exchange in a thread of its own, counted as active while it lives.
+/// Runs an exchange in a thread of its own, counted as active while it lives. When the
+/// transfers are at their limit, the oldest whose peer never answered is ended first (its
+/// thread gone before this one starts); with none such the request is told "busy".
 fn start_exchange<X: Exchange>(mut x: X, shared: &Arc<Shared>, tally: &Arc<Tally>, limits: Limits) {
     Tally::bump(&tally.transfers, 1);
-    if shared.active.load(Ordering::SeqCst) as u64 >= max_exchanges(limits.max_conns) {
-        let mut c = Counters::default();
-        c.closed_by_limit += 1;
-        let end = x.abort(Abort::Busy, &mut c);
-        count_end(end, &mut c);
-        tally.add(&c);
-        return;
-    }
+    let ticket = match shared.transfers.enter(&x, max_exchanges(limits.max_conns)) {
+        Ok((ticket, entered)) => {
+            if entered == Entered::Evicted {
+                Tally::bump(&tally.closed_by_limit, 1);
+            }
+            ticket
+        }
+        Err(_) => {
+            let mut c = Counters::default();
+            c.closed_by_limit += 1;
+            let end = x.abort(Abort::Busy, &mut c);
+            count_end(end, &mut c);
+            tally.add(&c);
+            return;
+        }
+    };
     let active = ActiveGuard::new(Arc::clone(shared), Arc::clone(tally));
     let (shared, tally2) = (Arc::clone(shared), Arc::clone(tally));
     // The exchange follows the thread over a channel, so that if no thread can be started it
@@ -367,8 +381,19 @@ fn start_exchange<X: Exchange>(mut x: X, shared: &Arc<Shared>, tally: &Arc<Tally
         .spawn(move || {
             let _active = active;
             let Ok(mut x) = arrival.recv() else { return };
+            // Declared after the exchange, so dropped before it: the registry never names
+            // a closed socket.
+            let ticket = ticket;
+            let flags = &ticket.flags;
             let mut c = Counters::default();
-            drive_blocking(&mut x, &mut c, &|| shared.cut.load(Ordering::Relaxed));
+            let stop = || {
+                if shared.cut.load(Ordering::Relaxed) {
+                    Some(Abort::Stopping)
+                } else {
+                    flags.evicted()
+                }
+            };
+            drive_blocking(&mut x, &mut c, &stop, &|| flags.set_verified());
             tally2.add(&c);
         });
     let refused = match spawned {

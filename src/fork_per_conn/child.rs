@@ -9,7 +9,7 @@ use mio::net::UdpSocket;
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use protocol::stats::Counters;
 use worker::exchange::drive_blocking;
-use worker::service::{DatagramAnswer, End, Service};
+use worker::service::{Abort, DatagramAnswer, End, Service};
 
 use super::RECORD;
 
@@ -54,10 +54,11 @@ pub(super) fn child<S: Service>(
 }
 
 /// A request datagram's child: the service answers it from here, and an exchange it begins
-/// (a TFTP transfer) runs to its end in this process.
+/// (a TFTP transfer) runs to its end in this process; `verified` is set once its peer answers.
 pub(super) fn datagram_child<S: Service>(
     service: &S,
     (datagram, peer, shared): (&[u8], SocketAddr, &UdpSocket),
+    verified: &std::sync::atomic::AtomicU8,
     to: &io::PipeWriter,
 ) -> i32 {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -78,9 +79,13 @@ pub(super) fn datagram_child<S: Service>(
         },
         DatagramAnswer::Begin(mut x) => {
             c.transfers += 1;
-            drive_blocking(&mut x, &mut c, &|| {
+            let stopping = || {
                 stop.load(std::sync::atomic::Ordering::Relaxed)
-            });
+                    .then_some(Abort::Stopping)
+            };
+            // The master reads it to choose whom to evict when it runs out of room.
+            let answered = || verified.store(1, std::sync::atomic::Ordering::Relaxed);
+            drive_blocking(&mut x, &mut c, &stopping, &answered);
         }
     }
     report(&c, to);

@@ -24,8 +24,10 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 mod child;
+mod transfers;
 
 use child::{child, datagram_child};
+use transfers::{Admission, Transfers};
 
 use crate::blocking::{SingleProcessConfig, reset};
 use crate::control::{ControlServer, Request};
@@ -95,7 +97,15 @@ pub fn run<S: Service>(
         )
         .context("watching the report pipe")?;
     protocol::log!("control socket {}", cfg.control.display());
+    let transfers = match &listener {
+        Source::Datagram(_) => Some(
+            Transfers::new(max_exchanges(cfg.limits.max_conns))
+                .context("the transfers' shared flags")?,
+        ),
+        Source::Stream(_) => None,
+    };
     let mut server = ForkServer {
+        transfers,
         cfg,
         service,
         lp,
@@ -134,6 +144,8 @@ impl Source {
 }
 
 struct ForkServer<S: Service> {
+    /// A datagram service's transfer children, for admission.
+    transfers: Option<Transfers>,
     cfg: SingleProcessConfig,
     service: S,
     /// The poll, signals and control socket (a connection's child drops the signals).
@@ -407,13 +419,36 @@ impl<S: Service> ForkServer<S> {
                 }
             };
             self.counters.datagrams_in += 1;
-            // Every request datagram forks: a flood must not fork without end.
-            if self.children.len() as u64 >= max_exchanges(self.cfg.limits.max_conns) {
-                // No process to spare: the request is dropped and the client retries.
-                self.counters.closed_by_limit += 1;
-                continue;
-            }
-            let mut keep = [udp.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            // Every request datagram forks: a flood must not fork without end. At the limit,
+            // the oldest child whose peer never answered is killed to make room.
+            let Some(transfers) = self.transfers.as_mut() else {
+                return;
+            };
+            let children = &mut self.children;
+            let slot = match transfers.admit(peer.ip(), |pid| {
+                children.remove(&pid);
+            }) {
+                Admission::Fork { slot, evicted } => {
+                    if evicted {
+                        let c = &mut self.counters;
+                        c.transfers += 1;
+                        c.transfers_failed += 1;
+                        c.closed_by_limit += 1;
+                    }
+                    slot
+                }
+                Admission::Busy => {
+                    // No process to spare: the request is dropped and the client retries.
+                    self.counters.closed_by_limit += 1;
+                    continue;
+                }
+            };
+            let Some(transfers) = self.transfers.as_ref() else {
+                return;
+            };
+            let verified = transfers.flag(slot);
+            let mut keep = vec![udp.as_raw_fd(), self.report_tx.as_fd().as_raw_fd()];
+            keep.extend(self.service.descriptors());
             let lp = &mut self.lp;
             let (service, report_tx) = (&self.service, &self.report_tx);
             let datagram = &buf[..n];
@@ -424,8 +459,14 @@ impl<S: Service> ForkServer<S> {
                 &mut keep,
                 &[signal_hook::consts::SIGTERM],
                 || lp.drop_signals(),
-                || datagram_child(service, (datagram, peer, udp), report_tx),
+                || datagram_child(service, (datagram, peer, udp), verified, report_tx),
             );
+            if let Some(t) = self.transfers.as_mut() {
+                match &forked {
+                    Ok(pid) => t.forked(*pid, peer.ip(), slot),
+                    Err(_) => t.unused(slot),
+                }
+            }
             self.adopt(forked, "a request");
         }
         // More may be waiting: the listener is edge-triggered, so look again next turn.
@@ -459,6 +500,9 @@ impl<S: Service> ForkServer<S> {
     fn reap(&mut self) {
         for gone in reap_exited() {
             self.children.remove(&gone.pid);
+            if let Some(t) = self.transfers.as_mut() {
+                t.gone(gone.pid);
+            }
             if let Some(hub) = self.hub.as_mut() {
                 hub.leave(self.lp.registry(), gone.pid.as_raw() as u32);
             }

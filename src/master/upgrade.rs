@@ -63,6 +63,7 @@ impl<S: System> Master<S> {
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
+            root: (self.settings.worker.root_fd >= 0).then_some(self.settings.worker.root_fd),
             carried: serde_json::to_string(&self.carryover())?,
         };
         let lp = &mut self.lp;

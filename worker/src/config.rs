@@ -65,12 +65,18 @@ pub struct WorkerConfig {
     /// The directory TFTP serves (`--service tftp`).
     #[arg(long)]
     pub root: Option<std::path::PathBuf>,
+    /// Inherited descriptor of the TFTP root, opened once by the master at start; -1: none.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub root_fd: RawFd,
     /// TFTP accepts write requests (new files only).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub tftp_write: bool,
     /// Largest file a TFTP upload may create, in bytes.
     #[arg(long, default_value_t = crate::tftp::DEFAULT_MAX_FILE)]
     pub tftp_max_file: u64,
+    /// Bytes a TFTP upload must leave free on the root's file system.
+    #[arg(long, default_value_t = crate::tftp::DEFAULT_MIN_FREE)]
+    pub tftp_min_free: u64,
 }
 
 /// How a process-mode worker moves its connections' bytes (`--io`).
@@ -118,8 +124,10 @@ impl WorkerConfig {
             ("--proxy-from", self.proxy_from.clone()),
             ("--proxy-timeout", self.proxy_timeout.to_string()),
             ("--max-line", self.max_line.to_string()),
+            ("--root-fd", self.root_fd.to_string()),
             ("--tftp-write", self.tftp_write.to_string()),
             ("--tftp-max-file", self.tftp_max_file.to_string()),
+            ("--tftp-min-free", self.tftp_min_free.to_string()),
         ]
         .into_iter()
         .chain(
@@ -193,9 +201,11 @@ mod tests {
             proxy_from: "10.0.0.0/8".into(),
             proxy_timeout: 2.0,
             root: Some("/srv/tftp".into()),
+            root_fd: 11,
             max_line: 77,
             tftp_write: true,
             tftp_max_file: 99,
+            tftp_min_free: 98,
         };
         let argv = std::iter::once("w".to_string()).chain(cfg.to_args());
         let back = Wrap::try_parse_from(argv).unwrap().cfg;

@@ -16,6 +16,7 @@ pub mod config;
 pub mod echo;
 pub mod event_loop;
 pub mod exchange;
+pub mod exchange_registry;
 pub mod proxy;
 pub mod service;
 pub mod tftp;

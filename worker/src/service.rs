@@ -149,6 +149,13 @@ pub trait Exchange: Send + 'static {
     /// Ends it before its time: tell the peer why, if the protocol can. Returns how it
     /// ended (`Done` if nothing was left to do but linger).
     fn abort(&mut self, why: Abort, counters: &mut Counters) -> Step;
+    /// The peer it talks to.
+    fn peer(&self) -> std::net::SocketAddr;
+    /// Whether the peer has answered at least once. Until then its source address may be
+    /// forged: such an exchange is the first to go when room runs out.
+    fn verified(&self) -> bool;
+    /// When it began.
+    fn started(&self) -> Instant;
 }
 
 /// Why the engine ends an exchange before its time.
@@ -158,6 +165,9 @@ pub enum Abort {
     Busy,
     /// The server is stopping and will not wait any longer.
     Stopping,
+    /// Its peer never answered and its room is wanted for a newer request: it ends
+    /// silently (a forged source is sent nothing more).
+    Evicted,
 }
 
 /// The exchange of a service that has none (echo): a type with no values.
@@ -178,6 +188,15 @@ impl Exchange for NoExchange {
         match *self {}
     }
     fn abort(&mut self, _: Abort, _: &mut Counters) -> Step {
+        match *self {}
+    }
+    fn peer(&self) -> std::net::SocketAddr {
+        match *self {}
+    }
+    fn verified(&self) -> bool {
+        match *self {}
+    }
+    fn started(&self) -> Instant {
         match *self {}
     }
 }
@@ -239,6 +258,12 @@ pub trait Service: Clone + Send + Sync + 'static {
 
     /// Its `--service` name, for log lines.
     fn name(&self) -> &'static str;
+
+    /// Descriptors it holds that a forked child (fork-per-conn) must keep: the child closes
+    /// every other one (TFTP's root directory).
+    fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
 
     /// Whether its processes must reach one another (see [`ServiceKind::needs_bus`]).
     fn needs_bus(&self) -> bool {

@@ -166,6 +166,7 @@ fn settings(workers: u32) -> Settings {
             listen_fd: -1,
             ipc_fd: -1,
             udp_fd: -1,
+            root_fd: -1,
             bus_fd: -1,
             id: 0,
             generation: 1,
@@ -182,6 +183,7 @@ fn settings(workers: u32) -> Settings {
             root: None,
             tftp_write: false,
             tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
+            tftp_min_free: worker::tftp::DEFAULT_MIN_FREE,
             max_line: worker::chat::DEFAULT_MAX_LINE,
         },
     }

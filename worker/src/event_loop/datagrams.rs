@@ -11,7 +11,9 @@ use mio::{Interest, Token};
 use protocol::stats::Counters;
 
 use super::{DATAGRAMS_PER_TURN, EXCHANGE_BASE, Worker};
-use crate::exchange::{count_end, max_exchanges};
+use crate::exchange::{
+    Admit, EVICTION_LOOKS, Held, admit, answer_waiting, count_end, max_exchanges,
+};
 use crate::service::{Abort, DatagramAnswer, Exchange, Service, Step};
 
 impl<S: Service> Worker<S> {
@@ -70,14 +72,46 @@ impl<S: Service> Worker<S> {
         self.udp_again = true;
     }
 
-    /// Watches a new exchange's socket and lets it send its first packet.
+    /// Watches a new exchange's socket and lets it send its first packet. When the worker
+    /// (or the request's source) is at its limit, the oldest exchange whose peer never
+    /// answered makes way, silently; with none such the request is told "busy".
     fn start_exchange(&mut self, mut x: S::Exchange) {
         self.counters.transfers += 1;
-        if self.exchanges.len() as u64 >= max_exchanges(self.cfg.max_conns) {
-            self.counters.closed_by_limit += 1;
-            let end = x.abort(Abort::Busy, &mut self.counters);
-            count_end(end, &mut self.counters);
-            return;
+        let mut looks = 0;
+        let decision = loop {
+            let held = self.exchanges.iter().map(|(key, x)| Held {
+                key,
+                source: x.peer().ip(),
+                started: x.started(),
+                verified: x.verified(),
+            });
+            let decision = admit(held, x.peer().ip(), max_exchanges(self.cfg.max_conns));
+            let Admit::Evict(key) = decision else {
+                break decision;
+            };
+            // A victim whose answer is queued but unread has answered: read it, look again.
+            let waiting = self
+                .exchanges
+                .get(key)
+                .is_some_and(|v| answer_waiting(v.socket().as_raw_fd()));
+            if !waiting || looks == EVICTION_LOOKS {
+                break decision;
+            }
+            looks += 1;
+            self.on_exchange(key);
+        };
+        match decision {
+            Admit::Yes => {}
+            Admit::Evict(key) => {
+                self.counters.closed_by_limit += 1;
+                self.exchange_step(key, |x, c, _| x.abort(Abort::Evicted, c));
+            }
+            Admit::Busy => {
+                self.counters.closed_by_limit += 1;
+                let end = x.abort(Abort::Busy, &mut self.counters);
+                count_end(end, &mut self.counters);
+                return;
+            }
         }
         let entry = self.exchanges.vacant_entry();
         let fd = x.socket().as_raw_fd();

@@ -112,16 +112,17 @@ pub fn run(cfg: WorkerConfig) -> i32 {
             let chat = Chat::new(cfg.max_line, cfg.max_unsent);
             serve_with(cfg, chat)
         }
-        ServiceKind::Tftp => {
-            let root = cfg.root.clone().unwrap_or_default();
-            match Tftp::new(&root, cfg.tftp_write, cfg.tftp_max_file) {
-                Ok(tftp) => serve_with(cfg, tftp),
-                Err(e) => {
-                    protocol::log!("cannot start: cannot open --root {}: {e}", root.display());
-                    EXIT_BOOT_FAILURE
-                }
+        ServiceKind::Tftp => match crate::tftp::inherited_root(cfg.root_fd) {
+            Ok(root) => {
+                let sizes = (cfg.tftp_max_file, cfg.tftp_min_free);
+                let tftp = Tftp::new(std::sync::Arc::new(root), cfg.tftp_write, sizes);
+                serve_with(cfg, tftp)
             }
-        }
+            Err(e) => {
+                protocol::log!("cannot start: the --root directory: {e}");
+                EXIT_BOOT_FAILURE
+            }
+        },
     }
 }
 

@@ -17,7 +17,6 @@ mod send;
 use std::borrow::Cow;
 use std::io::{BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,24 @@ pub use send::Sending;
 
 /// Largest upload `--tftp-max-file` allows unless told otherwise.
 pub const DEFAULT_MAX_FILE: u64 = 32 << 20;
+/// Free space uploads must leave on the root's file system unless `--tftp-min-free` says
+/// otherwise.
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
+
+/// The root a worker was handed by its master (`--root-fd`): the directory the master opened
+/// once at start, never the path again.
+pub fn inherited_root(fd: std::os::fd::RawFd) -> std::io::Result<Root> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if fd < 0 {
+        return Err(std::io::Error::other(
+            "no --root-fd: the master opens --root once and hands its workers the descriptor",
+        ));
+    }
+    // SAFETY: the master left this descriptor open across fork or exec for this worker alone
+    // (`spawn_worker` keeps it); it is wrapped exactly once, here, at boot, before anything
+    // else could take the number.
+    Root::adopt(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// The TFTP service.
 #[derive(Debug, Clone)]
@@ -40,16 +57,19 @@ pub struct Tftp {
     root: Arc<Root>,
     write: bool,
     max_file: u64,
+    min_free: u64,
 }
 
 impl Tftp {
-    /// Serves the files beneath `root`; `write` allows uploads of new files up to `max_file`.
-    pub fn new(root: &Path, write: bool, max_file: u64) -> std::io::Result<Tftp> {
-        Ok(Tftp {
-            root: Arc::new(Root::open(root)?),
+    /// Serves the files beneath `root` (the directory opened at start); `write` allows
+    /// uploads of new files up to `max_file` bytes that leave `min_free` bytes free.
+    pub fn new(root: Arc<Root>, write: bool, (max_file, min_free): (u64, u64)) -> Tftp {
+        Tftp {
+            root,
             write,
             max_file,
-        })
+            min_free,
+        }
     }
 
     /// Starts the transfer a request asks for, or says why not.
@@ -74,7 +94,9 @@ impl Tftp {
         let settings = options::negotiate(&req.options, req.mode, size, self.max_file)?;
         // The transfer's own port, on the address the request came to (a wildcard listen
         // address lets the kernel choose the route back).
+        // Connected to the peer: the kernel drops everyone else's datagrams (see `link`).
         let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .and_then(|s| s.connect(peer).map(|()| s))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| {
                 Refusal::new(Code::Undefined, format!("no socket for the transfer: {e}"))
@@ -95,12 +117,16 @@ impl Tftp {
             }
             None => {
                 let created = self.root.create(req.filename)?;
+                // Refused at once when the file system is already at its floor.
+                if created.1.free_bytes()? < self.min_free {
+                    return Err(Refusal::new(Code::DiskFull, "not enough free space"));
+                }
                 Transfer::Receive(Box::new(Receiving::new(
                     link,
                     created,
                     sizes,
                     oack,
-                    (netascii, self.max_file),
+                    (netascii, self.max_file, self.min_free),
                 )))
             }
         })
@@ -147,12 +173,37 @@ impl Exchange for Transfer {
 
     fn abort(&mut self, why: Abort, counters: &mut Counters) -> Step {
         let why = match why {
-            Abort::Busy => Refusal::new(Code::Undefined, "server busy, try again later"),
-            Abort::Stopping => Refusal::new(Code::Undefined, "server shutting down"),
+            Abort::Busy => Some(Refusal::new(
+                Code::Undefined,
+                "server busy, try again later",
+            )),
+            Abort::Stopping => Some(Refusal::new(Code::Undefined, "server shutting down")),
+            Abort::Evicted => None,
         };
         match self {
             Transfer::Send(s) => s.abort(why, counters),
             Transfer::Receive(r) => r.abort(why, counters),
+        }
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.link().peer
+    }
+
+    fn verified(&self) -> bool {
+        self.link().verified
+    }
+
+    fn started(&self) -> Instant {
+        self.link().started
+    }
+}
+
+impl Transfer {
+    fn link(&self) -> &Link {
+        match self {
+            Transfer::Send(s) => s.link(),
+            Transfer::Receive(r) => r.link(),
         }
     }
 }
@@ -164,6 +215,10 @@ impl Service for Tftp {
 
     fn name(&self) -> &'static str {
         "tftp"
+    }
+
+    fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.root.raw_fd()]
     }
 
     fn room(&self, _bus: Option<std::os::unix::net::UnixStream>) {}

@@ -53,7 +53,14 @@ pub fn negotiate(
         taken: Vec::new(),
     };
     let mut window_asked = None;
+    let mut seen: Vec<&str> = Vec::with_capacity(options.len());
     for (name, value) in options {
+        // An option named twice: the first counts, the rest are ignored, so the OACK names
+        // each once, with the value in force (a client may read either).
+        if seen.contains(&name.as_str()) {
+            continue;
+        }
+        seen.push(name);
         match name.as_str() {
             "blksize" => {
                 let asked = number(name, value)?;
@@ -142,6 +149,40 @@ mod tests {
         let none = negotiate(&[], Mode::Octet, Some(1), 0).unwrap();
         assert!(none.taken.is_empty());
         assert_eq!((none.blksize, none.window), (512, 1));
+    }
+
+    #[test]
+    fn an_option_named_twice_counts_once_as_first_named() {
+        let s = negotiate(
+            &opts(&[
+                ("blksize", "512"),
+                ("windowsize", "4"),
+                ("blksize", "1024"),
+                ("windowsize", "8"),
+                ("timeout", "x"),
+                ("timeout", "3"),
+            ]),
+            Mode::Octet,
+            Some(1),
+            0,
+        );
+        // The first `timeout` is malformed: refused, whatever a second one says.
+        assert_eq!(s.unwrap_err().code, Code::Options);
+        let s = negotiate(
+            &opts(&[("blksize", "512"), ("windowsize", "4"), ("blksize", "1024")]),
+            Mode::Octet,
+            Some(1),
+            0,
+        )
+        .unwrap();
+        assert_eq!((s.blksize, s.window), (512, 4));
+        assert_eq!(
+            s.taken,
+            vec![
+                ("blksize", "512".to_string()),
+                ("windowsize", "4".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A write request served (`--tftp-write`): DATA blocks come in, each window acknowledged,
-//! into a file created for this upload alone. An upload that does not complete — timed out,
-//! aborted, over `--tftp-max-file` — removes its partial file.
+//! into an unnamed file created for this upload alone, linked into place under its name when
+//! the last block is in. An upload that does not complete — timed out, aborted, over
+//! `--tftp-max-file`, its process killed — leaves nothing behind.
 
 use std::fs::File;
 use std::io::Write;
@@ -13,6 +14,9 @@ use super::netascii::Decoder;
 use super::packet::{self, Code, Packet, Refusal};
 use super::root::Created;
 use crate::service::Step;
+
+/// Bytes written between two looks at the free space (one `fstatvfs` each).
+const FREE_CHECK: u64 = 64 << 10;
 
 /// An upload in progress.
 #[derive(Debug)]
@@ -30,6 +34,8 @@ pub struct Receiving {
     unacked: usize,
     written: u64,
     max_file: u64,
+    /// Bytes the upload must leave free on the file system (`--tftp-min-free`).
+    min_free: u64,
     /// Netascii uploads are decoded on the way to disk.
     decoder: Option<Decoder>,
     decoded: Vec<u8>,
@@ -46,7 +52,7 @@ impl Receiving {
         (file, created): (File, Created),
         (blksize, window): (usize, usize),
         oack: Option<Vec<u8>>,
-        (netascii, max_file): (bool, u64),
+        (netascii, max_file, min_free): (bool, u64, u64),
     ) -> Receiving {
         Receiving {
             link,
@@ -59,6 +65,7 @@ impl Receiving {
             unacked: 0,
             written: 0,
             max_file,
+            min_free,
             decoder: netascii.then(Decoder::default),
             decoded: Vec::new(),
             dallying: false,
@@ -98,6 +105,16 @@ impl Receiving {
         if self.written + bytes.len() as u64 > self.max_file {
             return Err(Refusal::new(Code::DiskFull, "file larger than allowed"));
         }
+        // The floor of free space, looked at before each stretch of FREE_CHECK bytes (the
+        // first block included): there must be room for the stretch above the floor.
+        let after = self.written + bytes.len() as u64;
+        if self.written == 0 || after / FREE_CHECK != self.written / FREE_CHECK {
+            let free = self.created.free_bytes()?;
+            let stretch = FREE_CHECK.max(bytes.len() as u64);
+            if free < self.min_free.saturating_add(stretch) {
+                return Err(Refusal::new(Code::DiskFull, "not enough free space"));
+            }
+        }
         self.file
             .write_all(bytes)
             .map_err(|e| Refusal::new(Code::DiskFull, format!("cannot write: {e}")))?;
@@ -118,7 +135,7 @@ impl Receiving {
         if self.dallying {
             return Step::Done;
         }
-        if !self.link.retry(now) {
+        if self.link.is_gone() || !self.link.retry(now) {
             self.created.remove();
             return Step::Failed;
         }
@@ -156,6 +173,12 @@ impl Receiving {
             if let Err(r) = self.store(payload, last) {
                 return self.refuse(r, counters);
             }
+            // Complete: only now does the file appear under its name.
+            if last {
+                if let Err(r) = self.created.publish(&self.file) {
+                    return self.refuse(r, counters);
+                }
+            }
             self.oack = None;
             self.received += 1;
             self.unacked += 1;
@@ -164,7 +187,8 @@ impl Receiving {
             if last {
                 self.ack_received(counters);
                 self.dallying = true;
-                self.link.deadline = now + self.link.timeout * 2;
+                self.link.progressed(now);
+                self.link.wait(now, self.link.timeout * 2);
             } else {
                 if self.unacked == self.window {
                     self.ack_received(counters);
@@ -173,15 +197,25 @@ impl Receiving {
                 self.link.progressed(now);
             }
         }
+        if self.link.is_gone() && !self.dallying {
+            self.created.remove();
+            return Step::Failed;
+        }
         Step::Going
     }
 
-    /// Ends the upload early, telling the client why; the partial file goes.
-    pub fn abort(&mut self, why: Refusal, counters: &mut Counters) -> Step {
+    /// Ends the upload early, telling the client why (`None`: silently); the partial
+    /// file goes.
+    pub fn abort(&mut self, why: Option<Refusal>, counters: &mut Counters) -> Step {
         if self.dallying {
-            Step::Done
-        } else {
-            self.refuse(why, counters)
+            return Step::Done;
+        }
+        match why {
+            Some(why) => self.refuse(why, counters),
+            None => {
+                self.created.remove();
+                Step::Failed
+            }
         }
     }
 }

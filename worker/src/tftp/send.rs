@@ -136,7 +136,7 @@ impl Sending {
                 None => self.advance(now, counters),
             };
         }
-        if !self.link.retry(now) {
+        if self.link.is_gone() || !self.link.retry(now) {
             return Step::Failed;
         }
         counters.retransmits += match &self.oack {
@@ -182,12 +182,17 @@ impl Sending {
                 return Step::Failed;
             }
         }
+        if self.link.is_gone() {
+            return Step::Failed;
+        }
         Step::Going
     }
 
-    /// Ends the transfer early, telling the client why.
-    pub fn abort(&mut self, why: Refusal, counters: &mut Counters) -> Step {
-        self.link.send(&why.packet(), counters);
+    /// Ends the transfer early, telling the client why (`None`: silently).
+    pub fn abort(&mut self, why: Option<Refusal>, counters: &mut Counters) -> Step {
+        if let Some(why) = why {
+            self.link.send(&why.packet(), counters);
+        }
         Step::Failed
     }
 }
