@@ -28,8 +28,11 @@ const SERVERS: &[&[&str]] = &[
 /// Starts each server in turn (skipping io_uring where the kernel refuses it) and runs `f`.
 fn on_every_server(what: &str, f: impl Fn(&Server, &str)) {
     for args in SERVERS {
-        if args.contains(&"uring") && !common::memory::uring_or_skip(what) {
-            continue;
+        if args.contains(&"uring") {
+            if let Err(e) = worker::event_loop::probe_uring() {
+                common::skip(&format!("{what}: this kernel refuses io_uring ({e})"));
+                continue;
+            }
         }
         let server = Server::start(args);
         f(&server, &args.join(" "));
