@@ -21,12 +21,12 @@ use mio::{Events, Interest, Poll, Token};
 
 /// Error kinds, in report order.
 pub const ERROR_KINDS: [&str; 6] = ["refused", "reset", "timeout", "short", "wrong", "other"];
-const REFUSED: usize = 0;
-const RESET: usize = 1;
-const TIMEOUT: usize = 2;
-const SHORT: usize = 3;
-const WRONG: usize = 4;
-const OTHER: usize = 5;
+pub(crate) const REFUSED: usize = 0;
+pub(crate) const RESET: usize = 1;
+pub(crate) const TIMEOUT: usize = 2;
+pub(crate) const SHORT: usize = 3;
+pub(crate) const WRONG: usize = 4;
+pub(crate) const OTHER: usize = 5;
 
 /// What every connection does.
 #[derive(Clone, Debug)]
@@ -88,7 +88,8 @@ struct LoadThread<'a> {
     shared: &'a Shared,
 }
 
-fn header(id: u64, seq: u64) -> [u8; 16] {
+/// The first 16 bytes of message `seq` on connection `id` (shared with the threaded shape).
+pub(crate) fn header(id: u64, seq: u64) -> [u8; 16] {
     let mix = |mut z: u64| {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -8,6 +8,7 @@
 
 mod cost;
 mod engine;
+mod threaded;
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -65,8 +66,21 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
+    /// Client shape: one event-loop thread over many connections (`events`), or one
+    /// blocking thread per connection writing a message, then reading its echo (`threads`,
+    /// what most real clients look like; closed loop only).
+    #[arg(long, value_enum, default_value_t = Shape::Events)]
+    shape: Shape,
     #[command(flatten)]
     out: cost::Reporting,
+}
+
+/// How the generator's connections are driven (see [`threaded`] for why both exist).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Shape {
+    Events,
+    Threads,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +91,7 @@ struct Report {
     pipeline: u64,
     rate: Option<f64>,
     connect_burst: bool,
+    shape: Shape,
     elapsed_secs: f64,
     round_trips: u64,
     round_trips_per_sec: f64,
@@ -185,6 +200,16 @@ fn run(args: &Args) -> Result<Report> {
         bail!("--timeout must be more than 0");
     }
     let conns = args.connections;
+    if args.shape == Shape::Threads {
+        if args.rate.is_some() {
+            bail!("--shape threads is closed loop only (no --rate)");
+        }
+        // A blocking client writes a whole message before reading: more than the socket
+        // buffers hold would deadlock it against a server that stops reading (back-pressure).
+        if args.size * args.pipeline > 64 * 1024 {
+            bail!("--shape threads needs --size × --pipeline ≤ 65536 (use --shape events)");
+        }
+    }
     raise_nofile(conns + 64)?;
     let plan = Plan {
         target,
@@ -197,7 +222,12 @@ fn run(args: &Args) -> Result<Report> {
         reconnect_every: args.reconnect_every,
         burst: args.connect_burst,
     };
-    let threads = args.threads.min(conns);
+    // The threads shape starts its own thread per connection under one coordinator.
+    let threads = match args.shape {
+        Shape::Events => args.threads.min(conns),
+        Shape::Threads => 1,
+    };
+    let shape = args.shape;
     let shared = Arc::new(Shared {
         round_trips: AtomicU64::new(0),
         release: AtomicBool::new(false),
@@ -217,7 +247,11 @@ fn run(args: &Args) -> Result<Report> {
             std::thread::Builder::new()
                 .name(format!("load-{t}"))
                 .spawn(move || {
-                    engine::run(&plan, id, slots as usize, requests, &barrier, &shared, &tx)
+                    let run = match shape {
+                        Shape::Events => engine::run,
+                        Shape::Threads => threaded::run,
+                    };
+                    run(&plan, id, slots as usize, requests, &barrier, &shared, &tx)
                 })
                 .context("starting a load thread")?,
         );
@@ -310,6 +344,7 @@ fn summarise(
         pipeline: args.pipeline,
         rate: args.rate,
         connect_burst: args.connect_burst,
+        shape: args.shape,
         elapsed_secs: elapsed,
         round_trips,
         round_trips_per_sec: round_trips as f64 / elapsed.max(1e-9),
@@ -353,7 +388,7 @@ fn summarise(
 fn render(r: &Report) -> String {
     let l = &r.latency_us;
     let mut s = format!(
-        "target {} · {} connections · {} B messages · pipeline {}{}{}\n\
+        "target {} · {} connections · {} B messages · pipeline {}{}{}{}\n\
          {:.2} s: {} round trips, {:.0} round trips/s, {:.2} MB/s out, {:.2} MB/s in\n\
          latency µs: p50 {} · p90 {} · p99 {} · p99.9 {} · max {} · mean {:.1}\n\
          first echo µs: p99 {} · max {} ({} of {} connections opened answered)\n\
@@ -368,6 +403,11 @@ fn render(r: &Report) -> String {
             .map_or(String::new(), |x| format!(" · open loop {x}/s")),
         if r.connect_burst {
             " · connect burst"
+        } else {
+            ""
+        },
+        if r.shape == Shape::Threads {
+            " · a thread per connection"
         } else {
             ""
         },

@@ -27,7 +27,10 @@ fn broken_server(bug: &'static str) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
-        for s in listener.incoming().take(4) {
+        for s in listener
+            .incoming()
+            .take(if bug == "faithful" { 64 } else { 4 })
+        {
             let Ok(mut s) = s else { continue };
             thread::spawn(move || {
                 let mut buf = [0u8; 4096];
@@ -42,7 +45,7 @@ fn broken_server(bug: &'static str) -> std::net::SocketAddr {
                             let _ = s.write_all(&buf[..n]);
                         }
                         "close" if seen > 300 => return,
-                        "close" => {
+                        "close" | "faithful" => {
                             let _ = s.write_all(&buf[..n]);
                         }
                         _ => {} // "silent": never answers
@@ -56,23 +59,77 @@ fn broken_server(bug: &'static str) -> std::net::SocketAddr {
 
 #[test]
 fn catches_wrong_and_short_echoes_and_silence() {
-    for (bug, kind) in [("flip", "wrong"), ("close", "short"), ("silent", "timeout")] {
-        let addr = broken_server(bug).to_string();
+    for shape in ["events", "threads"] {
+        for (bug, kind) in [("flip", "wrong"), ("close", "short"), ("silent", "timeout")] {
+            let addr = broken_server(bug).to_string();
+            let (out, r) = load(&[
+                "--target",
+                &addr,
+                "--connections",
+                "2",
+                "--size",
+                "100",
+                "--duration",
+                "3",
+                "--timeout",
+                "0.5",
+                "--shape",
+                shape,
+            ]);
+            assert_eq!(out.status.code(), Some(1), "{shape} {bug}");
+            assert!(
+                r["errors"][kind].as_u64().unwrap() >= 1,
+                "{shape} {bug}: {r}"
+            );
+        }
+    }
+}
+
+/// The thread-per-connection shape counts exactly what it was asked for, pipelined or not,
+/// and says which shape it ran.
+#[test]
+fn the_threads_shape_counts_every_verified_round_trip() {
+    for pipeline in ["1", "4"] {
+        let addr = broken_server("faithful").to_string();
         let (out, r) = load(&[
             "--target",
             &addr,
             "--connections",
-            "2",
+            "8",
             "--size",
-            "100",
-            "--duration",
-            "3",
-            "--timeout",
-            "0.5",
+            "300",
+            "--requests",
+            "1600",
+            "--pipeline",
+            pipeline,
+            "--shape",
+            "threads",
         ]);
-        assert_eq!(out.status.code(), Some(1), "{bug}");
-        assert!(r["errors"][kind].as_u64().unwrap() >= 1, "{bug}: {r}");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(r["shape"], "threads");
+        assert_eq!(r["round_trips"], 1600, "pipeline {pipeline}: {r}");
+        assert_eq!(r["fairness"]["min"], 200, "every connection did its share");
+        assert_eq!(r["first_echo_us"]["answered"], 8);
+        assert_eq!(r["errors"]["total"], 0);
     }
+    // Open loop is the event loop's alone.
+    let out = Command::new(LOAD)
+        .args([
+            "--shape",
+            "threads",
+            "--rate",
+            "100",
+            "--target",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("closed loop only"));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod blocking;
 mod datagram;
+mod reread;
 mod session;
 
 use std::net::SocketAddr;

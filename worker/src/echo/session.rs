@@ -10,6 +10,7 @@ use mio::net::TcpStream;
 
 use protocol::stats::Counters;
 
+use super::reread::Reread;
 use crate::service::{Drive, Session};
 
 /// An accepted client connection.
@@ -31,6 +32,10 @@ pub struct Connection {
     /// Keep `last_active` current (only with `--idle-timeout`: a clock read per read is a
     /// measurable share of a 64-byte round trip's user time).
     watch_idle: bool,
+    /// Whether to read again right after echoing a short read (see [`Reread`]).
+    reread: Reread,
+    /// The next read is a re-read: its outcome teaches `reread`.
+    rereading: bool,
 }
 
 /// Reads per [`Connection::drive_bounded`] call before yielding, so one fast client cannot starve the
@@ -71,6 +76,8 @@ impl Connection {
             peer_closed: false,
             max_owed,
             watch_idle,
+            reread: Reread::default(),
+            rereading: false,
         }
     }
 
@@ -120,17 +127,26 @@ impl Connection {
                     continue;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drive::Waiting),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::mem::take(&mut self.rereading) {
+                        self.reread.found(false);
+                    }
+                    return Ok(Drive::Waiting);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if std::mem::take(&mut self.rereading) {
+                self.reread.found(true);
+            }
             counters.bytes_in += n as u64;
             if self.watch_idle {
                 self.last_active = Instant::now();
             }
             // A short read emptied the socket's queue; with edge-triggered epoll, new bytes
-            // bring a new edge, so the read that would only confirm EAGAIN is skipped (one
-            // syscall per round trip). Not once the peer's FIN is known: no edge follows it.
+            // bring a new edge, so the read that would only confirm EAGAIN may be skipped (one
+            // syscall per round trip), unless this client's next message tends to be there
+            // already ([`Reread`] decides). Not once the peer's FIN is known: no edge follows.
             let drained = n < room && !self.peer_closed;
             let data = &scratch[..n];
             // Echo straight from the scratch buffer; copy only what the socket refuses.
@@ -151,8 +167,12 @@ impl Connection {
             }
             self.owed.extend_from_slice(rest);
             if drained {
-                // Anything still owed is flushed on the writable edge.
-                return Ok(Drive::Waiting);
+                // Anything still owed is flushed on the writable edge; reading more would
+                // only add to it.
+                if !self.owed.is_empty() || !self.reread.after_short_read() {
+                    return Ok(Drive::Waiting);
+                }
+                self.rereading = true;
             }
         }
         Ok(Drive::Yielded)

@@ -236,9 +236,17 @@ impl<S: Service> Worker<S> {
                     Token(t) => self.on_connection_event(t - FIRST_CONN, event),
                 }
             }
-            for key in std::mem::take(&mut self.again) {
+            // Drive those that yielded last turn; those that yield now are pushed behind them
+            // and wait for the next turn. Indexing, not `mem::take`, keeps the vector's
+            // capacity: a client that keeps its connection busy yields every turn, and a fresh
+            // vector each turn was a heap allocation per yield.
+            let yielded = self.again.len();
+            for i in 0..yielded {
+                let Some(&key) = self.again.get(i) else { break };
                 self.drive(key);
             }
+            let driven = yielded.min(self.again.len());
+            self.again.drain(..driven);
             if let Some(stop) = self.serve_woken() {
                 return stop;
             }

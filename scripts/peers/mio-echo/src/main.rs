@@ -2,8 +2,13 @@
 //! against. One listener bound by the parent, N forked workers sharing it, each an
 //! edge-triggered mio loop: accept until "would block", read until "would block", write back
 //! at once, watch for writability only while bytes are owed. Nothing else: no stats, IPC,
-//! signals, limits, timers or supervision. Usage: `mio-echo [ADDR] [WORKERS]`; prints
+//! signals, limits, timers or supervision. Usage: `mio-echo [ADDR] [WORKERS] [reread]`; prints
 //! `listening on ADDR` once the workers exist; the workers die with the parent.
+//!
+//! By default a short read ends the turn (the queue is empty; edge-triggered epoll announces
+//! the next bytes), as prefork-echo's process mode did. With `reread`, it reads again after
+//! each echo until "would block": what a client with a thread per connection rewards, since
+//! its next message is often there already (the ceiling's "mio-echo-reread" peer).
 
 use std::io::{self, Read, Write};
 use std::net::TcpListener as StdListener;
@@ -24,6 +29,7 @@ struct Conn {
 fn main() -> io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".into());
     let workers: usize = std::env::args().nth(2).and_then(|w| w.parse().ok()).unwrap_or(2);
+    let reread = std::env::args().nth(3).as_deref() == Some("reread");
     let listener = StdListener::bind(&addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
@@ -35,7 +41,7 @@ fn main() -> io::Result<()> {
             0 => {
                 // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number has no memory effects.
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-                let code = match worker(listener) {
+                let code = match worker(listener, reread) {
                     Ok(()) => 0,
                     Err(_) => 1,
                 };
@@ -57,7 +63,7 @@ fn main() -> io::Result<()> {
     }
 }
 
-fn worker(listener: StdListener) -> io::Result<()> {
+fn worker(listener: StdListener, reread: bool) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut listener = TcpListener::from_std(listener);
     poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -84,7 +90,7 @@ fn worker(listener: StdListener) -> io::Result<()> {
             }
             let key = event.token().0;
             let Some(conn) = conns.get_mut(key) else { continue };
-            match serve(conn, &mut buf) {
+            match serve(conn, &mut buf, reread) {
                 Ok(true) if conn.writing == conn.owed.is_empty() => {
                     conn.writing = !conn.owed.is_empty();
                     let interest = if conn.writing {
@@ -104,8 +110,9 @@ fn worker(listener: StdListener) -> io::Result<()> {
     }
 }
 
-/// Echoes what is readable; `Ok(false)` when the peer is gone.
-fn serve(conn: &mut Conn, buf: &mut [u8]) -> io::Result<bool> {
+/// Echoes what is readable; `Ok(false)` when the peer is gone. `reread`: a short read does
+/// not end the turn, only "would block" does.
+fn serve(conn: &mut Conn, buf: &mut [u8], reread: bool) -> io::Result<bool> {
     if !flush(conn)? {
         return Ok(true); // still owing: reading more would only grow the debt
     }
@@ -117,7 +124,7 @@ fn serve(conn: &mut Conn, buf: &mut [u8]) -> io::Result<bool> {
                 if !flush(conn)? {
                     return Ok(true);
                 }
-                if n < buf.len() {
+                if n < buf.len() && !reread {
                     return Ok(true); // a short read: the socket is drained
                 }
             }
