@@ -50,7 +50,8 @@ fn schedule(mode: &str) {
     let mut seen = Vec::new();
     // Short waits, so the "still alive" check below runs close to its moment (a 2 s wait
     // could put it past the give-up itself).
-    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 1024];
     // Everything that arrives until well past the give-up time; shortly before it, the
     // transfer must still be alive (not given up early).
