@@ -138,6 +138,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             tftp_write: args.tftp_write,
             tftp_max_file: args.tftp_max_file,
             max_line: args.max_line as usize,
+            chat: args.chat.clone(),
         },
     };
     let settings = master::Settings::resolve(&base, args.config.as_ref()).context("config file")?;
@@ -325,7 +326,7 @@ fn run_mode(
         worker::tftp::Tftp::new(root, w.tftp_write, w.tftp_max_file)
             .with_context(|| format!("--root {}", root.display()))
     };
-    let chat = || worker::chat::Chat::new(settings.worker.max_line, settings.worker.max_unsent);
+    let chat = || worker::chat::Chat::from_config(&settings.worker);
     let limits = blocking::Limits::of(&settings.worker);
     let proxy = settings.worker.proxy();
     let single_process = || blocking::SingleProcessConfig {

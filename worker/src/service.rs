@@ -197,6 +197,11 @@ pub trait Room {
     /// The end of a loop turn: sends what is owed to the bus, and adds what the room counted
     /// to `counters`. `Err`: the bus is gone.
     fn settle(&mut self, counters: &mut Counters) -> io::Result<()>;
+    /// When the room next has something to do by itself (paused sessions to wake when a
+    /// hold lapses); the loop wakes by then and calls [`Room::woken`].
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// The room of services whose connections never meet.

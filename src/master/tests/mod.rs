@@ -181,6 +181,7 @@ fn settings(workers: u32) -> Settings {
             tftp_write: false,
             tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
             max_line: worker::chat::DEFAULT_MAX_LINE,
+            chat: Default::default(),
         },
     }
 }

@@ -3,21 +3,28 @@
 //!
 //! A line said here is queued at once for every local client and appended once to the bus;
 //! the hub passes it to every other process, whose room queues it for its own clients. Who is
-//! where travels as bus `State` (client key → name), so `/who` counts everyone. Nothing in
-//! here blocks: a client that falls `--max-unsent` behind is marked and its session ends it;
-//! when more than [`BUS_HIGH`] bytes wait for the bus, sessions stop reading their clients
-//! (TCP back-pressure reaches the senders) until it drains below [`BUS_LOW`].
+//! where travels as bus `State` (client serial → name), so `/who` counts everyone; a name is
+//! `Claim`ed from the hub, which grants it to one client server-wide.
+//!
+//! Nothing in here blocks. Flow control ([`super::flow`]): while a local client that reads is
+//! behind, the room holds its senders (sessions stop reading their clients, and the room
+//! stops reading the bus, so the hub and then the other workers hold theirs); when more than
+//! [`BUS_HIGH`] bytes wait for the bus, sessions stop reading until it drains below
+//! [`BUS_LOW`]. Only a client that stops reading is dropped, by the soft or hard limit.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use protocol::bus::{Decoder, Frame, Outgoing};
 use protocol::stats::Counters;
 
-use super::{Floor, Outbox, joined, left, welcome};
+use super::flow::{Overrun, Standing};
+use super::roster::Roster;
+use super::{Floor, Limits, Outbox, in_use, joined, left, renamed, welcome};
 use crate::service::Room;
 
 /// Bus bytes waiting to be sent above which sessions stop reading their clients.
@@ -28,10 +35,21 @@ pub const BUS_LOW: usize = 256 << 10;
 /// A local client.
 #[derive(Debug)]
 struct Member {
+    /// Its key on the bus: never reused, unlike the loop's keys.
+    serial: u64,
     name: String,
+    /// It holds a name it claimed (released when it leaves).
+    claimed: bool,
     outbox: Outbox,
-    /// Fell too far behind: its session tells it and ends it.
-    kicked: bool,
+    standing: Standing,
+    /// Fell too far behind: its session tells it why and ends it.
+    kicked: Option<Overrun>,
+    /// A `/nick` waiting for the hub's answer: its input waits too.
+    claim: Option<String>,
+    /// In the room's `paused` list.
+    paused: bool,
+    /// In the room's `behind` map.
+    listed_behind: bool,
 }
 
 /// The process-mode room, shared by a worker's sessions (one thread, so `Rc<RefCell>`).
@@ -39,8 +57,8 @@ struct Member {
 pub struct ChatRoom(pub(crate) Rc<RefCell<LocalRoom>>);
 
 impl ChatRoom {
-    /// A room whose clients may fall `max_unsent` bytes behind, on `bus` if given.
-    pub fn new(max_unsent: usize, bus: Option<std::os::unix::net::UnixStream>) -> ChatRoom {
+    /// A room bounded by `limits`, on `bus` if given.
+    pub fn new(limits: Limits, bus: Option<std::os::unix::net::UnixStream>) -> ChatRoom {
         let bus = bus.and_then(|b| {
             b.set_nonblocking(true).ok()?;
             Some(BusLink {
@@ -51,14 +69,21 @@ impl ChatRoom {
         });
         ChatRoom(Rc::new(RefCell::new(LocalRoom {
             members: HashMap::new(),
+            by_serial: HashMap::new(),
             remote: HashMap::new(),
+            roster: Roster::default(),
             bus,
             woken: Vec::new(),
             paused: Vec::new(),
+            behind: HashMap::new(),
+            hold_until: None,
+            bus_gate: false,
+            bus_unread: false,
+            bus_error: None,
             tally: Counters::default(),
-            max_unsent,
+            limits,
             guest_prefix: format!("guest{}-", std::process::id()),
-            next_guest: 0,
+            next_serial: 0,
             buf: vec![0; 64 * 1024],
         })))
     }
@@ -77,17 +102,37 @@ impl Room for ChatRoom {
     }
 
     fn on_bus(&mut self) -> io::Result<()> {
-        self.0.borrow_mut().on_bus()
+        let mut room = self.0.borrow_mut();
+        room.flush_bus()?;
+        room.read_bus()
     }
 
     fn woken(&mut self, into: &mut Vec<usize>) {
-        into.append(&mut self.0.borrow_mut().woken);
+        let mut room = self.0.borrow_mut();
+        let now = Instant::now();
+        room.release(now);
+        if room.bus_unread && !room.holding(now) {
+            room.bus_unread = false;
+            if let Err(e) = room.read_bus() {
+                room.bus_error = Some(e);
+            }
+        }
+        into.append(&mut room.woken);
     }
 
     fn settle(&mut self, counters: &mut Counters) -> io::Result<()> {
         let mut room = self.0.borrow_mut();
         counters.add(&std::mem::take(&mut room.tally));
+        if let Some(e) = room.bus_error.take() {
+            return Err(e);
+        }
         room.flush_bus()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let room = self.0.borrow();
+        let waiting = !room.paused.is_empty() || room.bus_unread;
+        room.hold_until.filter(|_| waiting)
     }
 }
 
@@ -104,56 +149,89 @@ struct BusLink {
 #[derive(Debug)]
 pub struct LocalRoom {
     members: HashMap<u64, Member>,
-    /// Clients of the other processes: (pid, key) → name.
+    /// Bus serial → local key, for the hub's answers.
+    by_serial: HashMap<u64, u64>,
+    /// Clients of the other processes: (pid, serial) → name.
     remote: HashMap<(u32, u64), String>,
+    /// Everyone's names, for `/who`.
+    roster: Roster,
     bus: Option<BusLink>,
     /// Sessions with new output or a lifted pause, for the loop to drive.
     woken: Vec<usize>,
-    /// Sessions that stopped reading while the bus was full.
+    /// Sessions that stopped reading while senders were held or the bus was full.
     paused: Vec<usize>,
+    /// Members over the mark, and until when each holds the senders.
+    behind: HashMap<u64, Instant>,
+    /// The latest of those: senders wait until then, or until nobody is behind.
+    hold_until: Option<Instant>,
+    /// More than [`BUS_HIGH`] waited for the bus; lifted under [`BUS_LOW`].
+    bus_gate: bool,
+    /// The bus was left unread while senders were held.
+    bus_unread: bool,
+    /// The bus failed where no error could be returned; `settle` returns it.
+    bus_error: Option<io::Error>,
     /// Counted since the loop last settled.
     tally: Counters,
-    max_unsent: usize,
+    limits: Limits,
     guest_prefix: String,
-    next_guest: u64,
+    next_serial: u64,
     buf: Vec<u8>,
 }
 
 impl LocalRoom {
     /// Adds the client `me` under a guest name; greets it and tells everyone.
     pub fn join(&mut self, me: u64) {
-        self.next_guest += 1;
-        let name = format!("{}{}", self.guest_prefix, self.next_guest);
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let name = format!("{}{}", self.guest_prefix, serial);
         self.members.insert(
             me,
             Member {
+                serial,
                 name: name.clone(),
+                claimed: false,
                 outbox: Outbox::default(),
-                kicked: false,
+                standing: Standing::default(),
+                kicked: None,
+                claim: None,
+                paused: false,
+                listed_behind: false,
             },
         );
+        self.by_serial.insert(serial, me);
+        self.roster.add(&name);
         self.tell(me, welcome(&name));
         self.broadcast(Some(me), joined(&name));
-        self.publish_state(me, name.as_bytes());
+        self.publish_state(serial, name.as_bytes());
     }
 
     /// Removes the client `me` (gone, for whatever reason) and tells everyone.
     pub fn leave(&mut self, me: u64) {
-        if let Some(m) = self.members.remove(&me) {
-            self.paused.retain(|&k| k as u64 != me);
-            self.broadcast(None, left(&m.name));
-            self.publish_state(me, b"");
+        let Some(m) = self.members.remove(&me) else {
+            return;
+        };
+        self.by_serial.remove(&m.serial);
+        self.paused.retain(|&k| k as u64 != me);
+        self.roster.remove(&m.name);
+        if self.behind.remove(&me).is_some() {
+            self.hold_until = self.behind.values().max().copied();
         }
+        self.broadcast(None, left(&m.name));
+        self.publish_state(m.serial, b"");
+        if m.claimed || m.claim.is_some() {
+            self.publish_claim(m.serial, b"");
+        }
+        self.release(Instant::now());
     }
 
-    /// `me` fell too far behind and must go.
-    pub fn is_kicked(&self, me: u64) -> bool {
-        self.members.get(&me).is_some_and(|m| m.kicked)
+    /// Why `me` must go, if it fell too far behind.
+    pub fn kicked(&self, me: u64) -> Option<Overrun> {
+        self.members.get(&me).and_then(|m| m.kicked)
     }
 
-    /// The bound on what a client may owe (for the notice a kicked one gets).
-    pub fn max_unsent(&self) -> usize {
-        self.max_unsent
+    /// The limits (for the notice a kicked client gets).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// What `me` is owed.
@@ -161,16 +239,59 @@ impl LocalRoom {
         self.members.get_mut(&me).map(|m| &mut m.outbox)
     }
 
-    /// Too much waits for the bus: sessions should stop reading their clients.
-    pub fn bus_full(&self) -> bool {
-        self.bus
-            .as_ref()
-            .is_some_and(|b| b.out.backlog() > BUS_HIGH)
+    /// `me`'s socket took bytes: it may have caught up.
+    pub fn wrote(&mut self, me: u64) {
+        let now = Instant::now();
+        self.restand(me, now);
+        self.release(now);
     }
 
-    /// `key` stopped reading because the bus is full: wake it when it drains.
-    pub fn pause(&mut self, key: usize) {
-        self.paused.push(key);
+    /// Whether `me` may have its next line read now. When not, it is woken once it may (a
+    /// client behind on its own is driven again by its socket's writable edges).
+    pub fn admit(&mut self, me: u64) -> bool {
+        let now = Instant::now();
+        let bus_full = self.bus_full();
+        let holding = self.holding(now);
+        let Some(m) = self.members.get_mut(&me) else {
+            return false;
+        };
+        if m.kicked.is_some() || m.claim.is_some() || m.standing.behind() {
+            return false;
+        }
+        if bus_full || holding {
+            if !m.paused {
+                m.paused = true;
+                self.paused.push(me as usize);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Too much waits for the bus: sessions should stop reading their clients.
+    fn bus_full(&mut self) -> bool {
+        if let Some(bus) = &self.bus {
+            self.bus_gate |= bus.out.backlog() > BUS_HIGH;
+        }
+        self.bus_gate
+    }
+
+    /// A client that reads is behind: senders wait.
+    fn holding(&self, now: Instant) -> bool {
+        self.hold_until.is_some_and(|t| now < t)
+    }
+
+    /// Wakes the paused sessions if nothing holds them any longer.
+    fn release(&mut self, now: Instant) {
+        if self.paused.is_empty() || self.holding(now) || self.bus_full() {
+            return;
+        }
+        for key in self.paused.drain(..) {
+            if let Some(m) = self.members.get_mut(&(key as u64)) {
+                m.paused = false;
+                self.woken.push(key);
+            }
+        }
     }
 
     /// Counts a line read from a client.
@@ -178,29 +299,69 @@ impl LocalRoom {
         self.tally.chat_lines += 1;
     }
 
-    /// Queues `line` for `to`; a client that cannot take it is marked to go.
-    fn deliver(&mut self, to: u64, line: &Arc<[u8]>) {
+    /// Weighs `me`'s queue against the limits: it may now be behind, caught up, or dropped.
+    fn restand(&mut self, me: u64, now: Instant) {
+        let Some(m) = self.members.get_mut(&me) else {
+            return;
+        };
+        if m.kicked.is_some() {
+            return;
+        }
+        let verdict = m.standing.update(m.outbox.owed(), now, &self.limits);
+        let holds = m.standing.holds_until();
+        match verdict {
+            Err(why) => self.kick(me, why),
+            Ok(()) => match (holds, m.listed_behind) {
+                (Some(until), false) => {
+                    m.listed_behind = true;
+                    self.behind.insert(me, until);
+                    self.hold_until = self.hold_until.max(Some(until));
+                }
+                (None, true) => {
+                    m.listed_behind = false;
+                    self.behind.remove(&me);
+                    self.hold_until = self.behind.values().max().copied();
+                }
+                _ => {}
+            },
+        }
+    }
+
+    fn kick(&mut self, me: u64, why: Overrun) {
+        if let Some(m) = self.members.get_mut(&me) {
+            m.kicked = Some(why);
+            m.listed_behind = false;
+            m.outbox.clear();
+            self.tally.slow_consumers += 1;
+            self.woken.push(me as usize);
+        }
+        if self.behind.remove(&me).is_some() {
+            self.hold_until = self.behind.values().max().copied();
+        }
+    }
+
+    /// Queues `line` for `to`.
+    fn deliver(&mut self, to: u64, line: &Arc<[u8]>, now: Instant) {
         let Some(m) = self.members.get_mut(&to) else {
             return;
         };
-        if m.kicked {
+        if m.kicked.is_some() {
             return;
         }
         let was_idle = m.outbox.owed() == 0;
-        if m.outbox.push(line.clone(), self.max_unsent).is_err() {
-            m.kicked = true;
-            m.outbox.clear();
-            self.tally.slow_consumers += 1;
-            self.woken.push(to as usize);
+        if m.outbox.push(line.clone(), self.limits.hard).is_err() {
+            self.kick(to, Overrun::Hard);
             return;
         }
         self.tally.chat_deliveries += 1;
         if was_idle {
             self.woken.push(to as usize);
         }
+        self.restand(to, now);
     }
 
     fn deliver_all(&mut self, except: Option<u64>, line: &Arc<[u8]>) {
+        let now = Instant::now();
         let to: Vec<u64> = self
             .members
             .keys()
@@ -208,7 +369,7 @@ impl LocalRoom {
             .filter(|&k| Some(k) != except)
             .collect();
         for k in to {
-            self.deliver(k, line);
+            self.deliver(k, line, now);
         }
     }
 
@@ -219,12 +380,33 @@ impl LocalRoom {
         }
     }
 
-    fn publish_state(&mut self, me: u64, body: &[u8]) {
+    fn publish_state(&mut self, serial: u64, body: &[u8]) {
         self.publish(Frame::State {
             origin: 0,
-            key: me,
+            key: serial,
             body,
         });
+    }
+
+    fn publish_claim(&mut self, serial: u64, body: &[u8]) {
+        self.publish(Frame::Claim {
+            origin: 0,
+            key: serial,
+            body,
+        });
+    }
+
+    /// Names `me` `new` (granted) and tells everyone.
+    fn rename(&mut self, me: u64, new: &str) {
+        let Some(m) = self.members.get_mut(&me) else {
+            return;
+        };
+        let old = std::mem::replace(&mut m.name, new.to_string());
+        m.claimed = true;
+        let serial = m.serial;
+        self.roster.rename(&old, new);
+        self.publish_state(serial, new.as_bytes());
+        self.broadcast(None, renamed(&old, new));
     }
 
     /// Sends what waits for the bus, as far as it takes it; wakes paused sessions once it
@@ -234,23 +416,28 @@ impl LocalRoom {
             return Ok(());
         };
         bus.out.flush(&mut bus.stream)?;
-        if bus.out.backlog() < BUS_LOW && !self.paused.is_empty() {
-            self.woken.append(&mut self.paused);
+        if bus.out.backlog() < BUS_LOW {
+            self.bus_gate = false;
         }
+        self.release(Instant::now());
         Ok(())
     }
 
-    /// Reads what the bus brought and acts on it. `Err`: the bus is gone.
-    fn on_bus(&mut self) -> io::Result<()> {
-        self.flush_bus()?;
+    /// Reads what the bus brought and acts on it, until the socket is empty or senders are
+    /// held (then it is read again once they are not). `Err`: the bus is gone.
+    fn read_bus(&mut self) -> io::Result<()> {
         // Until the socket is empty: it is edge-triggered, and the hub may send nothing more
         // to announce what is left. Each read's frames are applied before the next read, so
-        // what is held stays one read's worth (the clients' queues have their own bound).
+        // what is held stays one read's worth.
         loop {
+            if self.holding(Instant::now()) {
+                self.bus_unread = true;
+                return Ok(());
+            }
             let Some(bus) = self.bus.as_mut() else {
                 return Ok(());
             };
-            match bus.stream.read(&mut self.buf) {
+            match io::Read::read(&mut bus.stream, &mut self.buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => bus.decoder.push(&self.buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -284,16 +471,16 @@ impl LocalRoom {
     fn apply(&mut self, frame: Frame<'_>) {
         match frame {
             Frame::Cast { body, .. } => self.deliver_all(None, &Arc::from(body)),
-            Frame::State {
-                origin,
-                key,
-                body: [],
-            } => {
-                self.remote.remove(&(origin, key));
-            }
             Frame::State { origin, key, body } => {
-                let name = String::from_utf8_lossy(body).into_owned();
-                self.remote.insert((origin, key), name);
+                let old = self.remote.remove(&(origin, key));
+                if let Some(old) = &old {
+                    self.roster.remove(old);
+                }
+                if !body.is_empty() {
+                    let name = String::from_utf8_lossy(body).into_owned();
+                    self.roster.add(&name);
+                    self.remote.insert((origin, key), name);
+                }
             }
             Frame::Gone { origin } => {
                 let gone: Vec<(u32, u64)> = self
@@ -304,10 +491,39 @@ impl LocalRoom {
                     .collect();
                 for k in gone {
                     if let Some(name) = self.remote.remove(&k) {
+                        self.roster.remove(&name);
                         self.deliver_all(None, &left(&name));
                     }
                 }
             }
+            Frame::Granted { key, body, .. } | Frame::Refused { key, body, .. } => {
+                let granted = matches!(frame, Frame::Granted { .. });
+                self.answered(key, body, granted);
+            }
+            // Only the hub is asked for claims.
+            Frame::Claim { .. } => {}
+        }
+    }
+
+    /// The hub answered the claim of `name` by the client `serial`.
+    fn answered(&mut self, serial: u64, name: &[u8], granted: bool) {
+        let me = self.by_serial.get(&serial).copied();
+        let Some(m) = me.and_then(|me| self.members.get_mut(&me)) else {
+            if granted {
+                // It left meanwhile (its release may have crossed this answer).
+                self.publish_claim(serial, b"");
+            }
+            return;
+        };
+        let Some(name) = m.claim.take_if(|c| c.as_bytes() == name) else {
+            return;
+        };
+        let me = me.unwrap_or_default();
+        self.woken.push(me as usize);
+        if granted {
+            self.rename(me, &name);
+        } else {
+            self.tell(me, in_use(&name));
         }
     }
 }
@@ -329,26 +545,29 @@ impl Floor for LocalRoom {
     }
 
     fn tell(&mut self, me: u64, line: Arc<[u8]>) {
-        self.deliver(me, &line);
+        self.deliver(me, &line, Instant::now());
     }
 
-    fn rename(&mut self, me: u64, name: &str) {
-        if let Some(m) = self.members.get_mut(&me) {
-            m.name = name.to_string();
-            self.publish_state(me, name.as_bytes());
+    fn claim(&mut self, me: u64, name: &str) {
+        if self.bus.is_none() {
+            // A room of its own (no hub): the names are all here.
+            let taken = self.members.values().any(|m| m.name == name);
+            if taken {
+                self.tell(me, in_use(name));
+            } else {
+                self.rename(me, name);
+            }
+            return;
         }
+        let Some(m) = self.members.get_mut(&me) else {
+            return;
+        };
+        m.claim = Some(name.to_string());
+        let serial = m.serial;
+        self.publish_claim(serial, name.as_bytes());
     }
 
-    fn roster(&self, listed: usize) -> (usize, Vec<String>) {
-        let mut names: Vec<String> = self
-            .members
-            .values()
-            .map(|m| m.name.clone())
-            .chain(self.remote.values().cloned())
-            .collect();
-        names.sort();
-        let n = names.len();
-        names.truncate(listed);
-        (n, names)
+    fn who(&mut self) -> Arc<[u8]> {
+        self.roster.who()
     }
 }

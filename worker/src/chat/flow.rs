@@ -1,0 +1,117 @@
+//! Flow control: when one client sends faster than others read, the sender waits (its socket
+//! is left unread, so TCP slows it), never the readers. Pure rules, shared by every mode.
+//!
+//! - A client that owes more than the mark (`--max-unsent`) is **behind**; while it is behind
+//!   and catching up, it **holds** every sender of its room (they are not read, and a worker
+//!   stops reading the bus). It stops being behind at half the mark.
+//! - A client that stays behind longer than [`CATCH_UP`] is not reading (a never-reader, a
+//!   stopped terminal): it no longer holds anyone; its queue grows, bounded by the limits.
+//! - Redis' output-buffer limits then decide: more than `hard` owed drops it at once; more
+//!   than `soft` for `soft_for` without a break drops it.
+//!
+//! So a reader that drains half the mark within [`CATCH_UP`] each time (32 KiB a second by
+//! default, far below any terminal) is never dropped, whatever anyone sends.
+
+use std::time::{Duration, Instant};
+
+use super::Limits;
+
+/// How long a client behind the mark holds the senders before it is deemed not reading.
+pub const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Why a client is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overrun {
+    /// Over the hard limit.
+    Hard,
+    /// Over the soft limit for too long.
+    Soft,
+}
+
+/// One recipient's standing against the limits.
+#[derive(Debug, Default, Clone)]
+pub struct Standing {
+    /// When it went over the mark (cleared at half the mark).
+    behind_since: Option<Instant>,
+    /// When it went over the soft limit (cleared under it).
+    over_soft_since: Option<Instant>,
+}
+
+impl Standing {
+    /// Its queue now holds `owed` bytes: `Err` if that breaks a limit.
+    pub fn update(&mut self, owed: usize, now: Instant, limits: &Limits) -> Result<(), Overrun> {
+        if owed > limits.hard {
+            return Err(Overrun::Hard);
+        }
+        if owed > limits.soft {
+            let since = *self.over_soft_since.get_or_insert(now);
+            if now.duration_since(since) >= limits.soft_for {
+                return Err(Overrun::Soft);
+            }
+        } else {
+            self.over_soft_since = None;
+        }
+        if owed > limits.mark {
+            self.behind_since.get_or_insert(now);
+        } else if owed <= limits.mark / 2 {
+            self.behind_since = None;
+        }
+        Ok(())
+    }
+
+    /// Over the mark (its own input is not read until it catches up).
+    pub fn behind(&self) -> bool {
+        self.behind_since.is_some()
+    }
+
+    /// Until when it holds the senders, if it does at all.
+    pub fn holds_until(&self) -> Option<Instant> {
+        self.behind_since.map(|t| t + CATCH_UP)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        mark: 100,
+        soft: 1000,
+        soft_for: Duration::from_secs(10),
+        hard: 5000,
+    };
+
+    #[test]
+    fn behind_over_the_mark_until_half_of_it_and_holding_for_catch_up_only() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        s.update(100, t0, &L).unwrap();
+        assert!(!s.behind() && s.holds_until().is_none());
+        s.update(101, t0, &L).unwrap();
+        assert_eq!(s.holds_until(), Some(t0 + CATCH_UP));
+        // Still behind above half the mark; the window is not renewed by more arriving.
+        s.update(300, t0 + Duration::from_millis(500), &L).unwrap();
+        s.update(51, t0 + Duration::from_millis(600), &L).unwrap();
+        assert_eq!(s.holds_until(), Some(t0 + CATCH_UP));
+        s.update(50, t0 + Duration::from_millis(700), &L).unwrap();
+        assert!(!s.behind());
+    }
+
+    #[test]
+    fn the_hard_limit_drops_at_once_the_soft_one_after_its_time_without_a_break() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        assert_eq!(s.update(5001, t0, &L), Err(Overrun::Hard));
+        let mut s = Standing::default();
+        s.update(2000, t0, &L).unwrap();
+        s.update(2000, t0 + Duration::from_secs(9), &L).unwrap();
+        // A break under the soft limit starts the clock again.
+        s.update(900, t0 + Duration::from_secs(9), &L).unwrap();
+        s.update(2000, t0 + Duration::from_secs(12), &L).unwrap();
+        s.update(2000, t0 + Duration::from_secs(21), &L).unwrap();
+        assert_eq!(
+            s.update(1001, t0 + Duration::from_secs(22), &L),
+            Err(Overrun::Soft)
+        );
+    }
+}
