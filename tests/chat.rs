@@ -148,7 +148,14 @@ fn a_client_that_never_reads_is_dropped_and_the_others_keep_flowing() {
     for mode in MODES {
         let server = start(
             mode,
-            &["--workers", "2", "--max-unsent", "65536", "--chat-hard-limit", "262144"],
+            &[
+                "--workers",
+                "2",
+                "--max-unsent",
+                "65536",
+                "--chat-hard-limit",
+                "262144",
+            ],
         );
         let mut a = ChatClient::connect(server.addr);
         let mut b = ChatClient::connect(server.addr);
@@ -327,7 +334,7 @@ impl Tool {
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !found {
-            println!("SKIPPED: {program} is not installed (.ci/run installs it)");
+            common::skip_missing_tool(program);
             return None;
         }
         let mut child = std::process::Command::new(program)

@@ -224,6 +224,9 @@ pub trait Session {
     fn stream_mut(&mut self) -> &mut mio::net::TcpStream;
     /// An event reported the peer's FIN: no further edge will announce it.
     fn note_peer_closed(&mut self);
+    /// An event said the socket is readable (or closed, or failed). A session that reads only
+    /// after such news saves a read per drive it gets for other reasons (chat's output).
+    fn note_readable(&mut self) {}
     /// When bytes last moved (for `--idle-timeout`).
     fn last_active(&self) -> Instant;
     /// Bytes owed to the peer: with none, a writable edge alone gives the session nothing to do.

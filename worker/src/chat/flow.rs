@@ -2,15 +2,18 @@
 //! is left unread, so TCP slows it), never the readers. Pure rules, shared by every mode.
 //!
 //! - A client that owes more than the mark (`--max-unsent`) is **behind**; while it is behind
-//!   and catching up, it **holds** every sender of its room (they are not read, and a worker
+//!   and reading, it **holds** every sender of its room (they are not read, and a worker
 //!   stops reading the bus). It stops being behind at half the mark.
-//! - A client that stays behind longer than [`CATCH_UP`] is not reading (a never-reader, a
-//!   stopped terminal): it no longer holds anyone; its queue grows, bounded by the limits.
+//! - Reading means its socket took bytes within the last [`CATCH_UP`], and it has been behind
+//!   for less than `soft_for`. A client that took nothing for [`CATCH_UP`] (a never-reader, a
+//!   stopped terminal), or that trickles so slowly it cannot get back to half the mark in
+//!   `soft_for`, no longer holds anyone: its queue grows, bounded by the limits.
 //! - Redis' output-buffer limits then decide: more than `hard` owed drops it at once; more
 //!   than `soft` for `soft_for` without a break drops it.
 //!
-//! So a reader that drains half the mark within [`CATCH_UP`] each time (32 KiB a second by
-//! default, far below any terminal) is never dropped, whatever anyone sends.
+//! So a reader that reads at least once a second and drains half the mark within `soft_for`
+//! (3.2 KiB a second with the defaults, far below any terminal) is never dropped, whatever
+//! anyone sends; senders go at the pace of the slowest such reader.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,8 @@ pub enum Overrun {
 pub struct Standing {
     /// When it went over the mark (cleared at half the mark).
     behind_since: Option<Instant>,
+    /// When its socket last took bytes (or it went behind, whichever is later).
+    last_progress: Option<Instant>,
     /// When it went over the soft limit (cleared under it).
     over_soft_since: Option<Instant>,
 }
@@ -52,11 +57,20 @@ impl Standing {
             self.over_soft_since = None;
         }
         if owed > limits.mark {
-            self.behind_since.get_or_insert(now);
+            if self.behind_since.is_none() {
+                // Going behind counts as news from the reader: it gets its full window.
+                self.behind_since = Some(now);
+                self.last_progress = Some(now);
+            }
         } else if owed <= limits.mark / 2 {
             self.behind_since = None;
         }
         Ok(())
+    }
+
+    /// Its socket took bytes at `now`.
+    pub fn progressed(&mut self, now: Instant) {
+        self.last_progress = Some(now);
     }
 
     /// Over the mark (its own input is not read until it catches up).
@@ -64,9 +78,11 @@ impl Standing {
         self.behind_since.is_some()
     }
 
-    /// Until when it holds the senders, if it does at all.
-    pub fn holds_until(&self) -> Option<Instant> {
-        self.behind_since.map(|t| t + CATCH_UP)
+    /// Until when it holds the senders, if it is behind (that time may be past).
+    pub fn holds_until(&self, limits: &Limits) -> Option<Instant> {
+        let since = self.behind_since?;
+        let progress = self.last_progress.unwrap_or(since).max(since);
+        Some((progress + CATCH_UP).min(since + limits.soft_for))
     }
 }
 
@@ -82,19 +98,26 @@ mod tests {
     };
 
     #[test]
-    fn behind_over_the_mark_until_half_of_it_and_holding_for_catch_up_only() {
+    fn behind_over_the_mark_until_half_of_it_holding_while_it_reads() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut s = Standing::default();
-        s.update(100, t0, &L).unwrap();
-        assert!(!s.behind() && s.holds_until().is_none());
-        s.update(101, t0, &L).unwrap();
-        assert_eq!(s.holds_until(), Some(t0 + CATCH_UP));
-        // Still behind above half the mark; the window is not renewed by more arriving.
-        s.update(300, t0 + Duration::from_millis(500), &L).unwrap();
-        s.update(51, t0 + Duration::from_millis(600), &L).unwrap();
-        assert_eq!(s.holds_until(), Some(t0 + CATCH_UP));
-        s.update(50, t0 + Duration::from_millis(700), &L).unwrap();
-        assert!(!s.behind());
+        s.progressed(t0);
+        s.update(100, t0 + ms(10), &L).unwrap();
+        assert!(!s.behind() && s.holds_until(&L).is_none());
+        s.update(101, t0 + ms(20), &L).unwrap();
+        assert_eq!(s.holds_until(&L), Some(t0 + ms(20) + CATCH_UP));
+        // More arriving renews nothing; the reader's progress does.
+        s.update(300, t0 + ms(500), &L).unwrap();
+        assert_eq!(s.holds_until(&L), Some(t0 + ms(20) + CATCH_UP));
+        s.progressed(t0 + ms(900));
+        s.update(51, t0 + ms(900), &L).unwrap();
+        assert_eq!(s.holds_until(&L), Some(t0 + ms(900) + CATCH_UP));
+        // A trickle holds no longer than soft_for after it went behind.
+        s.progressed(t0 + ms(9900));
+        assert_eq!(s.holds_until(&L), Some(t0 + ms(20) + L.soft_for));
+        s.update(50, t0 + ms(9950), &L).unwrap();
+        assert!(!s.behind() && s.holds_until(&L).is_none());
     }
 
     #[test]

@@ -242,6 +242,9 @@ impl LocalRoom {
     /// `me`'s socket took bytes: it may have caught up.
     pub fn wrote(&mut self, me: u64) {
         let now = Instant::now();
+        if let Some(m) = self.members.get_mut(&me) {
+            m.standing.progressed(now);
+        }
         self.restand(me, now);
         self.release(now);
     }
@@ -308,14 +311,15 @@ impl LocalRoom {
             return;
         }
         let verdict = m.standing.update(m.outbox.owed(), now, &self.limits);
-        let holds = m.standing.holds_until();
+        let holds = m.standing.holds_until(&self.limits);
         match verdict {
             Err(why) => self.kick(me, why),
             Ok(()) => match (holds, m.listed_behind) {
-                (Some(until), false) => {
+                // Newly behind, or its window moved on as it read.
+                (Some(until), listed) if !listed || self.behind.get(&me) != Some(&until) => {
                     m.listed_behind = true;
                     self.behind.insert(me, until);
-                    self.hold_until = self.hold_until.max(Some(until));
+                    self.hold_until = self.behind.values().max().copied();
                 }
                 (None, true) => {
                     m.listed_behind = false;

@@ -36,6 +36,9 @@ pub struct ChatSession {
     last_active: Instant,
     /// `/quit`, or the client closed its side: end once what it is owed is written.
     leaving: bool,
+    /// The socket may hold bytes: not read dry since the last readable event. A drive for
+    /// output alone (another client's line) then costs no read.
+    readable: bool,
 }
 
 impl ChatSession {
@@ -50,6 +53,7 @@ impl ChatSession {
             rules,
             last_active: Instant::now(),
             leaving: false,
+            readable: true,
         }
     }
 
@@ -81,6 +85,9 @@ impl ChatSession {
                 self.leaving = said(room, me, line, &self.rules) == After::Quit;
                 continue;
             }
+            if !self.readable {
+                return Ok(false);
+            }
             if reads == READS_PER_TURN {
                 return Ok(true);
             }
@@ -92,7 +99,10 @@ impl ChatSession {
                     self.last_active = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -107,6 +117,11 @@ impl Session for ChatSession {
 
     fn note_peer_closed(&mut self) {
         // Read on to end-of-file, which ends the client's turn in the room.
+        self.readable = true;
+    }
+
+    fn note_readable(&mut self) {
+        self.readable = true;
     }
 
     fn last_active(&self) -> Instant {

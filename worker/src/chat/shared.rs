@@ -244,12 +244,14 @@ impl SharedRoom {
     /// Weighs member `id`'s queue against the limits and updates the gate.
     fn restand(&self, id: u64, q: &mut Queue, now: Instant) -> Result<(), Overrun> {
         q.standing.update(q.owed(), now, &self.limits)?;
-        match (q.standing.holds_until(), q.listed_behind) {
-            (Some(until), false) => {
-                q.listed_behind = true;
+        match (q.standing.holds_until(&self.limits), q.listed_behind) {
+            (Some(until), listed) => {
                 let mut gate = lock(&self.gate);
-                gate.behind.insert(id, until);
-                gate.hold_until = gate.hold_until.max(Some(until));
+                if !listed || gate.behind.get(&id) != Some(&until) {
+                    q.listed_behind = true;
+                    gate.behind.insert(id, until);
+                    gate.hold_until = gate.behind.values().max().copied();
+                }
             }
             (None, true) => self.ungate(id, q),
             _ => {}
@@ -396,8 +398,10 @@ impl Write for Progress<'_> {
         let n = self.socket.write_vectored(bufs)?;
         let mut q = lock(&self.member.queue);
         q.inflight = q.inflight.saturating_sub(n);
+        let now = Instant::now();
+        q.standing.progressed(now);
         // Writing only shrinks the queue: no limit can be newly broken here.
-        let _ = self.room.restand(self.id, &mut q, Instant::now());
+        let _ = self.room.restand(self.id, &mut q, now);
         Ok(n)
     }
 

@@ -89,7 +89,12 @@ fn run(
         }
         for event in events.iter() {
             match event.token() {
-                CLIENT => drive_now = true,
+                CLIENT => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        session.note_readable();
+                    }
+                    drive_now = true;
+                }
                 _ => room.on_bus()?,
             }
         }
