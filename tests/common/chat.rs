@@ -14,6 +14,8 @@ pub const ARRIVE: Duration = Duration::from_secs(20);
 /// A connected chat client.
 pub struct ChatClient {
     pub stream: TcpStream,
+    /// The name the server gave it (from its welcome).
+    pub guest: String,
     reader: BufReader<TcpStream>,
     /// Every line read so far.
     pub seen: Vec<String>,
@@ -60,12 +62,18 @@ impl ChatClient {
         let reader = BufReader::new(stream.try_clone().unwrap());
         let mut c = ChatClient {
             stream,
+            guest: String::new(),
             reader,
             seen: Vec::new(),
             unmatched: Default::default(),
         };
         let welcome = c.line().expect("a welcome line");
         assert!(welcome.starts_with("* welcome, "), "{welcome:?}");
+        c.guest = welcome["* welcome, ".len()..]
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         c
     }
 
