@@ -172,3 +172,79 @@ fn a_who_flood_among_thousands_of_idle_clients_leaves_the_others_chatting() {
         drop(deaf);
     }
 }
+
+#[test]
+fn a_dropped_client_has_no_command_acted_on_after_it_is_dropped() {
+    // K asks /who 40,000 times (50 names in each answer) and then for a new name, in one
+    // write, and never reads: it falls behind on its own answers; the others' lines then push
+    // it past the hard limit and it is dropped. Its `/nick` must never be acted on, though it
+    // was sent before it was dropped.
+    for mode in MODES {
+        let server = start(
+            mode,
+            &[
+                "--workers",
+                "1",
+                "--max-unsent",
+                "65536",
+                "--chat-hard-limit",
+                "262144",
+            ],
+        );
+        let mut a = ChatClient::connect(server.addr);
+        let mut b = ChatClient::connect(server.addr);
+        a.nick("a");
+        b.nick("b");
+        // Fifty more clients, reading all they get: K's /who answers list them.
+        let _readers: Vec<thread::JoinHandle<()>> = (0..50)
+            .map(|_| {
+                let mut c = TcpStream::connect(server.addr).unwrap();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(1..) = c.read(&mut buf) {}
+                })
+            })
+            .collect();
+        let k = TcpStream::connect(server.addr).unwrap();
+        b.wait_for_who("* 53 connected");
+        let mut input = b"/who\n".repeat(40_000);
+        input.extend_from_slice(b"/nick zed\n");
+        let k_sends = send_all(&k, input);
+        let pad = "p".repeat(1000);
+        let mut sent = 0;
+        let dropped = wait_until(Duration::from_secs(120), || {
+            for _ in 0..50 {
+                a.say(&format!("{sent} {pad}"));
+                sent += 1;
+            }
+            let last = format!("a: {} {pad}", sent - 1);
+            b.until("a's latest line", |l| l == last);
+            server.stats()["totals"]["slow_consumers"].as_u64() >= Some(1)
+        });
+        assert!(dropped, "{mode}: K was never dropped");
+        let mut k_reads = k.try_clone().unwrap();
+        k_reads
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = loop {
+            match k_reads.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(e) => break e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        };
+        assert!(closed, "{mode}: K is still connected");
+        b.say("after");
+        a.until("b's line after K was dropped", |l| l == "b: after");
+        assert!(
+            !a.seen
+                .iter()
+                .chain(&b.seen)
+                .any(|l| l.ends_with(" is now zed")),
+            "{mode}: K's /nick was acted on"
+        );
+        drop(k);
+        let _ = k_sends.join();
+    }
+}
