@@ -174,3 +174,36 @@ fn a_name_is_held_by_one_client_server_wide() {
         claim_eventually(&mut late, "sam");
     }
 }
+
+#[test]
+fn chat_rate_reads_a_fast_sender_more_slowly_and_loses_nothing() {
+    // 60 lines in one write at --chat-rate 20 with a burst of 5: at least 2.75 s to pass
+    // them all on, every one of them in order; another client is not held back meanwhile.
+    for mode in MODES {
+        let server = start(mode, &["--chat-rate", "20", "--chat-burst", "5"]);
+        let mut a = ChatClient::connect(server.addr);
+        let mut b = ChatClient::connect(server.addr);
+        let mut c = ChatClient::connect(server.addr);
+        a.nick("a");
+        b.nick("b");
+        c.nick("c");
+        let lines: String = (0..60).map(|i| format!("n{i}\n")).collect();
+        let started = std::time::Instant::now();
+        a.stream.write_all(lines.as_bytes()).unwrap();
+        c.say("meanwhile");
+        b.until("c's line", |l| l == "c: meanwhile");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{mode}: c was held back by a's rate"
+        );
+        b.until("a's last line", |l| l == "a: n59");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2500),
+            "{mode}: 60 lines in {took:?}"
+        );
+        let got: Vec<&String> = b.seen.iter().filter(|l| l.starts_with("a: n")).collect();
+        let want: Vec<String> = (0..60).map(|i| format!("a: n{i}")).collect();
+        assert_eq!(got, want.iter().collect::<Vec<_>>(), "{mode}");
+    }
+}

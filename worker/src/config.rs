@@ -198,6 +198,8 @@ mod tests {
                 chat_soft_secs: 1.5,
                 chat_hard_limit: 6,
                 chat_raw: true,
+                chat_rate: 2.5,
+                chat_burst: 7,
             },
             tftp_write: true,
             tftp_max_file: 99,

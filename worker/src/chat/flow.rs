@@ -18,6 +18,7 @@
 use std::time::{Duration, Instant};
 
 use super::Limits;
+use super::options::Rate;
 
 /// How long a client behind the mark holds the senders before it is deemed not reading.
 pub const CATCH_UP: Duration = Duration::from_secs(1);
@@ -86,6 +87,40 @@ impl Standing {
     }
 }
 
+/// One client's allowance of lines (`--chat-rate`): a token bucket, full at first.
+#[derive(Debug, Default, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant, rate: &Rate) {
+        self.tokens = match self.last {
+            None => rate.burst,
+            Some(last) => (self.tokens + now.duration_since(last).as_secs_f64() * rate.per_sec)
+                .min(rate.burst),
+        };
+        self.last = Some(now);
+    }
+
+    /// `Ok` if a line may be acted on now, else when one may.
+    pub fn ready(&mut self, now: Instant, rate: &Rate) -> Result<(), Instant> {
+        self.refill(now, rate);
+        if self.tokens >= 1.0 {
+            return Ok(());
+        }
+        let wait = (1.0 - self.tokens) / rate.per_sec;
+        Err(now + Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(1)))
+    }
+
+    /// A line was acted on.
+    pub fn take(&mut self, now: Instant, rate: &Rate) {
+        self.refill(now, rate);
+        self.tokens -= 1.0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,7 +130,35 @@ mod tests {
         soft: 1000,
         soft_for: Duration::from_secs(10),
         hard: 5000,
+        rate: None,
     };
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let rate = Rate {
+            per_sec: 10.0,
+            burst: 3.0,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::default();
+        for _ in 0..3 {
+            assert_eq!(b.ready(t0, &rate), Ok(()));
+            b.take(t0, &rate);
+        }
+        assert_eq!(b.ready(t0, &rate), Err(t0 + Duration::from_millis(100)));
+        let later = t0 + Duration::from_millis(250);
+        assert_eq!(b.ready(later, &rate), Ok(()));
+        b.take(later, &rate);
+        b.take(later, &rate);
+        assert!(b.ready(later, &rate).is_err());
+        // Idle time refills up to the burst only.
+        let much_later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(b.ready(much_later, &rate), Ok(()));
+            b.take(much_later, &rate);
+        }
+        assert!(b.ready(much_later, &rate).is_err());
+    }
 
     #[test]
     fn behind_over_the_mark_until_half_of_it_holding_while_it_reads() {

@@ -36,7 +36,7 @@ use protocol::stats::Counters;
 
 pub use flow::Overrun;
 pub use lines::{Line, LineReader};
-pub use options::{ChatOptions, Limits};
+pub use options::{ChatOptions, Limits, Rate};
 pub use outbox::{Full, Outbox};
 pub use session::ChatSession;
 

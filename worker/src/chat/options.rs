@@ -35,6 +35,28 @@ pub struct ChatOptions {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     pub chat_raw: bool,
+    /// With --service chat: lines a client may send per second, beyond a burst of
+    /// --chat-burst (IRC servers' flood control); past it, its socket is simply read more
+    /// slowly. 0: no limit.
+    #[arg(long, value_name = "LINES", default_value_t = 0.0,
+          value_parser = parse_rate)]
+    pub chat_rate: f64,
+    /// With --service chat and --chat-rate: lines a client may send at once.
+    #[arg(long, value_name = "LINES", default_value_t = DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub chat_burst: u32,
+}
+
+/// Default `--chat-burst`.
+pub const DEFAULT_BURST: u32 = 20;
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1e9).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a rate in lines per second (0 to 1e9; 0: none)"
+        )),
+    }
 }
 
 impl Default for ChatOptions {
@@ -44,6 +66,8 @@ impl Default for ChatOptions {
             chat_soft_secs: DEFAULT_SOFT_SECS,
             chat_hard_limit: DEFAULT_HARD_LIMIT,
             chat_raw: false,
+            chat_rate: 0.0,
+            chat_burst: DEFAULT_BURST,
         }
     }
 }
@@ -56,6 +80,8 @@ impl ChatOptions {
             ("--chat-soft-secs", self.chat_soft_secs.to_string()),
             ("--chat-hard-limit", self.chat_hard_limit.to_string()),
             ("--chat-raw", self.chat_raw.to_string()),
+            ("--chat-rate", self.chat_rate.to_string()),
+            ("--chat-burst", self.chat_burst.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -71,12 +97,16 @@ impl ChatOptions {
             soft_for: secs(self.chat_soft_secs),
             // Never below the mark: senders must be held before anyone is dropped.
             hard: hard.max(max_unsent.saturating_mul(2)),
+            rate: (self.chat_rate > 0.0).then(|| Rate {
+                per_sec: self.chat_rate,
+                burst: f64::from(self.chat_burst),
+            }),
         }
     }
 }
 
 /// How far behind a client may fall, and for how long.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     /// Owed bytes over which a reading client holds the senders (`--max-unsent`).
     pub mark: usize,
@@ -86,4 +116,15 @@ pub struct Limits {
     pub soft_for: Duration,
     /// Owed bytes over which a client is dropped at once.
     pub hard: usize,
+    /// Lines a client may send (`--chat-rate`), if limited.
+    pub rate: Option<Rate>,
+}
+
+/// A rate of lines with a burst: a token bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_sec: f64,
+    /// Tokens held at most.
+    pub burst: f64,
 }

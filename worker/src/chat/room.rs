@@ -13,7 +13,8 @@
 //! [`BUS_LOW`]. Only a client that stops reading is dropped, by the soft or hard limit.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::time::Instant;
 use protocol::bus::{Decoder, Frame, Outgoing};
 use protocol::stats::Counters;
 
-use super::flow::{Overrun, Standing};
+use super::flow::{Bucket, Overrun, Standing};
 use super::roster::Roster;
 use super::{Floor, Limits, Outbox, in_use, joined, left, renamed, welcome};
 use crate::service::Room;
@@ -50,6 +51,8 @@ struct Member {
     paused: bool,
     /// In the room's `behind` map.
     listed_behind: bool,
+    /// Its allowance of lines (`--chat-rate`).
+    bucket: Bucket,
 }
 
 /// The process-mode room, shared by a worker's sessions (one thread, so `Rc<RefCell>`).
@@ -75,6 +78,7 @@ impl ChatRoom {
             bus,
             woken: Vec::new(),
             paused: Vec::new(),
+            rate_paused: BinaryHeap::new(),
             behind: HashMap::new(),
             hold_until: None,
             bus_gate: false,
@@ -111,6 +115,7 @@ impl Room for ChatRoom {
         let mut room = self.0.borrow_mut();
         let now = Instant::now();
         room.release(now);
+        room.release_rated(now);
         if room.bus_unread && !room.holding(now) {
             room.bus_unread = false;
             if let Err(e) = room.read_bus() {
@@ -132,7 +137,11 @@ impl Room for ChatRoom {
     fn deadline(&self) -> Option<Instant> {
         let room = self.0.borrow();
         let waiting = !room.paused.is_empty() || room.bus_unread;
-        room.hold_until.filter(|_| waiting)
+        let rated = room.rate_paused.peek().map(|Reverse((at, _))| *at);
+        [room.hold_until.filter(|_| waiting), rated]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -160,6 +169,8 @@ pub struct LocalRoom {
     woken: Vec<usize>,
     /// Sessions that stopped reading while senders were held or the bus was full.
     paused: Vec<usize>,
+    /// Sessions past their `--chat-rate`, and when each may go on.
+    rate_paused: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Members over the mark, and until when each holds the senders.
     behind: HashMap<u64, Instant>,
     /// The latest of those: senders wait until then, or until nobody is behind.
@@ -196,6 +207,7 @@ impl LocalRoom {
                 claim: None,
                 paused: false,
                 listed_behind: false,
+                bucket: Bucket::default(),
             },
         );
         self.by_serial.insert(serial, me);
@@ -268,7 +280,30 @@ impl LocalRoom {
             }
             return false;
         }
+        if let Some(rate) = &self.limits.rate {
+            if let Err(at) = m.bucket.ready(now, rate) {
+                if !m.paused {
+                    m.paused = true;
+                    self.rate_paused.push(Reverse((at, me as usize)));
+                }
+                return false;
+            }
+        }
         true
+    }
+
+    /// Wakes the sessions whose `--chat-rate` allows a line again.
+    fn release_rated(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key))) = self.rate_paused.peek() {
+            if at > now {
+                return;
+            }
+            self.rate_paused.pop();
+            if let Some(m) = self.members.get_mut(&(key as u64)) {
+                m.paused = false;
+                self.woken.push(key);
+            }
+        }
     }
 
     /// Too much waits for the bus: sessions should stop reading their clients.
@@ -297,9 +332,12 @@ impl LocalRoom {
         }
     }
 
-    /// Counts a line read from a client.
-    pub fn count_line(&mut self) {
+    /// Counts a line read from `me` (against its `--chat-rate` too).
+    pub fn count_line(&mut self, me: u64) {
         self.tally.chat_lines += 1;
+        if let (Some(rate), Some(m)) = (&self.limits.rate, self.members.get_mut(&me)) {
+            m.bucket.take(Instant::now(), rate);
+        }
     }
 
     /// Weighs `me`'s queue against the limits: it may now be behind, caught up, or dropped.

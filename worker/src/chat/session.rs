@@ -81,7 +81,7 @@ impl ChatSession {
                 return Ok(false);
             }
             if let Some(line) = self.lines.next_line() {
-                room.count_line();
+                room.count_line(me);
                 self.leaving = said(room, me, line, &self.rules) == After::Quit;
                 continue;
             }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use protocol::stats::Counters;
 
-use super::flow::{Overrun, Standing};
+use super::flow::{Bucket, Overrun, Standing};
 use super::roster::Roster;
 use super::{
     After, Floor, Limits, LineReader, Outbox, Rules, in_use, joined, left, renamed, said, too_slow,
@@ -310,15 +310,28 @@ fn read_loop(
     tally: &(dyn Fn(&Counters) + Sync),
 ) -> End {
     let mut lines = LineReader::new(rules.max_line);
+    let mut bucket = Bucket::default();
+    let rate = seat.room.limits.rate;
     loop {
         loop {
             // Held here, its socket unread: TCP slows its client.
             if !seat.room.wait_turn(member) {
                 return End::Eof;
             }
+            if let Some(rate) = &rate {
+                let now = Instant::now();
+                if let Err(at) = bucket.ready(now, rate) {
+                    // Past its --chat-rate: read more slowly (this thread is its own).
+                    std::thread::sleep((at - now).min(RECHECK));
+                    continue;
+                }
+            }
             let Some(line) = lines.next_line() else {
                 break;
             };
+            if let Some(rate) = &rate {
+                bucket.take(Instant::now(), rate);
+            }
             seat.counted.chat_lines += 1;
             let me = seat.me;
             let quit = said(seat, me, line, &rules) == After::Quit;
