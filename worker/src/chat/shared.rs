@@ -139,16 +139,17 @@ impl SharedRoom {
             socket,
         });
         lock(&self.names).roster.add(&name);
-        self.members
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(me, Arc::clone(&member));
         let mut seat = Seat {
             room: self,
             me,
             counted: Counters::default(),
         };
-        seat.tell(me, welcome(&name));
+        // Greeted before it is in the table, so no one else's line can come first.
+        count(&mut seat.counted, self.push(me, &member, &welcome(&name)));
+        self.members
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(me, Arc::clone(&member));
         seat.broadcast(Some(me), joined(&name));
         tally(&std::mem::take(&mut seat.counted));
         let end = std::thread::scope(|s| {
