@@ -48,6 +48,8 @@ struct Queue {
     kicked: Option<Overrun>,
     /// The reader is done: the writer writes what is left and ends.
     closed: bool,
+    /// A write failed (the client is gone): its reader stops waiting for it to catch up.
+    broken: bool,
 }
 
 impl Queue {
@@ -275,7 +277,7 @@ impl SharedRoom {
         loop {
             let self_behind = {
                 let q = lock(&member.queue);
-                if q.kicked.is_some() {
+                if q.kicked.is_some() || q.broken {
                     return false;
                 }
                 q.standing.behind()
@@ -387,6 +389,7 @@ fn write_loop(
                 ..Counters::default()
             }),
             Err(_) => {
+                lock(&member.queue).broken = true;
                 let _ = progress.socket.shutdown(Shutdown::Both);
                 return;
             }
