@@ -200,6 +200,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = worker::chat::DEFAULT_MAX_LINE as u64,
           value_parser = clap::value_parser!(u64).range(1..=(60 * 1024)))]
     pub max_line: u64,
+    /// With --service chat: limits and terminal safety.
+    #[command(flatten)]
+    pub chat: worker::chat::ChatOptions,
     /// With --service tftp: the directory served. Every name a client sends resolves beneath
     /// it; `..`, absolute paths and symlinks leading out are refused (TFTP error 2).
     #[arg(long, value_name = "DIR")]

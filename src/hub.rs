@@ -9,12 +9,17 @@
 //! of their own; a line crosses processes once per receiving worker either way. Its cost is
 //! one hop and the master's CPU, measured in the README's "Chat" section.
 //!
+//! Claims: a member may claim an opaque token (a chat name) for one of its keys; the hub, which
+//! alone sees every member, grants it unless another (member, key) holds it, and answers the
+//! claimant alone. A member's tokens are released when it leaves (end of file, reaped, killed).
+//!
 //! Nothing here blocks, and memory is bounded: when a member falls more than [`HIGH`] bytes
-//! behind, the hub stops reading every member until all are under [`LOW`]. Members (the
-//! workers' rooms) never stop reading the bus, since they drop a slow client rather than wait
-//! for it, so this pause only spreads back-pressure to the senders' sockets, never deadlocks.
+//! behind, or all together more than [`TOTAL_HIGH`], the hub stops reading every member until
+//! all are under [`LOW`] (and [`TOTAL_LOW`] together). A member may itself stop reading the
+//! bus while its own clients catch up (chat's flow control); that only spreads back-pressure to
+//! the senders' sockets and never deadlocks, since its clients drain without the hub.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 
 use mio::{Interest, Registry, Token};
@@ -25,6 +30,11 @@ use slab::Slab;
 pub const HIGH: usize = 4 << 20;
 /// ... and below which (for every member) it reads again.
 pub const LOW: usize = 1 << 20;
+/// Bytes queued for all members together above which the hub stops reading (a thousand
+/// fork-per-conn children each [`HIGH`] behind would be gigabytes).
+pub const TOTAL_HIGH: usize = 32 << 20;
+/// ... and below which it reads again.
+pub const TOTAL_LOW: usize = 8 << 20;
 /// Tokens the hub may use, from its base up.
 pub const SPAN: usize = 1 << 20;
 
@@ -58,6 +68,10 @@ pub struct Hub {
     base: usize,
     /// A member is more than [`HIGH`] behind: nobody is read until all are under [`LOW`].
     paused: bool,
+    /// Claimed tokens and who holds each: (link, key).
+    claims: HashMap<Vec<u8>, (usize, u64)>,
+    /// The token each (link, key) holds.
+    held: HashMap<(usize, u64), Vec<u8>>,
     buf: Vec<u8>,
 }
 
@@ -68,6 +82,8 @@ impl Hub {
             links: Slab::new(),
             base,
             paused: false,
+            claims: HashMap::new(),
+            held: HashMap::new(),
             buf: vec![0; 64 * 1024],
         }
     }
@@ -184,6 +200,12 @@ impl Hub {
                         }
                     }
                     Frame::Cast { .. } => {}
+                    Frame::Claim { key: k, body, .. } => {
+                        self.claim(key, k, body);
+                        continue;
+                    }
+                    // Only the hub answers claims.
+                    Frame::Granted { .. } | Frame::Refused { .. } => continue,
                 }
                 self.cast(Some(key), frame.from(pid));
             }
@@ -193,19 +215,62 @@ impl Hub {
         routed
     }
 
+    /// Member `link`'s key `key` claims `token` (empty: releases its own); the claimant
+    /// alone is answered.
+    fn claim(&mut self, link: usize, key: u64, token: &[u8]) {
+        if token.is_empty() {
+            if let Some(old) = self.held.remove(&(link, key)) {
+                self.claims.remove(&old);
+            }
+            return;
+        }
+        let granted = match self.claims.get(token) {
+            Some(&holder) => holder == (link, key),
+            None => {
+                if let Some(old) = self.held.insert((link, key), token.to_vec()) {
+                    self.claims.remove(&old);
+                }
+                self.claims.insert(token.to_vec(), (link, key));
+                true
+            }
+        };
+        let answer = if granted {
+            Frame::Granted {
+                origin: 0,
+                key,
+                body: token,
+            }
+        } else {
+            Frame::Refused {
+                origin: 0,
+                key,
+                body: token,
+            }
+        };
+        let out = &mut self.links[link].out;
+        out.push(answer);
+        self.paused |= out.backlog() > HIGH;
+    }
+
     /// Queues `frame` for every member but `except`.
     fn cast(&mut self, except: Option<usize>, frame: Frame<'_>) {
+        let mut total = 0;
         for (k, link) in self.links.iter_mut() {
             if Some(k) != except {
                 link.out.push(frame);
                 self.paused |= link.backlog() > HIGH;
             }
+            total += link.backlog();
         }
+        self.paused |= total > TOTAL_HIGH;
     }
 
     fn drop_link(&mut self, registry: &Registry, key: usize) {
         if let Some(mut link) = self.links.try_remove(key) {
             let _ = registry.deregister(&mut link.stream);
+            // Its tokens are free again (a crashed worker's names included).
+            self.held.retain(|&(l, _), _| l != key);
+            self.claims.retain(|_, &mut (l, _)| l != key);
             self.cast(None, Frame::Gone { origin: link.pid });
         }
     }
@@ -222,7 +287,10 @@ impl Hub {
             for key in broken {
                 self.drop_link(registry, key);
             }
-            if !self.paused || self.links.iter().any(|(_, l)| l.backlog() >= LOW) {
+            if !self.paused
+                || self.links.iter().any(|(_, l)| l.backlog() >= LOW)
+                || self.links.iter().map(|(_, l)| l.backlog()).sum::<usize>() >= TOTAL_LOW
+            {
                 return;
             }
             self.paused = false;
@@ -392,5 +460,85 @@ mod tests {
         );
         assert!(written < offered, "a's sends were never held back");
         drop(b);
+    }
+
+    fn claim(end: &mut UnixStream, key: u64, name: &'static [u8]) {
+        send(
+            end,
+            Frame::Claim {
+                origin: 0,
+                key,
+                body: name,
+            },
+        );
+    }
+
+    #[test]
+    fn a_token_is_granted_to_one_key_until_released_or_its_member_is_gone() {
+        let mut poll = mio::Poll::new().unwrap();
+        let mut hub = Hub::new(0);
+        let (a_hub, mut a) = UnixStream::pair().unwrap();
+        let (b_hub, mut b) = UnixStream::pair().unwrap();
+        hub.join(poll.registry(), 1, a_hub).unwrap();
+        hub.join(poll.registry(), 2, b_hub).unwrap();
+        let granted = |key, body| {
+            format!(
+                "{:?}",
+                Frame::Granted {
+                    origin: 0,
+                    key,
+                    body
+                }
+            )
+        };
+        let refused = |key, body| {
+            format!(
+                "{:?}",
+                Frame::Refused {
+                    origin: 0,
+                    key,
+                    body
+                }
+            )
+        };
+        claim(&mut a, 1, b"ann");
+        assert_eq!(
+            frames(&mut a, &mut hub, &mut poll, 1),
+            [granted(1, &b"ann"[..])]
+        );
+        claim(&mut b, 1, b"ann");
+        claim(&mut b, 2, b"bob");
+        assert_eq!(
+            frames(&mut b, &mut hub, &mut poll, 2),
+            [refused(1, &b"ann"[..]), granted(2, &b"bob"[..])]
+        );
+        // A new claim by the same key frees its old token; an empty one frees it too.
+        claim(&mut a, 1, b"ann2");
+        assert_eq!(
+            frames(&mut a, &mut hub, &mut poll, 1),
+            [granted(1, &b"ann2"[..])]
+        );
+        claim(&mut b, 1, b"ann");
+        claim(&mut b, 2, b"");
+        assert_eq!(
+            frames(&mut b, &mut hub, &mut poll, 1),
+            [granted(1, &b"ann"[..])]
+        );
+        claim(&mut a, 1, b"bob");
+        assert_eq!(
+            frames(&mut a, &mut hub, &mut poll, 1),
+            [granted(1, &b"bob"[..])]
+        );
+        // A member that goes releases what it held.
+        drop(b);
+        assert_eq!(
+            frames(&mut a, &mut hub, &mut poll, 1),
+            [format!("{:?}", Frame::Gone { origin: 2 })]
+        );
+        claim(&mut a, 9, b"ann");
+        assert_eq!(
+            frames(&mut a, &mut hub, &mut poll, 1),
+            [granted(9, &b"ann"[..])]
+        );
     }
 }

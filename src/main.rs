@@ -143,6 +143,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             tftp_max_file: args.tftp_max_file,
             tftp_min_free: args.tftp_min_free,
             max_line: args.max_line as usize,
+            chat: args.chat.clone(),
         },
     };
     let mut settings =
@@ -360,7 +361,7 @@ fn run_mode(
         let sizes = (w.tftp_max_file, w.tftp_min_free);
         Ok(worker::tftp::Tftp::new(root, w.tftp_write, sizes))
     };
-    let chat = || worker::chat::Chat::new(settings.worker.max_line, settings.worker.max_unsent);
+    let chat = || worker::chat::Chat::from_config(&settings.worker);
     let limits = blocking::Limits::of(&settings.worker);
     let proxy = settings.worker.proxy();
     let single_process = || blocking::SingleProcessConfig {

@@ -146,7 +146,17 @@ fn balance(mode: &str) -> &'static str {
 #[test]
 fn a_client_that_never_reads_is_dropped_and_the_others_keep_flowing() {
     for mode in MODES {
-        let server = start(mode, &["--workers", "2", "--max-unsent", "65536"]);
+        let server = start(
+            mode,
+            &[
+                "--workers",
+                "2",
+                "--max-unsent",
+                "65536",
+                "--chat-hard-limit",
+                "262144",
+            ],
+        );
         let mut a = ChatClient::connect(server.addr);
         let mut b = ChatClient::connect(server.addr);
         a.nick("a");

@@ -21,6 +21,8 @@ pub struct Shared {
     pub receipts: Vec<AtomicU32>,
     pub sending: AtomicBool,
     pub base: Instant,
+    /// Per flooder: whole lines it has written.
+    pub flood_sent: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -46,6 +48,8 @@ pub struct Client {
     pub named: bool,
     pub closed: bool,
     pub next_send: Instant,
+    /// Per flooder: the next sequence number expected.
+    pub flood_next: Vec<u64>,
 }
 
 /// What one thread counted.
@@ -58,6 +62,9 @@ pub struct Tally {
     pub disconnected: u64,
     pub lost: u64,
     pub expected: u64,
+    /// Flooders' lines received, and missing at the end.
+    pub flood_deliveries: u64,
+    pub flood_lost: u64,
 }
 
 /// Sends what this client may send now: the next line, if the window (or the rate) allows.
@@ -120,7 +127,14 @@ pub struct Fleet {
     pub tally: Tally,
     /// Delivery latencies, microseconds.
     pub hist: Histogram<u64>,
+    /// Clients whose turn ended before their socket was empty (a flood pours in): read again
+    /// next turn, without waiting for an event (epoll is edge-triggered).
+    again: Vec<usize>,
 }
+
+/// Reads per client per turn: under a flood one client's socket never runs dry, and the
+/// thread must get back to sending.
+const READS_PER_TURN: usize = 4;
 
 impl Fleet {
     /// A fleet of `clients`, registered with `poll` under their index.
@@ -132,28 +146,46 @@ impl Fleet {
             buf: vec![0u8; 256 * 1024],
             tally: Tally::default(),
             hist: Histogram::<u64>::new(3)?,
+            again: Vec::new(),
         })
     }
 
     /// One wait (at most a millisecond) and everything it made ready.
     pub fn turn(&mut self, shared: &Shared) -> Result<()> {
-        match self
-            .poll
-            .poll(&mut self.events, Some(Duration::from_millis(1)))
-        {
+        let wait = if self.again.is_empty() {
+            Duration::from_millis(1)
+        } else {
+            Duration::ZERO
+        };
+        match self.poll.poll(&mut self.events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e.into()),
         }
+        let mut ready: Vec<usize> = std::mem::take(&mut self.again);
         for event in self.events.iter() {
-            let c = &mut self.clients[event.token().0];
+            let k = event.token().0;
+            if event.is_writable() && !self.clients[k].closed {
+                flush(&mut self.clients[k]);
+            }
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                ready.push(k);
+            }
+        }
+        ready.sort_unstable();
+        ready.dedup();
+        for k in ready {
+            let c = &mut self.clients[k];
             if c.closed {
                 continue;
             }
-            if event.is_writable() {
-                flush(c);
-            }
+            let mut reads = 0;
             loop {
+                if reads == READS_PER_TURN {
+                    self.again.push(k);
+                    break;
+                }
+                reads += 1;
                 match c.stream.read(&mut self.buf) {
                     Ok(0) => {
                         c.closed = true;
@@ -187,6 +219,14 @@ fn take_lines(c: &mut Client, shared: &Shared, tally: &mut Tally, hist: &mut His
             if line.ends_with(format!(" is now c{}", c.id).as_bytes()) {
                 c.named = true;
             }
+            continue;
+        }
+        if let Some((k, seq)) = crate::chat_flooder::parse(line, shared.flood_sent.len()) {
+            if seq != c.flood_next[k] {
+                tally.out_of_order += 1;
+            }
+            c.flood_next[k] = seq + 1;
+            tally.flood_deliveries += 1;
             continue;
         }
         match parse(line, shared.n) {

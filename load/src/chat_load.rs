@@ -14,6 +14,7 @@
 //! 2 on a usage error.
 
 mod chat_client;
+mod chat_flooder;
 mod cost;
 mod never_reader;
 
@@ -61,6 +62,15 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100))]
     never_readers: u64,
+    /// Extra clients that send lines as fast as the server reads them, named f0, f1, ... (they
+    /// read what they are sent); their lines are checked by every client like the others'.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=16))]
+    flooders: u64,
+    /// Bytes of padding in each flooder's line.
+    #[arg(long, value_name = "BYTES", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=4000))]
+    flood_size: u64,
     /// Seconds to wait, after sending stops, for the last lines to arrive everywhere; a line
     /// still missing then counts as lost.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -80,6 +90,7 @@ struct Report {
     never_readers: u64,
     /// Never-readers the server had disconnected by the end of the run.
     never_readers_dropped: u64,
+    flooders: u64,
     mode: String,
     seconds: f64,
     sent: u64,
@@ -93,6 +104,10 @@ struct Report {
     out_of_order: u64,
     corrupt: u64,
     disconnected: u64,
+    /// Lines the flooders wrote, how many deliveries of them arrived, how many did not.
+    flood_sent: u64,
+    flood_deliveries: u64,
+    flood_lost: u64,
     jain_sent: f64,
     server_cpu_us_per_delivery: Option<f64>,
     server_pss_mib: Option<f64>,
@@ -126,6 +141,7 @@ fn main() {
                 print_report(&report);
             }
             let bad = report.lost
+                + report.flood_lost
                 + report.duplicated
                 + report.out_of_order
                 + report.corrupt
@@ -158,6 +174,12 @@ fn print_report(r: &Report) {
             r.never_readers_dropped, r.never_readers
         );
     }
+    if r.flooders > 0 {
+        println!(
+            "{} flooder(s): {} lines sent, {} deliveries, {} lost",
+            r.flooders, r.flood_sent, r.flood_deliveries, r.flood_lost
+        );
+    }
     if let (Some(cpu), Some(pss)) = (r.server_cpu_us_per_delivery, r.server_pss_mib) {
         println!("server: {cpu:.2} µs CPU per delivery, PSS {pss:.1} MiB");
     }
@@ -180,6 +202,7 @@ fn run(args: &Args) -> Result<Report> {
         receipts: (0..n * window).map(|_| AtomicU32::new(0)).collect(),
         sending: AtomicBool::new(false),
         base: Instant::now(),
+        flood_sent: (0..args.flooders).map(|_| AtomicU64::new(0)).collect(),
     });
     let threads = (args.threads as usize).min(n);
     let ready = Arc::new(std::sync::Barrier::new(threads + 1));
@@ -194,6 +217,11 @@ fn run(args: &Args) -> Result<Report> {
         }));
     }
     ready.wait();
+    let flooders = (0..args.flooders as usize)
+        .map(|k| {
+            chat_flooder::Flooder::start(addr, k, args.flood_size as usize, Arc::clone(&shared))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Held open, never read, until the report is made.
     let sleepers = (0..args.never_readers)
         .map(|_| std::net::TcpStream::connect(addr))
@@ -215,6 +243,9 @@ fn run(args: &Args) -> Result<Report> {
     // falls behind is not credited with deliveries it made after the clock stopped.
     let seconds = started.elapsed().as_secs_f64();
     let after = server_pid.map(cost::sample);
+    for f in flooders {
+        f.stop();
+    }
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut total = Tally::default();
     for (tally, h) in results {
@@ -226,6 +257,8 @@ fn run(args: &Args) -> Result<Report> {
             (&mut total.corrupt, tally.corrupt),
             (&mut total.disconnected, tally.disconnected),
             (&mut total.lost, tally.lost),
+            (&mut total.flood_deliveries, tally.flood_deliveries),
+            (&mut total.flood_lost, tally.flood_lost),
         ] {
             *a += b;
         }
@@ -250,6 +283,7 @@ fn run(args: &Args) -> Result<Report> {
         clients: args.clients,
         never_readers: args.never_readers,
         never_readers_dropped: never_reader::dropped(&sleepers),
+        flooders: args.flooders,
         mode: match args.rate {
             Some(r) => format!("open loop, {r} lines/s per client"),
             None => format!("closed loop, window {window}"),
@@ -266,6 +300,13 @@ fn run(args: &Args) -> Result<Report> {
         out_of_order: total.out_of_order,
         corrupt: total.corrupt,
         disconnected: total.disconnected,
+        flood_sent: shared
+            .flood_sent
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .sum(),
+        flood_deliveries: total.flood_deliveries,
+        flood_lost: total.flood_lost,
         jain_sent: if sq > 0.0 {
             sum * sum / (n as f64 * sq)
         } else {
@@ -306,6 +347,7 @@ fn thread_main(
             named: false,
             closed: false,
             next_send: Instant::now(),
+            flood_next: vec![0; shared.flood_sent.len()],
         });
     }
     let mut fleet = Fleet::new(poll, clients)?;
@@ -339,6 +381,13 @@ fn thread_main(
             let until = *settle_until.get_or_insert(now + settle);
             let everyone_has_everything = (0..shared.n).all(|s| {
                 shared.complete[s].load(Ordering::Acquire) >= shared.sent[s].load(Ordering::Acquire)
+            }) && fleet.clients.iter().all(|c| {
+                c.closed
+                    || shared
+                        .flood_sent
+                        .iter()
+                        .zip(&c.flood_next)
+                        .all(|(sent, &next)| next >= sent.load(Ordering::Acquire))
             });
             if everyone_has_everything || now > until {
                 break;
@@ -355,6 +404,9 @@ fn thread_main(
     }
     let mut tally = std::mem::take(&mut fleet.tally);
     for c in &fleet.clients {
+        for (sent, &next) in shared.flood_sent.iter().zip(&c.flood_next) {
+            tally.flood_lost += sent.load(Ordering::Acquire).saturating_sub(next);
+        }
         for (s, &next) in c.next.iter().enumerate() {
             if s != c.id {
                 let sent = shared.sent[s].load(Ordering::Acquire);

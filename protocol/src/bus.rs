@@ -9,16 +9,22 @@
 //! when a member's socket ends, the hub drops its state and sends `Gone`. The hub never looks
 //! inside a body: what the bodies mean is the service's business.
 //!
+//! One request has an answer: a member `Claim`s an opaque token (a chat name) for one of its
+//! keys, and the hub, which alone sees every member, answers that member alone `Granted` or
+//! `Refused` (held by another key). A key holds one token at a time: a granted claim releases
+//! the key's previous one, an empty claim releases it, and a member's tokens are released
+//! when it leaves the bus.
+//!
 //! Frame: `u32` little-endian length of what follows, `u8` version, `u8` kind, `u32` origin
-//! (the sender's pid; 0 from a member, stamped by the hub), and for `State` a `u64` key; then
-//! the body.
+//! (the sender's pid; 0 from a member, stamped by the hub), a `u64` key (`State`, `Claim`,
+//! `Granted`, `Refused`; 0 otherwise); then the body.
 
 use std::io::{self, Write};
 
 use thiserror::Error;
 
 /// Bus protocol version; a frame of another version is refused.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest frame body (a chat line and its sender's name fit with room to spare).
 pub const MAX_BODY: usize = 64 * 1024;
 /// Bytes before the body: length, version, kind, origin, key.
@@ -27,6 +33,9 @@ const HEAD: usize = 4 + 1 + 1 + 4 + 8;
 const KIND_CAST: u8 = 1;
 const KIND_STATE: u8 = 2;
 const KIND_GONE: u8 = 3;
+const KIND_CLAIM: u8 = 4;
+const KIND_GRANTED: u8 = 5;
+const KIND_REFUSED: u8 = 6;
 
 /// One bus frame, borrowing its body from the decoder's buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +60,33 @@ pub enum Frame<'a> {
     Gone {
         /// The pid of the member that left.
         origin: u32,
+    },
+    /// To the hub only: hold the token `body` for `key` alone (empty: release the key's).
+    Claim {
+        /// The sender's pid (0 until the hub stamps it).
+        origin: u32,
+        /// Which of the sender's keys claims it.
+        key: u64,
+        /// The token (opaque to the hub).
+        body: &'a [u8],
+    },
+    /// From the hub, to the claimant only: `key` now holds `body`.
+    Granted {
+        /// 0: the hub.
+        origin: u32,
+        /// The key that claimed it.
+        key: u64,
+        /// The token.
+        body: &'a [u8],
+    },
+    /// From the hub, to the claimant only: another key holds `body`.
+    Refused {
+        /// 0: the hub.
+        origin: u32,
+        /// The key that claimed it.
+        key: u64,
+        /// The token.
+        body: &'a [u8],
     },
 }
 
@@ -78,6 +114,9 @@ impl Frame<'_> {
             Frame::Cast { origin, body } => (KIND_CAST, origin, 0, body),
             Frame::State { origin, key, body } => (KIND_STATE, origin, key, body),
             Frame::Gone { origin } => (KIND_GONE, origin, 0, &[]),
+            Frame::Claim { origin, key, body } => (KIND_CLAIM, origin, key, body),
+            Frame::Granted { origin, key, body } => (KIND_GRANTED, origin, key, body),
+            Frame::Refused { origin, key, body } => (KIND_REFUSED, origin, key, body),
         };
         out.extend_from_slice(&((HEAD - 4 + body.len()) as u32).to_le_bytes());
         out.push(VERSION);
@@ -93,13 +132,20 @@ impl Frame<'_> {
             Frame::Cast { body, .. } => Frame::Cast { origin, body },
             Frame::State { key, body, .. } => Frame::State { origin, key, body },
             Frame::Gone { .. } => Frame::Gone { origin },
+            Frame::Claim { key, body, .. } => Frame::Claim { origin, key, body },
+            Frame::Granted { key, body, .. } => Frame::Granted { origin, key, body },
+            Frame::Refused { key, body, .. } => Frame::Refused { origin, key, body },
         }
     }
 
     /// Bytes it takes on the wire.
     pub fn wire_len(&self) -> usize {
         HEAD + match self {
-            Frame::Cast { body, .. } | Frame::State { body, .. } => body.len(),
+            Frame::Cast { body, .. }
+            | Frame::State { body, .. }
+            | Frame::Claim { body, .. }
+            | Frame::Granted { body, .. }
+            | Frame::Refused { body, .. } => body.len(),
             Frame::Gone { .. } => 0,
         }
     }
@@ -196,14 +242,14 @@ impl Decoder {
         let mut key = [0u8; 8];
         key.copy_from_slice(&f[6..14]);
         let body = &f[14..];
+        let key = u64::from_le_bytes(key);
         match f[1] {
             KIND_CAST => Ok(Some(Frame::Cast { origin, body })),
-            KIND_STATE => Ok(Some(Frame::State {
-                origin,
-                key: u64::from_le_bytes(key),
-                body,
-            })),
+            KIND_STATE => Ok(Some(Frame::State { origin, key, body })),
             KIND_GONE => Ok(Some(Frame::Gone { origin })),
+            KIND_CLAIM => Ok(Some(Frame::Claim { origin, key, body })),
+            KIND_GRANTED => Ok(Some(Frame::Granted { origin, key, body })),
+            KIND_REFUSED => Ok(Some(Frame::Refused { origin, key, body })),
             other => Err(BusError::Kind(other)),
         }
     }
@@ -229,6 +275,21 @@ mod tests {
             Frame::Cast {
                 origin: 1,
                 body: b"",
+            },
+            Frame::Claim {
+                origin: 0,
+                key: 5,
+                body: b"ann",
+            },
+            Frame::Granted {
+                origin: 0,
+                key: 5,
+                body: b"ann",
+            },
+            Frame::Refused {
+                origin: 0,
+                key: 6,
+                body: b"ann",
             },
         ];
         let mut wire = Vec::new();

@@ -14,6 +14,8 @@ pub const ARRIVE: Duration = Duration::from_secs(20);
 /// A connected chat client.
 pub struct ChatClient {
     pub stream: TcpStream,
+    /// The name the server gave it (from its welcome).
+    pub guest: String,
     reader: BufReader<TcpStream>,
     /// Every line read so far.
     pub seen: Vec<String>,
@@ -60,12 +62,18 @@ impl ChatClient {
         let reader = BufReader::new(stream.try_clone().unwrap());
         let mut c = ChatClient {
             stream,
+            guest: String::new(),
             reader,
             seen: Vec::new(),
             unmatched: Default::default(),
         };
         let welcome = c.line().expect("a welcome line");
         assert!(welcome.starts_with("* welcome, "), "{welcome:?}");
+        c.guest = welcome["* welcome, ".len()..]
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         c
     }
 
@@ -169,4 +177,83 @@ pub fn busy_workers(stats: &serde_json::Value) -> Vec<i64> {
         .filter(|w| w["counters"]["active"].as_u64() > Some(0))
         .map(|w| w["pid"].as_i64().unwrap())
         .collect()
+}
+
+/// What a [`ChatClient::keep_reading`] thread saw.
+#[derive(Debug)]
+pub struct Heard {
+    /// Lines that started with the prefix it watched for, in order.
+    pub lines: Vec<String>,
+    /// The other lines (notices: a disconnection would say why).
+    pub others: Vec<String>,
+    /// The server closed the connection before `want` lines came.
+    pub closed: bool,
+}
+
+impl ChatClient {
+    /// Hands this client to a thread that reads everything, `pause` between reads of at most
+    /// `chunk` bytes (a slow reader; zero: as fast as it can), until `want` lines starting
+    /// with `prefix` came, the server closed it, or `within` passed.
+    pub fn keep_reading(
+        self,
+        prefix: &str,
+        want: usize,
+        chunk: usize,
+        pause: Duration,
+        within: Duration,
+    ) -> std::thread::JoinHandle<Heard> {
+        let prefix = prefix.to_string();
+        let mut lines = self.unmatched.into_iter().collect::<Vec<_>>();
+        let mut reader = self.reader;
+        let _keep_open = self.stream;
+        std::thread::spawn(move || {
+            let _keep_open = _keep_open;
+            let deadline = Instant::now() + within;
+            let mut heard = Heard {
+                lines: Vec::new(),
+                others: Vec::new(),
+                closed: false,
+            };
+            let mut partial = Vec::new();
+            let mut buf = vec![0u8; chunk.max(1)];
+            let take = |l: String, heard: &mut Heard| {
+                if l.starts_with(&prefix) {
+                    heard.lines.push(l);
+                } else {
+                    heard.others.push(l);
+                }
+            };
+            for l in lines.drain(..) {
+                take(l, &mut heard);
+            }
+            let _ = reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_millis(200)));
+            while heard.lines.len() < want && Instant::now() < deadline {
+                match std::io::Read::read(&mut reader, &mut buf) {
+                    Ok(0) => {
+                        heard.closed = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        partial.extend_from_slice(&buf[..n]);
+                        while let Some(at) = partial.iter().position(|&b| b == b'\n') {
+                            let l: Vec<u8> = partial.drain(..=at).collect();
+                            let l = String::from_utf8_lossy(&l[..at]).into_owned();
+                            take(l, &mut heard);
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => {
+                        heard.closed = true;
+                        break;
+                    }
+                }
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            }
+            heard
+        })
+    }
 }

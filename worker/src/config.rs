@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     /// Longest chat line, in bytes (`--service chat`).
     #[arg(long, default_value_t = crate::chat::DEFAULT_MAX_LINE)]
     pub max_line: usize,
+    /// The chat's limits and terminal safety (`--service chat`).
+    #[command(flatten)]
+    pub chat: crate::chat::ChatOptions,
     /// The directory TFTP serves (`--service tftp`).
     #[arg(long)]
     pub root: Option<std::path::PathBuf>,
@@ -136,6 +139,7 @@ impl WorkerConfig {
                 .map(|r| ("--root", r.display().to_string())),
         )
         .flat_map(|(k, v)| [k.to_string(), v])
+        .chain(self.chat.to_args())
         .collect()
     }
 
@@ -203,6 +207,14 @@ mod tests {
             root: Some("/srv/tftp".into()),
             root_fd: 11,
             max_line: 77,
+            chat: crate::chat::ChatOptions {
+                chat_soft_limit: 5,
+                chat_soft_secs: 1.5,
+                chat_hard_limit: 6,
+                chat_raw: true,
+                chat_rate: 2.5,
+                chat_burst: 7,
+            },
             tftp_write: true,
             tftp_max_file: 99,
             tftp_min_free: 98,

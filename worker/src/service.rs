@@ -216,6 +216,11 @@ pub trait Room {
     /// The end of a loop turn: sends what is owed to the bus, and adds what the room counted
     /// to `counters`. `Err`: the bus is gone.
     fn settle(&mut self, counters: &mut Counters) -> io::Result<()>;
+    /// When the room next has something to do by itself (paused sessions to wake when a
+    /// hold lapses); the loop wakes by then and calls [`Room::woken`].
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// The room of services whose connections never meet.
@@ -238,6 +243,9 @@ pub trait Session {
     fn stream_mut(&mut self) -> &mut mio::net::TcpStream;
     /// An event reported the peer's FIN: no further edge will announce it.
     fn note_peer_closed(&mut self);
+    /// An event said the socket is readable (or closed, or failed). A session that reads only
+    /// after such news saves a read per drive it gets for other reasons (chat's output).
+    fn note_readable(&mut self) {}
     /// When bytes last moved (for `--idle-timeout`).
     fn last_active(&self) -> Instant;
     /// Bytes owed to the peer: with none, a writable edge alone gives the session nothing to do.

@@ -185,6 +185,7 @@ fn settings(workers: u32) -> Settings {
             tftp_max_file: worker::tftp::DEFAULT_MAX_FILE,
             tftp_min_free: worker::tftp::DEFAULT_MIN_FREE,
             max_line: worker::chat::DEFAULT_MAX_LINE,
+            chat: Default::default(),
         },
     }
 }

@@ -12,15 +12,21 @@
 //! - fork-per-conn: a `LocalRoom` of one client per child, on the bus through the parent.
 //!
 //! Guarantees (README "Chat"): a line reaches each recipient at most once, whole, in the
-//! order its sender sent it; a recipient more than `--max-unsent` bytes behind is
-//! disconnected (counted in `slow_consumers`) rather than slowing anyone else.
+//! order its sender sent it; a sender is slowed while a reading client is behind
+//! ([`flow`]), and only a client that stops reading is disconnected (counted in
+//! `slow_consumers`); control bytes reach nobody's terminal raw ([`terminal`]); a name is
+//! held by one client at a time, server-wide (granted by the hub, or thread mode's table).
 
+mod flow;
 mod lines;
+mod options;
 mod outbox;
 pub mod room;
+mod roster;
 mod session;
 mod shared;
 mod single;
+mod terminal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +34,9 @@ use std::time::Duration;
 
 use protocol::stats::Counters;
 
+pub use flow::Overrun;
 pub use lines::{Line, LineReader};
+pub use options::{ChatOptions, Limits, Rate};
 pub use outbox::{Full, Outbox};
 pub use session::ChatSession;
 
@@ -41,25 +49,48 @@ const WHO_LISTED: usize = 50;
 /// Default `--max-line`.
 pub const DEFAULT_MAX_LINE: usize = 4096;
 
+/// Names `/nick` refuses: the guests' (unique by construction: pid and counter).
+const GUEST: &str = "guest";
+
 /// The chat service.
 #[derive(Debug, Clone)]
 pub struct Chat {
-    /// Longest line a client may send, in bytes (`--max-line`).
-    pub max_line: usize,
-    /// Bytes a client may fall behind before it is disconnected (`--max-unsent`).
-    pub max_unsent: usize,
+    /// What a line may be and how it is passed on.
+    pub rules: Rules,
+    /// How far behind a client may fall.
+    pub limits: Limits,
     /// Thread mode's room, shared by every connection thread (unused by the other modes).
     shared: Arc<shared::SharedRoom>,
 }
 
+/// What a line may be and how it is passed on.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Longest line a client may send, in bytes, without its line end (`--max-line`).
+    pub max_line: usize,
+    /// Pass bytes on unchanged (`--chat-raw`).
+    pub raw: bool,
+}
+
 impl Chat {
-    /// A chat with these bounds.
-    pub fn new(max_line: usize, max_unsent: usize) -> Chat {
+    /// A chat with these rules and limits.
+    pub fn new(rules: Rules, limits: Limits) -> Chat {
         Chat {
-            max_line,
-            max_unsent,
-            shared: Arc::new(shared::SharedRoom::new(max_unsent)),
+            rules,
+            limits,
+            shared: Arc::new(shared::SharedRoom::new(limits)),
         }
+    }
+
+    /// The chat a worker's settings describe.
+    pub fn from_config(cfg: &crate::config::WorkerConfig) -> Chat {
+        Chat::new(
+            Rules {
+                max_line: cfg.max_line,
+                raw: cfg.chat.chat_raw,
+            },
+            cfg.chat.limits(cfg.max_unsent),
+        )
     }
 }
 
@@ -77,7 +108,7 @@ impl Service for Chat {
     }
 
     fn room(&self, bus: Option<std::os::unix::net::UnixStream>) -> room::ChatRoom {
-        room::ChatRoom::new(self.max_unsent, bus)
+        room::ChatRoom::new(self.limits, bus)
     }
 
     fn session(
@@ -86,7 +117,7 @@ impl Service for Chat {
         room: &mut room::ChatRoom,
         key: usize,
     ) -> ChatSession {
-        ChatSession::new(stream, room, key, self.max_line)
+        ChatSession::new(stream, room, key, self.rules)
     }
 
     fn serve_blocking(
@@ -98,7 +129,7 @@ impl Service for Chat {
     ) -> End {
         match bus {
             Some(bus) => single::serve(self, stream, bus, idle, tally),
-            None => self.shared.serve(stream, idle, self.max_line, tally),
+            None => self.shared.serve(stream, idle, self.rules, tally),
         }
     }
 
@@ -120,10 +151,11 @@ pub trait Floor {
     fn broadcast(&mut self, except: Option<u64>, line: Arc<[u8]>);
     /// Queues `line` for `me` alone.
     fn tell(&mut self, me: u64, line: Arc<[u8]>);
-    /// Gives `me` a new name (and tells the other processes).
-    fn rename(&mut self, me: u64, name: &str);
-    /// How many are connected, and up to `listed` of their names.
-    fn roster(&self, listed: usize) -> (usize, Vec<String>);
+    /// Asks that `me` be named `name`. The room answers now or when the hub has: with
+    /// [`renamed`] to everyone, or [`in_use`] to `me`.
+    fn claim(&mut self, me: u64, name: &str);
+    /// The `/who` answer.
+    fn who(&mut self) -> Arc<[u8]>;
 }
 
 /// After a line: go on, or the client said goodbye.
@@ -156,15 +188,34 @@ pub fn left(name: &str) -> Arc<[u8]> {
     text(format!("* {name} left\n"))
 }
 
-/// What a client more than `max` bytes behind is told before it is disconnected.
-pub fn too_slow(max: usize) -> Arc<[u8]> {
-    text(format!(
-        "* disconnected: more than {max} bytes unread (--max-unsent)\n"
-    ))
+/// The notice everyone gets when `old` is named `new`.
+pub fn renamed(old: &str, new: &str) -> Arc<[u8]> {
+    text(format!("* {old} is now {new}\n"))
+}
+
+/// What a client asking for a name someone holds is told.
+pub fn in_use(name: &str) -> Arc<[u8]> {
+    text(format!("* {name} is in use\n"))
+}
+
+/// What a client that fell too far behind is told before it is disconnected.
+pub fn too_slow(why: Overrun, limits: &Limits) -> Arc<[u8]> {
+    text(match why {
+        Overrun::Hard => format!(
+            "* disconnected: more than {} bytes unread (--chat-hard-limit)\n",
+            limits.hard
+        ),
+        Overrun::Soft => format!(
+            "* disconnected: more than {} bytes unread for {} s (--chat-soft-limit)\n",
+            limits.soft,
+            limits.soft_for.as_secs_f64()
+        ),
+    })
 }
 
 /// Acts on one line `me` said.
-pub fn said(floor: &mut impl Floor, me: u64, line: Line<'_>, max_line: usize) -> After {
+pub fn said(floor: &mut impl Floor, me: u64, line: Line<'_>, rules: &Rules) -> After {
+    let max_line = rules.max_line;
     let line = match line {
         Line::TooLong => {
             let msg = format!("* line too long (over {max_line} bytes); not sent\n");
@@ -182,30 +233,22 @@ pub fn said(floor: &mut impl Floor, me: u64, line: Line<'_>, max_line: usize) ->
         return After::Quit;
     }
     if command == b"/who" {
-        let (n, names) = floor.roster(WHO_LISTED);
-        let more = n.saturating_sub(names.len());
-        let tail = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        };
-        floor.tell(
-            me,
-            text(format!("* {n} connected: {}{tail}\n", names.join(", "))),
-        );
+        let who = floor.who();
+        floor.tell(me, who);
         return After::More;
     }
     if let Some(rest) = command.strip_prefix(b"/nick") {
         match valid_name(rest.trim_ascii()) {
             Some(new) if rest.first().is_some_and(u8::is_ascii_whitespace) => {
-                let old = floor.name(me);
-                floor.rename(me, new);
-                floor.broadcast(None, text(format!("* {old} is now {new}\n")));
+                if new != floor.name(me) {
+                    floor.claim(me, new);
+                }
             }
             _ => floor.tell(
                 me,
                 text(format!(
-                    "* /nick NAME: 1 to {MAX_NAME} letters, digits, '-', '_' or '.'\n"
+                    "* /nick NAME: 1 to {MAX_NAME} letters, digits, '-', '_' or '.', \
+                     not starting with '{GUEST}'\n"
                 )),
             ),
         }
@@ -220,7 +263,11 @@ pub fn said(floor: &mut impl Floor, me: u64, line: Line<'_>, max_line: usize) ->
     }
     let mut out = floor.name(me).into_bytes();
     out.extend_from_slice(b": ");
-    out.extend_from_slice(line);
+    if rules.raw {
+        out.extend_from_slice(line);
+    } else {
+        terminal::neutralise(line, &mut out);
+    }
     out.push(b'\n');
     floor.broadcast(Some(me), out.into());
     After::More
@@ -231,7 +278,10 @@ fn valid_name(name: &[u8]) -> Option<&str> {
     let ok = (1..=MAX_NAME).contains(&name.len())
         && name
             .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+        && !name
+            .get(..GUEST.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(GUEST.as_bytes()));
     ok.then(|| std::str::from_utf8(name).ok()).flatten()
 }
 
@@ -258,17 +308,22 @@ mod tests {
         fn tell(&mut self, _: u64, line: Arc<[u8]>) {
             self.told.push(String::from_utf8_lossy(&line).into_owned());
         }
-        fn rename(&mut self, _: u64, name: &str) {
-            self.name = name.into();
+        fn claim(&mut self, _: u64, name: &str) {
+            let old = std::mem::replace(&mut self.name, name.into());
+            self.broadcast(None, renamed(&old, name));
         }
-        fn roster(&self, listed: usize) -> (usize, Vec<String>) {
-            let all: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
-            (all.len(), all.into_iter().take(listed).collect())
+        fn who(&mut self) -> Arc<[u8]> {
+            text("* 60 connected: u0, u1\n".into())
         }
     }
 
+    const RULES: Rules = Rules {
+        max_line: 100,
+        raw: false,
+    };
+
     fn say(r: &mut Recorder, line: &[u8]) -> After {
-        said(r, 7, Line::Whole(line), 100)
+        said(r, 7, Line::Whole(line), &RULES)
     }
 
     #[test]
@@ -297,19 +352,19 @@ mod tests {
             b"/nick a b",
             b"/nickx",
             b"/nick \xff",
+            b"/nick guest12-3",
+            b"/nick GUESTx",
         ] {
             say(&mut r, bad);
         }
-        assert_eq!(r.told.len(), 5, "{:?}", r.told);
+        assert_eq!(r.told.len(), 7, "{:?}", r.told);
         assert!(r.told.iter().all(|t| t.starts_with("* /nick NAME")));
         r.told.clear();
+        // Asking for the name one has already is no news.
+        say(&mut r, b"/nick bob_2");
+        assert_eq!(r.broadcast.len(), 1);
         say(&mut r, b"/who");
-        assert!(
-            r.told[0].starts_with("* 60 connected: u0, u1,"),
-            "{}",
-            r.told[0]
-        );
-        assert!(r.told[0].ends_with("u49 and 10 more\n"), "{}", r.told[0]);
+        assert_eq!(r.told[0], "* 60 connected: u0, u1\n");
         say(&mut r, b"/dance");
         assert!(r.told[1].starts_with("* unknown command"));
         assert_eq!(say(&mut r, b"  quit \r"), After::Quit);
@@ -322,7 +377,28 @@ mod tests {
         let mut r = Recorder::default();
         say(&mut r, b"   ");
         assert!(r.told.is_empty() && r.broadcast.is_empty());
-        said(&mut r, 7, Line::TooLong, 100);
+        said(&mut r, 7, Line::TooLong, &RULES);
         assert_eq!(r.told, ["* line too long (over 100 bytes); not sent\n"]);
+    }
+
+    #[test]
+    fn control_bytes_reach_the_others_escaped_unless_raw() {
+        let mut r = Recorder {
+            name: "eve".into(),
+            ..Default::default()
+        };
+        say(&mut r, b"hi\r* admin is now root\x1b]52;c;eA==\x07");
+        let raw = Rules { raw: true, ..RULES };
+        said(&mut r, 7, Line::Whole(b"\x1b[6n"), &raw);
+        assert_eq!(
+            r.broadcast,
+            [
+                (
+                    Some(7),
+                    "eve: hi^M* admin is now root^[]52;c;eA==^G\n".into()
+                ),
+                (Some(7), "eve: \x1b[6n\n".into())
+            ]
+        );
     }
 }

@@ -41,13 +41,13 @@ fn run(
     stream.set_nonblocking(true)?;
     let _ = stream.set_nodelay(true);
     let poll = Poll::new()?;
-    let mut room = ChatRoom::new(chat.max_unsent, Some(bus));
+    let mut room = ChatRoom::new(chat.limits, Some(bus));
     room.watch(poll.registry(), BUS)?;
     let mut session = ChatSession::new(
         mio::net::TcpStream::from_std(stream),
         &mut room,
         0,
-        chat.max_line,
+        chat.rules,
     );
     poll.registry().register(
         session.stream_mut(),
@@ -76,7 +76,11 @@ fn run(
         let wait = if drive_now {
             Duration::ZERO
         } else {
-            idle_left.unwrap_or(MAX_WAIT).min(MAX_WAIT)
+            let room_left = room.deadline().map(|t| t.saturating_duration_since(now));
+            [idle_left, room_left]
+                .into_iter()
+                .flatten()
+                .fold(MAX_WAIT, Duration::min)
         };
         match poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
@@ -85,7 +89,12 @@ fn run(
         }
         for event in events.iter() {
             match event.token() {
-                CLIENT => drive_now = true,
+                CLIENT => {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        session.note_readable();
+                    }
+                    drive_now = true;
+                }
                 _ => room.on_bus()?,
             }
         }

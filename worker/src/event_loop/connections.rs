@@ -113,6 +113,9 @@ impl<S: Service> Worker<S> {
             conn.note_peer_closed();
         }
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        if readable {
+            conn.note_readable();
+        }
         // On loopback every echo's ACK makes a writable edge; with nothing owed there is
         // nothing to do, and reading would only hear EAGAIN.
         if !readable && conn.owed() == 0 {

@@ -109,7 +109,7 @@ pub fn run(cfg: WorkerConfig) -> i32 {
             serve_with(cfg, echo)
         }
         ServiceKind::Chat => {
-            let chat = Chat::new(cfg.max_line, cfg.max_unsent);
+            let chat = Chat::from_config(&cfg);
             serve_with(cfg, chat)
         }
         ServiceKind::Tftp => match crate::tftp::inherited_root(cfg.root_fd) {
@@ -295,6 +295,7 @@ impl<S: Service> Worker<S> {
             self.next_idle_sweep,
             self.next_pending_deadline(),
             self.exchanges.iter().map(|(_, x)| x.deadline()).min(),
+            self.room.deadline(),
         ]
         .into_iter()
         .flatten()
