@@ -251,13 +251,18 @@ fn fork_per_conn_tftp_forks_at_most_max_conns_children_and_drops_the_rest() {
         "0.1",
     ]);
     let rrq = request(false, b"f5000", "octet", &[]);
-    // Two transfers held at their first block (never acknowledged yet): two children.
+    // Two transfers held at their second block: their clients have answered once, so neither
+    // is an unverified transfer a newcomer may evict (tests/tftp_hostile.rs covers those),
+    // and neither is given up for a while (the retransmission schedule runs 31 s).
     let held: Vec<_> = (0..2)
         .map(|_| {
             let c = udp_client();
             c.send_to(&rrq, server.addr).unwrap();
             let (p, tid) = recv(&c, "DATA 1");
             assert_eq!(head(&p), (3, 1));
+            c.send_to(&ack(1), tid).unwrap();
+            let (p, _) = recv(&c, "DATA 2");
+            assert_eq!(head(&p), (3, 2));
             (c, tid)
         })
         .collect();
@@ -282,7 +287,7 @@ fn fork_per_conn_tftp_forks_at_most_max_conns_children_and_drops_the_rest() {
     third.set_nonblocking(false).unwrap();
     // One held transfer completes: its child ends, and the retrying client is served.
     let (c, tid) = &held[0];
-    let mut block = 1u16;
+    let mut block = 2u16;
     loop {
         c.send_to(&ack(block), *tid).unwrap();
         let (p, _) = recv(c, "the next DATA");
