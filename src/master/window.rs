@@ -211,6 +211,8 @@ impl<S: System> Master<S> {
     /// On a new master that now serves: tell the old one (`ready` on its pipe), and keep the
     /// pipe for the window to commit on.
     pub(super) fn took_over(&mut self, fd: OwnedFd) {
+        // Before `ready`: once the old master reads it, it may retire at once (no window).
+        crate::spawn::outlive_predecessor();
         let mut pipe = std::fs::File::from(fd);
         if let Err(e) = pipe.write_all(b"ready\n") {
             protocol::warn!("cannot tell the previous master this one serves: {e}");

@@ -341,4 +341,5 @@ impl Rig {
 mod balance;
 mod policy;
 mod timers;
+mod upgrade;
 mod window;
