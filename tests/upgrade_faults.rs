@@ -105,3 +105,132 @@ fn a_hung_new_master_dies_with_an_old_master_killed_before_it_was_ready() {
         "the port still accepts connections nobody serves"
     );
 }
+
+/// The `master_pid` the control socket at `control` answers with, if it answers.
+fn answering_master(server: &Server) -> Option<i64> {
+    let out = server.ctl(&["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["master_pid"].as_i64()
+}
+
+#[test]
+fn a_second_upgrade_that_fails_keeps_the_first_ones_way_back_and_no_count_goes_back() {
+    let bin = common::BinaryCopy::new();
+    let server = Server::try_start(
+        &bin.path,
+        &[
+            "--workers",
+            "2",
+            "--upgrade-grace",
+            "120",
+            "--stats-interval",
+            "0.2",
+        ],
+    )
+    .unwrap();
+    let old = server.pid;
+    echo_to_eof(server.connect(), b"served by the first master");
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || server.stats()["totals"]["accepted"].as_u64() == Some(1)
+    ));
+    server.signal(Signal::SIGUSR2);
+    assert!(
+        server.wait_for_log("keeps the sockets", Duration::from_secs(60)),
+        "{}",
+        server.stderr()
+    );
+    let first = server.successors()[0];
+    let _guard = common::KillOnDrop::new(first);
+    assert!(wait_until(Duration::from_secs(30), || answering_master(
+        &server
+    ) == Some(
+        i64::from(first)
+    )));
+    for _ in 0..10 {
+        echo_to_eof(server.connect(), b"served by the new master");
+    }
+    // Counted by the new master (and reported to the old one, for a roll-back).
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            || server.stats()["totals"]["accepted"].as_u64() >= Some(11)
+        ),
+        "{}",
+        server.stats()
+    );
+    let before = server.stats();
+    // The newest build fails at once; then the first new master dies.
+    bin.break_it();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGUSR2).unwrap();
+    assert!(
+        server.wait_for_log("upgrade failed", Duration::from_secs(30)),
+        "{}",
+        server.stderr()
+    );
+    // Let a stats report (one a second) reach the old master before the new one dies.
+    std::thread::sleep(Duration::from_millis(2500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    assert!(
+        server.wait_for_log("upgrade rolled back", Duration::from_secs(30)),
+        "nothing serves after a failed second upgrade: {}",
+        server.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(30), || answering_master(
+        &server
+    ) == Some(
+        i64::from(old)
+    )));
+    echo_to_eof(server.connect(), b"served by the first master again");
+    // No count the server shows goes back with the roll-back.
+    let after = server.stats();
+    for (group, name) in [
+        ("totals", "accepted"),
+        ("totals", "bytes_in"),
+        ("lifecycle", "upgrades"),
+    ] {
+        assert!(
+            after[group][name].as_u64() >= before[group][name].as_u64(),
+            "{group}.{name} went back: {} -> {}",
+            before[group][name],
+            after[group][name]
+        );
+    }
+    assert!(
+        after["lifecycle"]["upgrades_failed"].as_u64() >= Some(1),
+        "{after}"
+    );
+    let out = server.ctl(&["stop"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn uptime_after_an_upgrade_counts_the_new_masters_own_start() {
+    let bin = common::BinaryCopy::new();
+    let real = common::BinaryCopy::new();
+    let server = Server::try_start(&bin.path, &["--workers", "1", "--upgrade-grace", "0"]).unwrap();
+    // The new build takes 3 s from exec to serving.
+    replace_with_script(
+        &bin,
+        &format!("#!/bin/sh\nsleep 3\nexec {} \"$@\"\n", real.path.display()),
+    );
+    let u0 = server.stats()["uptime_secs"].as_f64().unwrap();
+    let t0 = Instant::now();
+    server.signal(Signal::SIGUSR2);
+    let first = successor_pid(&server);
+    let _guard = common::KillOnDrop::new(first);
+    assert!(
+        wait_until(Duration::from_secs(30), || answering_master(&server)
+            == Some(i64::from(first))),
+        "{}",
+        server.stderr()
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    let u1 = server.stats()["uptime_secs"].as_f64().unwrap();
+    assert!(
+        u1 >= u0 + elapsed - 1.0,
+        "uptime {u1:.2} s, but {u0:.2} s before the upgrade and {elapsed:.2} s since"
+    );
+    let out = server.ctl(&["stop"]);
+    assert!(out.status.success());
+}

@@ -28,6 +28,13 @@ pub(super) struct Successor {
     pub(super) killed: bool,
     /// Told to stop before it was ready: SIGKILL at this instant if it is still there.
     pub(super) kill_at: Option<Instant>,
+    /// What this master handed it (totals, life cycle).
+    pub(super) handed: super::Carryover,
+    /// Its latest report of its own carried stats, sent over the pipe while in the window:
+    /// what a roll-back adds to this master's own (it cannot read a dead process's memory).
+    pub(super) reported: Option<super::Carryover>,
+    /// A line of its pipe not yet complete.
+    pub(super) partial: Vec<u8>,
 }
 
 /// How long a new master told to stop before it was ready may take to exit before SIGKILL. It
@@ -45,9 +52,8 @@ impl<S: System> Master<S> {
         if self.successor.is_some() {
             anyhow::bail!("an upgrade is already under way");
         }
-        // Our own upgrade window is over: the master before us must not come back once we
-        // hand over in turn.
-        self.commit_predecessor("upgrading again");
+        // The master before us keeps its window until our own new master serves: should this
+        // upgrade fail and this master then die, that one is still the way back.
         let listeners = self
             .listener
             .as_ref()
@@ -58,6 +64,7 @@ impl<S: System> Master<S> {
             .as_ref()
             .ok_or_else(|| anyhow!("the control socket is closed"))?
             .raw_fd();
+        let handed = self.carryover();
         let (ready, ready_tx) = io::pipe().context("creating the readiness pipe")?;
         nix::fcntl::fcntl(
             &ready,
@@ -70,7 +77,7 @@ impl<S: System> Master<S> {
             control,
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
-            carried: serde_json::to_string(&self.carryover())?,
+            carried: serde_json::to_string(&handed)?,
         };
         let lp = &mut self.lp;
         let pid = self
@@ -94,6 +101,9 @@ impl<S: System> Master<S> {
             serving: false,
             killed: false,
             kill_at: None,
+            handed,
+            reported: None,
+            partial: Vec::new(),
         });
         Ok(())
     }
@@ -107,6 +117,9 @@ impl<S: System> Master<S> {
         };
         s.serving = true;
         let pid = s.pid;
+        // Our own window is over now: the master before us must not come back once the
+        // service is handed on again.
+        self.commit_predecessor("a newer master serves");
         if self.phase == Phase::Running && !self.settings.upgrade_grace.is_zero() {
             self.enter_window(pid);
             return;
