@@ -234,3 +234,69 @@ fn uptime_after_an_upgrade_counts_the_new_masters_own_start() {
     let out = server.ctl(&["stop"]);
     assert!(out.status.success());
 }
+
+#[test]
+fn under_user_a_stop_after_a_roll_back_leaves_no_runtime_file_behind() {
+    let Some(_) = common::nobody() else { return };
+    let bin = common::BinaryCopy::new();
+    let dir = common::scratch_dir();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pid_file = dir.join("echo.pid");
+    let mut server = Server::try_start(
+        &bin.path,
+        &[
+            "--workers",
+            "1",
+            "--user",
+            "nobody",
+            "--upgrade-grace",
+            "60",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let old = server.pid;
+    let out = server.ctl(&["upgrade"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        server.wait_for_log("keeps the sockets", Duration::from_secs(60)),
+        "{}",
+        server.stderr()
+    );
+    let successor = server.successors()[0];
+    let _guard = common::KillOnDrop::new(successor);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(successor), Signal::SIGKILL).unwrap();
+    assert!(
+        server.wait_for_log("upgrade rolled back", Duration::from_secs(30)),
+        "{}",
+        server.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(30), || answering_master(
+        &server
+    ) == Some(
+        i64::from(old)
+    )));
+    assert!(wait_until(Duration::from_secs(10), || common::read_pid(
+        &pid_file
+    ) == old));
+    let out = server.ctl(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.assert_exits_ok(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || !pid_file.exists()
+            && !server.control.exists()),
+        "left behind: pid file {}, control socket {}",
+        pid_file.exists(),
+        server.control.exists()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
