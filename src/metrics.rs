@@ -133,6 +133,12 @@ pub fn render(snap: &Snapshot) -> String {
             "Binary upgrades that failed, since the server started.",
             snap.lifecycle.upgrades_failed as f64,
         ),
+        (
+            "upgrade_rollbacks_total",
+            "counter",
+            "Binary upgrades rolled back (the new master died within the window).",
+            snap.lifecycle.rollbacks as f64,
+        ),
     ];
     let mut single = single.to_vec();
     if let Some(q) = snap.accept_queue {

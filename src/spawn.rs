@@ -266,10 +266,41 @@ pub fn spawn_successor(exe: &CString, handover: &Handover, shed: impl FnOnce()) 
     ];
     keep.extend_from_slice(&handover.slots);
     keep.extend_from_slice(&handover.udp);
+    let parent = nix::unistd::getpid();
     fork_child(Lineage::Successor, &mut keep, &[], shed, || {
+        prepare_successor(parent);
         plan.exec();
         127
     })
+}
+
+/// The new master's last steps before exec, all async-signal-safe. Until it reports ready it
+/// dies with this master (PR_SET_PDEATHSIG, which survives exec; the new master clears it once
+/// it has taken over): a new master that hangs before ready must not hold the port for ever
+/// once the old one is gone. And it starts as a freshly exec'd process would: every signal at
+/// its default and none blocked, so a stop the old master forwards reaches it even if it never
+/// gets as far as opening its own mask (a broken build, a script in the binary's place).
+fn prepare_successor(master: Pid) {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != master {
+        // SAFETY: async-signal-safe exit without running the master's destructors.
+        unsafe { libc::_exit(1) };
+    }
+    for sig in 1..libc::SIGRTMIN() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code; sigaction is async-signal-safe.
+        // The parent's registrations were dropped by `shed`.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// On a new master that has taken over from its predecessor: it no longer dies with it.
+pub fn outlive_predecessor() {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(None) {
+        protocol::warn!("cannot clear the parent-death signal: {e}");
+    }
 }
 
 /// The descriptors a predecessor master handed to this process in a binary upgrade.
@@ -390,7 +421,8 @@ pub enum Lineage {
     /// A worker or connection child: dies with this process (PR_SET_PDEATHSIG), ignores
     /// SIGINT (the terminal's Ctrl-C is for the master).
     Worker,
-    /// A new master (binary upgrade): outlives this process.
+    /// A new master (binary upgrade): outlives this process once it serves (until then it dies
+    /// with it; see `prepare_successor`).
     Successor,
 }
 

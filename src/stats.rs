@@ -84,6 +84,9 @@ pub struct Lifecycle {
     pub upgrades_failed: u64,
     /// Workers replaced after dying unasked.
     pub respawns: u64,
+    /// Upgrades taken back: the new master died within the window, the old one serves again
+    /// (each also counts in `upgrades` and `upgrades_failed`).
+    pub rollbacks: u64,
 }
 
 /// One worker's record.
@@ -304,8 +307,8 @@ impl Snapshot {
             let l = &self.lifecycle;
             let _ = writeln!(
                 out,
-                "life cycle: reloads={} (failed {}) upgrades={} (failed {}) respawns={}",
-                l.reloads, l.reloads_failed, l.upgrades, l.upgrades_failed, l.respawns
+                "life cycle: reloads={} (failed {}) upgrades={} (failed {}, rolled back {}) respawns={}",
+                l.reloads, l.reloads_failed, l.upgrades, l.upgrades_failed, l.rollbacks, l.respawns
             );
         }
         if !self.abandoned_slots.is_empty() {

@@ -58,6 +58,7 @@ impl<S: System> Master<S> {
         super::Carryover {
             totals: snap.totals,
             uptime_secs: snap.uptime_secs,
+            started_monotonic: (super::carryover::monotonic_now() - snap.uptime_secs).max(0.0),
             generation: snap.generation,
             lifecycle: snap.lifecycle,
         }

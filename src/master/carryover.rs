@@ -17,15 +17,49 @@ use crate::stats::Lifecycle;
 pub struct Carryover {
     /// Totals over every worker so far, as in [`Snapshot::totals`](crate::stats::Snapshot::totals).
     pub totals: Counters,
-    /// The server's uptime at the handover.
+    /// The server's uptime at the handover (read only if `started_monotonic` is not there:
+    /// from an older build).
     pub uptime_secs: f64,
+    /// When the first master started, on the system-wide monotonic clock (CLOCK_MONOTONIC,
+    /// seconds): the successor's uptime then includes its own exec-to-ready time. 0: unknown.
+    pub started_monotonic: f64,
     /// The generation serving at the handover (0: none handed over).
     pub generation: u32,
     /// Life-cycle counts so far.
     pub lifecycle: Lifecycle,
 }
 
+/// Now on CLOCK_MONOTONIC, in seconds: the clock `Instant` reads on Linux, the same in every
+/// process (0.0 if it cannot be read).
+pub fn monotonic_now() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| std::time::Duration::from(t).as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 impl Carryover {
+    /// What a successor counted on top of `handed` (what it was handed), field by field; a
+    /// field it reports lower (a counter its build lacks) adds nothing. The gauge `active` is
+    /// not carried.
+    pub fn gained_since(&self, handed: &Carryover) -> (Counters, Lifecycle) {
+        let mut totals = self.totals.to_array();
+        for (x, h) in totals.iter_mut().zip(handed.totals.to_array()) {
+            *x = x.saturating_sub(h);
+        }
+        let mut totals = Counters::from_array(totals);
+        totals.active = 0;
+        let (a, b) = (&self.lifecycle, &handed.lifecycle);
+        let lifecycle = Lifecycle {
+            reloads: a.reloads.saturating_sub(b.reloads),
+            reloads_failed: a.reloads_failed.saturating_sub(b.reloads_failed),
+            upgrades: a.upgrades.saturating_sub(b.upgrades),
+            upgrades_failed: a.upgrades_failed.saturating_sub(b.upgrades_failed),
+            respawns: a.respawns.saturating_sub(b.respawns),
+            rollbacks: a.rollbacks.saturating_sub(b.rollbacks),
+        };
+        (totals, lifecycle)
+    }
+
     /// Reads what a predecessor handed over. An older master sent bare totals (a counters
     /// object); that is understood too. Text that cannot be read is logged, not silently
     /// dropped, and the stats start from zero.
@@ -64,6 +98,7 @@ mod tests {
                 ..Counters::default()
             },
             uptime_secs: 12.5,
+            started_monotonic: 100.25,
             generation: 3,
             lifecycle: Lifecycle {
                 reloads: 2,
@@ -90,6 +125,17 @@ mod tests {
         let bare = Carryover::parse(&serde_json::to_string(&c.totals).unwrap());
         assert_eq!(bare.totals, c.totals);
         assert_eq!(bare.generation, 0);
+        // What a successor counted on top of what it was handed; never negative.
+        let mut later = c;
+        later.totals.accepted += 4;
+        later.totals.bytes_in = 0;
+        later.lifecycle.upgrades += 1;
+        let (totals, lifecycle) = later.gained_since(&c);
+        assert_eq!(
+            (totals.accepted, totals.bytes_in, totals.bytes_out),
+            (4, 0, 0)
+        );
+        assert_eq!((lifecycle.upgrades, lifecycle.reloads), (1, 0));
         // Unreadable: logged, and the stats start again.
         assert_eq!(Carryover::parse("{not json"), Carryover::default());
     }

@@ -98,6 +98,8 @@ enum Event {
     /// The new master says the upgrade is final (`upgrade --commit`, or it is stopping or
     /// upgrading in turn): this one retires now.
     SuccessorCommitted,
+    /// The new master's stats so far (it reports them while the window is open).
+    SuccessorStats(Box<Carryover>),
 }
 
 /// Runs the process-mode server on `listeners` until it is stopped. `Ok` is a requested stop;
@@ -179,8 +181,15 @@ impl<S: System> Master<S> {
         // Started by an upgrade: the server's uptime goes on from the first master's start,
         // its generations continue, and this upgrade counts.
         let upgraded = cfg.predecessor.is_some() || carried.generation > 0;
+        // From the first master's start on the system-wide clock when the predecessor sent it
+        // (this master's exec-to-ready time then counts too), else from its uptime.
+        let uptime = if carried.started_monotonic > 0.0 {
+            carryover::monotonic_now() - carried.started_monotonic
+        } else {
+            carried.uptime_secs
+        };
         let started = now
-            .checked_sub(Duration::try_from_secs_f64(carried.uptime_secs).unwrap_or_default())
+            .checked_sub(Duration::try_from_secs_f64(uptime).unwrap_or_default())
             .unwrap_or(now);
         let mut lifecycle = carried.lifecycle;
         lifecycle.upgrades += u64::from(upgraded);
@@ -299,6 +308,11 @@ impl<S: System> Master<S> {
             Event::Scrape(id) => self.on_scrape(id),
             Event::SuccessorReady => self.on_successor_ready(),
             Event::SuccessorCommitted => self.retire("the new master committed the upgrade"),
+            Event::SuccessorStats(c) => {
+                if let Some(s) = self.successor.as_mut() {
+                    s.reported = Some(*c);
+                }
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::control::Response;
 use nix::sys::signal::Signal;
 
-use super::{DRAIN_GRACE, MAX_WAIT, Master, Phase, STOP_GRACE, System, UPGRADE_TIMEOUT};
+use super::{DRAIN_GRACE, MAX_WAIT, Master, Phase, STOP_GRACE, System};
 use crate::control::ControlServer;
 
 impl<S: System> Master<S> {
@@ -79,20 +79,7 @@ impl<S: System> Master<S> {
         self.kill_hung_workers();
         self.kill_overdue_drains();
         self.window_deadlines();
-        let now = self.sys.now();
-        if self.successor.as_ref().is_some_and(|s| {
-            !s.serving && now.saturating_duration_since(s.started) >= UPGRADE_TIMEOUT
-        }) {
-            if self.phase == Phase::Running {
-                self.upgrade_failed(&format!(
-                    "the new master was not ready within {UPGRADE_TIMEOUT:?}"
-                ));
-            } else if let Some(s) = self.successor.as_mut().filter(|s| !s.killed) {
-                // Once: the reap forgets it.
-                s.killed = true;
-                let _ = self.sys.kill(s.pid, Signal::SIGKILL);
-            }
-        }
+        self.kill_overdue_successor();
         if let Phase::Draining { kill_at } | Phase::Stopping { kill_at } = self.phase {
             if self.sys.now() >= kill_at && !self.workers.is_empty() {
                 protocol::warn!(
@@ -120,11 +107,7 @@ impl<S: System> Master<S> {
         // (a passed timer that stays would make every wait zero: a busy master).
         let kill_at = kill_at.filter(|_| !self.workers.is_empty());
         let respawn = self.next_respawn();
-        let upgrade = self
-            .successor
-            .as_ref()
-            .filter(|s| !s.killed && !s.serving)
-            .map(|s| s.started + UPGRADE_TIMEOUT);
+        let upgrade = self.successor_timer();
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
         let scrapers = self.metrics.as_ref().and_then(|m| m.next_deadline());
         [

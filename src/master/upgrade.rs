@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::{Master, Phase, SUCCESSOR, System};
+use super::{Master, Phase, SUCCESSOR, System, UPGRADE_TIMEOUT};
 use crate::spawn::Handover;
 
 /// A binary upgrade under way: a new master started from the binary on disk.
@@ -26,7 +26,21 @@ pub(super) struct Successor {
     pub(super) serving: bool,
     /// SIGKILL was sent (it outlived a stop): only waited for now.
     pub(super) killed: bool,
+    /// Told to stop before it was ready: SIGKILL at this instant if it is still there.
+    pub(super) kill_at: Option<Instant>,
+    /// What this master handed it (totals, life cycle).
+    pub(super) handed: super::Carryover,
+    /// Its latest report of its own carried stats, sent over the pipe while in the window:
+    /// what a roll-back adds to this master's own (it cannot read a dead process's memory).
+    pub(super) reported: Option<super::Carryover>,
+    /// A line of its pipe not yet complete.
+    pub(super) partial: Vec<u8>,
 }
+
+/// How long a new master told to stop before it was ready may take to exit before SIGKILL. It
+/// serves nobody the operator counts on yet; a hung one must not hold up the stop (or the
+/// port) for the whole readiness deadline.
+pub(super) const PENDING_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<S: System> Master<S> {
     /// Binary upgrade: start a new master from the binary on disk and hand it the listener,
@@ -38,9 +52,8 @@ impl<S: System> Master<S> {
         if self.successor.is_some() {
             anyhow::bail!("an upgrade is already under way");
         }
-        // Our own upgrade window is over: the master before us must not come back once we
-        // hand over in turn.
-        self.commit_predecessor("upgrading again");
+        // The master before us keeps its window until our own new master serves: should this
+        // upgrade fail and this master then die, that one is still the way back.
         let listeners = self
             .listener
             .as_ref()
@@ -51,6 +64,7 @@ impl<S: System> Master<S> {
             .as_ref()
             .ok_or_else(|| anyhow!("the control socket is closed"))?
             .raw_fd();
+        let handed = self.carryover();
         let (ready, ready_tx) = io::pipe().context("creating the readiness pipe")?;
         nix::fcntl::fcntl(
             &ready,
@@ -64,7 +78,7 @@ impl<S: System> Master<S> {
             metrics: self.metrics.as_ref().map(|m| m.raw_fd()),
             ready: ready_tx.as_raw_fd(),
             root: (self.settings.worker.root_fd >= 0).then_some(self.settings.worker.root_fd),
-            carried: serde_json::to_string(&self.carryover())?,
+            carried: serde_json::to_string(&handed)?,
         };
         let lp = &mut self.lp;
         let pid = self
@@ -87,6 +101,10 @@ impl<S: System> Master<S> {
             ready: Some(ready),
             serving: false,
             killed: false,
+            kill_at: None,
+            handed,
+            reported: None,
+            partial: Vec::new(),
         });
         Ok(())
     }
@@ -100,6 +118,9 @@ impl<S: System> Master<S> {
         };
         s.serving = true;
         let pid = s.pid;
+        // Our own window is over now: the master before us must not come back once the
+        // service is handed on again.
+        self.commit_predecessor("a newer master serves");
         if self.phase == Phase::Running && !self.settings.upgrade_grace.is_zero() {
             self.enter_window(pid);
             return;
@@ -153,13 +174,66 @@ impl<S: System> Master<S> {
 
     /// A stop during an upgrade stops the new master too (it holds the listener and may
     /// already serve): the server stops as a whole, and this master waits for it.
+    /// One that is not ready yet gets SIGTERM and [`PENDING_STOP_GRACE`] to exit, or SIGKILL
+    /// at once for an immediate stop (SIGQUIT): it may hang before ready (a broken build), and
+    /// meanwhile it holds the listening socket.
     pub(super) fn stop_successor(&mut self, sig: Signal) {
-        if let Some(s) = &self.successor {
-            protocol::log!("stopping the new master (pid {}) too: {sig}", s.pid);
-            match self.sys.kill(s.pid, sig) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => protocol::warn!("cannot send {sig} to the new master: {e}"),
+        let now = self.sys.now();
+        let Some(s) = self.successor.as_mut().filter(|s| !s.killed) else {
+            return;
+        };
+        let sig = if s.serving || sig == Signal::SIGTERM {
+            if !s.serving {
+                s.kill_at.get_or_insert(now + PENDING_STOP_GRACE);
             }
+            sig
+        } else {
+            s.killed = true;
+            Signal::SIGKILL
+        };
+        protocol::log!("stopping the new master (pid {}) too: {sig}", s.pid);
+        match self.sys.kill(s.pid, sig) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => protocol::warn!("cannot send {sig} to the new master: {e}"),
         }
+    }
+
+    /// A new master told to stop before it was ready has had its time: SIGKILL.
+    pub(super) fn kill_overdue_successor(&mut self) {
+        let now = self.sys.now();
+        let timed_out = |s: &Successor| now.saturating_duration_since(s.started) >= UPGRADE_TIMEOUT;
+        let Some(s) = self.successor.as_ref().filter(|s| !s.serving && !s.killed) else {
+            return;
+        };
+        if self.phase == Phase::Running {
+            if timed_out(s) {
+                self.upgrade_failed(&format!(
+                    "the new master was not ready within {UPGRADE_TIMEOUT:?}"
+                ));
+            }
+            return;
+        }
+        if timed_out(s) || s.kill_at.is_some_and(|t| now >= t) {
+            protocol::warn!(
+                "the new master (pid {}) did not stop in time; killing it",
+                s.pid
+            );
+            let pid = s.pid;
+            // Once: the reap forgets it.
+            if let Some(s) = self.successor.as_mut() {
+                s.killed = true;
+            }
+            let _ = self.sys.kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// When a pending new master must be ready, or killed, for the loop's wait.
+    pub(super) fn successor_timer(&self) -> Option<Instant> {
+        let s = self
+            .successor
+            .as_ref()
+            .filter(|s| !s.killed && !s.serving)?;
+        let ready_by = s.started + UPGRADE_TIMEOUT;
+        Some(s.kill_at.map_or(ready_by, |t| t.min(ready_by)))
     }
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use nix::sys::signal::Signal;
 
-use super::{Backoff, Event, Master, Phase, System};
+use super::{Backoff, Carryover, Event, Master, Phase, System};
 use crate::control::ControlServer;
 use crate::signals::{self, Action};
 use crate::stats::UpgradeWindow;
@@ -31,41 +31,53 @@ pub(super) struct Predecessor {
     pid: u32,
     /// When its window closes (it counts from the same `ready`, with the same setting).
     until: Instant,
+    /// When to report this master's stats to it next (`stats JSON`), for a roll-back.
+    next_report: Instant,
 }
 
+/// How often a new master reports its stats to the old one during the window.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl<S: System> Master<S> {
-    /// The new master reads `ready` once it serves, `commit` when the upgrade is final. At
-    /// end-of-file the pipe is no longer watched (a closed pipe is readable for ever); whether
-    /// the new master died is the reap's to say.
+    /// The new master writes `ready` once it serves, `commit` when the upgrade is final, and
+    /// `stats JSON` every second or so while the window is open. Lines may arrive in pieces.
+    /// At end-of-file the pipe is no longer watched (a closed pipe is readable for ever);
+    /// whether the new master died is the reap's to say.
     pub(super) fn read_successor(&mut self, out: &mut Vec<Event>) {
-        let Some(pipe) = self.successor.as_mut().and_then(|s| s.ready.as_mut()) else {
+        let Some(s) = self.successor.as_mut() else {
             return;
         };
-        let mut words = Vec::new();
+        let Some(pipe) = s.ready.as_mut() else {
+            return;
+        };
         let mut closed = false;
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; 4096];
         loop {
             match pipe.read(&mut buf) {
                 Ok(0) => {
                     closed = true;
                     break;
                 }
-                Ok(n) => words.extend(
-                    buf[..n]
-                        .split(|&b| b == b'\n')
-                        .filter(|w| !w.is_empty())
-                        .map(<[u8]>::to_vec),
-                ),
+                Ok(n) => s.partial.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break, // WouldBlock: all read
             }
         }
-        for word in words {
-            match word.as_slice() {
+        while let Some(end) = s.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = s.partial.drain(..=end).collect();
+            match &line[..end] {
                 b"ready" => out.push(Event::SuccessorReady),
                 b"commit" => out.push(Event::SuccessorCommitted),
+                l if l.starts_with(b"stats ") => {
+                    let text = String::from_utf8_lossy(&l[6..]);
+                    out.push(Event::SuccessorStats(Box::new(Carryover::parse(&text))));
+                }
                 _ => {}
             }
+        }
+        // A line longer than any this protocol has is not one: drop it rather than grow.
+        if s.partial.len() > 64 * 1024 {
+            s.partial.clear();
         }
         if closed {
             self.unwatch_successor();
@@ -141,7 +153,7 @@ impl<S: System> Master<S> {
             .settings
             .upgrade_grace
             .saturating_sub(until.saturating_duration_since(self.sys.now()));
-        self.lifecycle.upgrades_failed += 1;
+        self.count_what_it_counted(&s);
         self.phase = Phase::Running;
         // Its workers go on draining as the old generation; the next turn fills the pool. The
         // dead master's generation was N+1: this one is N+2, so a number names one generation.
@@ -163,6 +175,28 @@ impl<S: System> Master<S> {
             std::process::id(),
             self.generation
         );
+    }
+
+    /// A roll-back keeps what the dead new master counted as of its last report (every
+    /// second or so): what it served after that report, and what its workers had not yet
+    /// reported, is lost, like a SIGKILLed worker's last interval. No count goes back: the
+    /// upgrade still counts (in `upgrades`, and in `upgrades_failed` and `rollbacks`).
+    fn count_what_it_counted(&mut self, s: &super::Successor) {
+        if let Some(reported) = &s.reported {
+            let (totals, lifecycle) = reported.gained_since(&s.handed);
+            self.retired.add(&totals);
+            let l = &mut self.lifecycle;
+            l.reloads += lifecycle.reloads;
+            l.reloads_failed += lifecycle.reloads_failed;
+            l.upgrades += lifecycle.upgrades;
+            l.upgrades_failed += lifecycle.upgrades_failed;
+            l.respawns += lifecycle.respawns;
+            l.rollbacks += lifecycle.rollbacks;
+        }
+        // This upgrade took over (it said ready), whether or not it reported.
+        self.lifecycle.upgrades = self.lifecycle.upgrades.max(s.handed.lifecycle.upgrades + 1);
+        self.lifecycle.upgrades_failed += 1;
+        self.lifecycle.rollbacks += 1;
     }
 
     /// Serves the control socket again, at its path: the same socket if the path still names
@@ -211,16 +245,28 @@ impl<S: System> Master<S> {
     /// On a new master that now serves: tell the old one (`ready` on its pipe), and keep the
     /// pipe for the window to commit on.
     pub(super) fn took_over(&mut self, fd: OwnedFd) {
+        // Before `ready`: once the old master reads it, it may retire at once (no window).
+        crate::spawn::outlive_predecessor();
         let mut pipe = std::fs::File::from(fd);
         if let Err(e) = pipe.write_all(b"ready\n") {
             protocol::warn!("cannot tell the previous master this one serves: {e}");
             return;
         }
         if !self.settings.upgrade_grace.is_zero() {
+            // Reports are best effort: an old master that does not read must not stall this one.
+            if let Err(e) = nix::fcntl::fcntl(
+                &pipe,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            ) {
+                protocol::warn!("cannot make the upgrade pipe non-blocking: {e}");
+                return;
+            }
+            let now = self.sys.now();
             self.predecessor = Some(Predecessor {
                 pipe,
                 pid: std::os::unix::process::parent_id(),
-                until: self.sys.now() + self.settings.upgrade_grace,
+                until: now + self.settings.upgrade_grace,
+                next_report: now,
             });
         }
     }
@@ -268,6 +314,29 @@ impl<S: System> Master<S> {
         }
         if self.predecessor.as_ref().is_some_and(|p| p.until <= now) {
             self.predecessor = None;
+        }
+        self.report_to_predecessor(now);
+    }
+
+    /// On a new master in the old one's window: tell it the stats so far, at most every
+    /// [`REPORT_EVERY`] (the loop wakes at least that often). One line, well under PIPE_BUF,
+    /// so it arrives whole; if the pipe is full the report waits for the next turn.
+    fn report_to_predecessor(&mut self, now: Instant) {
+        if self
+            .predecessor
+            .as_ref()
+            .is_none_or(|p| now < p.next_report)
+        {
+            return;
+        }
+        let line = match serde_json::to_string(&self.carryover()) {
+            Ok(json) => format!("stats {json}\n"),
+            Err(_) => return,
+        };
+        if let Some(p) = self.predecessor.as_mut() {
+            if p.pipe.write_all(line.as_bytes()).is_ok() {
+                p.next_report = now + REPORT_EVERY;
+            }
         }
     }
 

@@ -344,4 +344,5 @@ impl Rig {
 mod balance;
 mod policy;
 mod timers;
+mod upgrade;
 mod window;

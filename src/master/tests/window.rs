@@ -4,6 +4,8 @@
 
 use std::io::Read;
 
+use crate::master::Carryover;
+
 use super::*;
 
 /// Starts an upgrade on a serving rig and has the new master report ready; returns the
@@ -146,46 +148,94 @@ fn a_commit_or_a_stop_ends_the_window_at_once_and_leaves_the_new_master_alone() 
     }
 }
 
+/// The old master's end of the pipe, as a rig's predecessor; non-blocking.
+fn predecessor_pipe(r: &mut Rig) -> std::io::PipeReader {
+    let (reader, writer) = std::io::pipe().unwrap();
+    nix::fcntl::fcntl(
+        &reader,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    r.m.cfg.predecessor = Some(std::os::fd::OwnedFd::from(writer));
+    reader
+}
+
+/// What the new master wrote so far: its words, its stats reports, and whether it closed.
+fn heard(reader: &mut std::io::PipeReader) -> (Vec<String>, Vec<Carryover>, bool) {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    let text = String::from_utf8(text).unwrap();
+    let (stats, words): (Vec<&str>, Vec<&str>) =
+        text.lines().partition(|l| l.starts_with("stats "));
+    let stats = stats.iter().map(|l| Carryover::parse(&l[6..])).collect();
+    (words.into_iter().map(String::from).collect(), stats, closed)
+}
+
 #[test]
 fn a_new_master_keeps_the_old_ones_pipe_and_commits_on_request_or_on_a_stop() {
     for how in ["request", "stop", "upgrade"] {
         let mut r = rig_window(1, Duration::from_secs(30));
-        let (mut reader, writer) = std::io::pipe().unwrap();
-        r.m.cfg.predecessor = Some(std::os::fd::OwnedFd::from(writer));
+        let mut reader = predecessor_pipe(&mut r);
         r.serving();
-        let mut buf = [0u8; 64];
-        let n = reader.read(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"ready\n");
+        assert_eq!(heard(&mut reader).0, ["ready"]);
         let shown = r.m.snapshot().upgrade.expect("stats show the window");
         assert_eq!(shown.old_master_pid, std::os::unix::process::parent_id());
         assert!(shown.closes_in_secs > 29.0);
         match how {
             "request" => assert!(r.m.commit_predecessor("test").is_some()),
             "stop" => r.signal(SIGTERM),
-            _ => r.signal(SIGUSR2),
+            _ => {
+                // Not when the next upgrade starts (it may fail), but once its master serves.
+                r.signal(SIGUSR2);
+                r.turn();
+                assert!(
+                    r.m.snapshot().upgrade.is_some(),
+                    "still open while it starts"
+                );
+                tell(&r, b"ready\n");
+                r.turn();
+            }
         }
-        let n = reader.read(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"commit\n", "{how}");
-        assert_eq!(reader.read(&mut buf).unwrap(), 0, "and lets go of the pipe");
+        let (words, _, closed) = heard(&mut reader);
+        assert_eq!(words, ["commit"], "{how}");
+        assert!(closed, "and lets go of the pipe");
         assert!(r.m.snapshot().upgrade.is_none());
         assert!(r.m.commit_predecessor("again").is_none(), "once");
     }
 }
 
 #[test]
-fn a_new_master_lets_go_of_the_window_when_it_closes() {
+fn a_new_master_reports_its_stats_in_the_window_and_lets_go_when_it_closes() {
     let mut r = rig_window(1, Duration::from_secs(5));
-    let (mut reader, writer) = std::io::pipe().unwrap();
-    r.m.cfg.predecessor = Some(std::os::fd::OwnedFd::from(writer));
+    let mut reader = predecessor_pipe(&mut r);
     let pids = r.serving();
-    let mut buf = [0u8; 64];
-    assert_eq!(reader.read(&mut buf).unwrap(), 6);
-    for _ in 0..6 {
-        r.send(pids[0], &Message::Report(Counters::default()));
+    assert_eq!(heard(&mut reader).0, ["ready"]);
+    let mut reports = Vec::new();
+    for i in 0..6 {
+        let counted = Counters {
+            accepted: i,
+            ..Counters::default()
+        };
+        r.send(pids[0], &Message::Report(counted));
         r.pass(Duration::from_secs(1));
+        reports.extend(heard(&mut reader).1);
     }
+    assert!(reports.len() >= 4, "about one a second: {}", reports.len());
+    let last = reports.last().unwrap();
+    assert!(last.totals.accepted >= 3, "{last:?}");
     assert!(r.m.snapshot().upgrade.is_none());
-    assert_eq!(reader.read(&mut buf).unwrap(), 0, "pipe closed, no commit");
+    let (words, _, closed) = heard(&mut reader);
+    assert!(
+        words.is_empty() && closed,
+        "pipe closed, no commit: {words:?}"
+    );
     assert!(r.m.commit_predecessor("late").is_none());
 }
 
