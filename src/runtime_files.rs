@@ -214,6 +214,9 @@ pub fn remove_own_pid_file(path: &Path) {
     }
 }
 
+/// The most a pid file holds: a pid, a start time, their labels and line ends.
+const PID_FILE_MAX: u64 = 128;
+
 /// Reads a pid file and returns the pid only if it names the live prefork-echo master that
 /// wrote it: a pid above 1 (0 and -1 would signal process groups, 1 is init) whose start time
 /// matches the one recorded, and then — since the file's owner may write anything in it —
@@ -221,16 +224,41 @@ pub fn remove_own_pid_file(path: &Path) {
 /// workers, and running as the file's owner (a file the serving user may rewrite can never
 /// aim root's `stop` at a process that user could not signal itself).
 pub fn verified_pid(path: &Path) -> Result<Pid, FileError> {
-    let mut file = std::fs::File::open(path).map_err(io("reading the pid file", path))?;
-    let owner = file
-        .metadata()
-        .map_err(io("reading the pid file", path))?
-        .uid();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut file, &mut text)
-        .map_err(io("reading the pid file", path))?;
-    let mut lines = text.lines();
     let shown = path.display();
+    // The serving user may replace the file: never follow a link it planted (to another
+    // server's pid file, /dev/zero, a FIFO), never block opening it, read a few bytes at most.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => FileError::Pid(format!(
+                "{shown} is a symbolic link, never a pid file this server wrote; not following it"
+            )),
+            _ => io("reading the pid file", path)(e),
+        })?;
+    let meta = file.metadata().map_err(io("reading the pid file", path))?;
+    // A pid file the master wrote is a regular file with one name; a second name is a hard
+    // link someone made to a file (perhaps another server's) they do not own.
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(FileError::Pid(format!(
+            "{shown} is not a regular file with a single name, never a pid file this server \
+             wrote; not reading it"
+        )));
+    }
+    let owner = meta.uid();
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(&mut file, PID_FILE_MAX + 1),
+        &mut text,
+    )
+    .map_err(io("reading the pid file", path))?;
+    if text.len() as u64 > PID_FILE_MAX {
+        return Err(FileError::Pid(format!(
+            "{shown} is longer than a pid file ({PID_FILE_MAX} bytes at most); not reading it"
+        )));
+    }
+    let mut lines = text.lines();
     let pid: i32 = lines
         .next()
         .and_then(|l| l.trim().parse().ok())

@@ -265,3 +265,84 @@ fn after_an_upgrade_with_user_the_successors_stop_leaves_nothing_behind_either()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The serving user may also *replace* its pid file (it owns the directory here, as the README
+/// allows): a symbolic link to another root server's pid file, to `/dev/zero` or to a FIFO,
+/// a FIFO itself, or a second name (hard link) of another server's pid file must be refused
+/// at once — never followed (it stopped root's other server), never read without bound
+/// (`/dev/zero` grew the client to GBs), never waited on (a FIFO hung `stop` for ever).
+#[test]
+fn a_pid_file_swapped_for_a_link_a_fifo_or_a_device_is_refused_without_following_it() {
+    let Some(user) = common::nobody() else {
+        return common::skip("needs root and a user named nobody");
+    };
+    // Root's other server, the one the serving user would like root to stop.
+    let other_dir = common::scratch_dir();
+    set_mode(&other_dir, 0o755);
+    let other_pid_file = other_dir.join("other.pid");
+    let other = Server::start(&[
+        "--workers",
+        "1",
+        "--pid-file",
+        other_pid_file.to_str().unwrap(),
+    ]);
+    let dir = common::scratch_dir();
+    nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+    set_mode(&dir, 0o755);
+    let pid_file = dir.join("master.pid");
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--user",
+        "nobody",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ]);
+    let p = pid_file.display();
+    let swaps = [
+        (
+            format!("rm -f {p}; ln -s {} {p}", other_pid_file.display()),
+            "symbolic link",
+        ),
+        (format!("rm -f {p}; ln -s /dev/zero {p}"), "symbolic link"),
+        (format!("rm -f {p}; mkfifo {p}"), "not a regular file"),
+    ];
+    for (swap, why) in &swaps {
+        as_user(&user, swap);
+        for verb in ["stop", "reload"] {
+            let out = common::output_within(
+                Command::new(common::BIN).args([verb, "--pid-file", pid_file.to_str().unwrap()]),
+                Duration::from_secs(20),
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{swap}: {verb}: {err}");
+            assert!(err.contains(why), "{swap}: {verb}: {err}");
+        }
+        assert!(
+            common::alive(other.pid),
+            "{swap}: root's other server was signalled"
+        );
+        assert!(
+            common::alive(server.pid),
+            "{swap}: the server was signalled"
+        );
+    }
+    // A second name of root's other pid file (made here as root: the kernel's
+    // protected_hardlinks would stop the serving user, but not every host sets it).
+    as_user(&user, &format!("rm -f {p}"));
+    std::fs::hard_link(&other_pid_file, &pid_file).unwrap();
+    let out = common::output_within(
+        Command::new(common::BIN).args(["stop", "--pid-file", pid_file.to_str().unwrap()]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "hard link: {err}");
+    assert!(err.contains("single name"), "hard link: {err}");
+    assert!(
+        common::alive(other.pid),
+        "hard link: root's other server was signalled"
+    );
+    std::fs::remove_file(&pid_file).unwrap();
+    echo_to_eof(other.connect(), b"root's other server still serves");
+    echo_to_eof(server.connect(), b"and so does this one");
+}

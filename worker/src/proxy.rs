@@ -152,7 +152,10 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
             Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
         }
         (0x1, 0x11 | 0x21) => return Err(ProxyError::Malformed("v2 address block too short")),
-        (0x1, _) => None, // UNSPEC or UNIX: no IP client to report
+        // UNSPEC, UDP or UNIX: no TCP client to report.
+        (0x1, 0x00 | 0x12 | 0x22 | 0x31 | 0x32) => None,
+        // The spec's receivers must reject what it does not define.
+        (0x1, _) => return Err(ProxyError::Malformed("v2 address family")),
         _ => return Err(ProxyError::Malformed("v2 command")),
     };
     Ok(Some(Header { len, source }))
@@ -445,6 +448,12 @@ mod tests {
             parse(&v2(1, 0x11, &[1, 2, 3])),
             Err(ProxyError::Malformed(_))
         ));
+        assert_eq!(parse(&v2(1, 0x00, &[])).unwrap().unwrap().source, None);
+        assert_eq!(
+            parse(&v2(1, 0x77, &[0; 12])),
+            Err(ProxyError::Malformed("v2 address family")),
+            "an undefined family byte is refused"
+        );
         let mut big = V2_SIG.to_vec();
         big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
         assert_eq!(parse(&big), Err(ProxyError::TooLong));
