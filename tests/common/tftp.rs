@@ -226,7 +226,8 @@ impl Tally {
 }
 
 impl LossyRelay {
-    /// Relays to `server`, dropping `drop_pct`% and duplicating `dup_pct`% of packets.
+    /// Relays to `server`, dropping `drop_pct`% and duplicating `dup_pct`% of packets (never
+    /// the client's ACK of the last block: see `relay`).
     pub fn start(server: SocketAddr, drop_pct: u64, dup_pct: u64, seed: u64) -> LossyRelay {
         let front = UdpSocket::bind("127.0.0.1:0").unwrap();
         front.set_nonblocking(true).unwrap();
@@ -268,6 +269,9 @@ struct Leg {
     client: SocketAddr,
     up: UdpSocket,
     tid: Option<SocketAddr>,
+    /// The longest DATA seen toward the client, and the block of a shorter one (the last).
+    longest: usize,
+    last_block: Option<u16>,
 }
 
 fn relay(
@@ -303,12 +307,23 @@ fn relay(
                         client: from,
                         up,
                         tid: None,
+                        longest: 0,
+                        last_block: None,
                     });
                     legs.len() - 1
                 }
             };
             let to = legs[i].tid.unwrap_or(server);
-            let f = fate();
+            let mut f = fate();
+            // The client's ACK of the last block is never lost: a client that has the whole
+            // file exits without waiting for a repeat of that block (tftp-hpa does), so the
+            // server could never learn the transfer completed, whatever it does.
+            if f == 0 && n >= 4 && buf[1] == 4 {
+                let block = u16::from_be_bytes([buf[2], buf[3]]);
+                if legs[i].last_block == Some(block) {
+                    f = 1;
+                }
+            }
             tally.count(f, true);
             for _ in 0..f {
                 let _ = legs[i].up.send_to(&buf[..n], to);
@@ -324,6 +339,12 @@ fn relay(
                 // it with ERROR 5; the relay just keeps it away.
                 if leg.tid.is_some_and(|t| t != from) && from != server {
                     continue;
+                }
+                if n >= 4 && buf[1] == 3 {
+                    if n < leg.longest {
+                        leg.last_block = Some(u16::from_be_bytes([buf[2], buf[3]]));
+                    }
+                    leg.longest = leg.longest.max(n);
                 }
                 let f = fate();
                 tally.count(f, false);
