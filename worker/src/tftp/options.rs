@@ -32,10 +32,15 @@ pub struct Settings {
 }
 
 fn number(name: &str, value: &str) -> Result<u64, Refusal> {
-    value
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| Refusal::new(Code::Options, format!("bad {name} value")))
+    let digits = value.trim();
+    match digits.parse::<u64>() {
+        Ok(n) => Ok(n),
+        // Digits too many for any counter are a very large number, not a malformed one: a
+        // `blksize` of twenty nines is answered with the largest block, as a smaller large
+        // one is; a limit still refuses it where the option has one.
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(u64::MAX),
+        Err(_) => Err(Refusal::new(Code::Options, format!("bad {name} value"))),
+    }
 }
 
 /// Negotiates the options of a request. `size` is the file's size for a read (`None` for a
@@ -210,5 +215,23 @@ mod tests {
         assert!(netascii.taken.is_empty());
         let empty = negotiate(&opts(&[("tsize", "0")]), Mode::Octet, Some(0), 0).unwrap();
         assert!(empty.taken.is_empty());
+    }
+
+    #[test]
+    fn a_number_too_long_for_any_counter_is_large_not_malformed() {
+        let s = negotiate(
+            &opts(&[("blksize", "99999999999999999999")]),
+            Mode::Octet,
+            Some(1000),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(s.blksize, MAX_BLKSIZE);
+        for bad in [("timeout", "99999999999999999999"), ("blksize", "9x")] {
+            assert!(
+                negotiate(&opts(&[bad]), Mode::Octet, Some(1000), 1 << 20).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }
