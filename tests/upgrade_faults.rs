@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use common::{Server, echo_to_eof, wait_until};
 use nix::sys::signal::Signal;
 
-/// Replaces the binary at `bin` (atomically, as a deploy would) with a shell script.
-fn replace_with_script(bin: &common::BinaryCopy, script: &str) {
-    let tmp = bin.dir.join("next");
-    std::fs::write(&tmp, script).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, &bin.path).unwrap();
-}
-
 /// The pid of the new master the server logged it started.
 fn successor_pid(server: &Server) -> i32 {
     assert!(
@@ -45,7 +37,7 @@ fn upgraded_to_a_hung_build(spawn: &str, deaf: bool) -> (Server, i32, common::Bi
     let server = Server::try_start(&bin.path, &["--workers", "1", "--spawn", spawn]).unwrap();
     echo_to_eof(server.connect(), b"before");
     let trap = if deaf { "trap '' TERM\n" } else { "" };
-    replace_with_script(&bin, &format!("#!/bin/sh\n{trap}exec sleep 100\n"));
+    bin.replace_with(&format!("#!/bin/sh\n{trap}exec sleep 100\n"));
     server.signal(Signal::SIGUSR2);
     let hung = successor_pid(&server);
     // Exec'd: the shell has become `sleep`.
@@ -210,10 +202,10 @@ fn uptime_after_an_upgrade_counts_the_new_masters_own_start() {
     let real = common::BinaryCopy::new();
     let server = Server::try_start(&bin.path, &["--workers", "1", "--upgrade-grace", "0"]).unwrap();
     // The new build takes 3 s from exec to serving.
-    replace_with_script(
-        &bin,
-        &format!("#!/bin/sh\nsleep 3\nexec {} \"$@\"\n", real.path.display()),
-    );
+    bin.replace_with(&format!(
+        "#!/bin/sh\nsleep 3\nexec {} \"$@\"\n",
+        real.path.display()
+    ));
     let u0 = server.stats()["uptime_secs"].as_f64().unwrap();
     let t0 = Instant::now();
     server.signal(Signal::SIGUSR2);
