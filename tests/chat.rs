@@ -10,25 +10,10 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::Duration;
 
-use common::chat::{ChatClient, busy_workers};
+use common::chat::{ChatClient, MODES, busy_workers, start};
 use common::{Server, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-const MODES: [&str; 3] = ["process", "thread", "fork-per-conn"];
-
-fn start(mode: &str, extra: &[&str]) -> Server {
-    let mut args = vec![
-        "--service",
-        "chat",
-        "--mode",
-        mode,
-        "--stats-interval",
-        "0.2",
-    ];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
 
 /// Three clients, each (in process mode) on a worker of its own, named a, b, c.
 fn three_clients(server: &Server, mode: &str) -> Vec<ChatClient> {

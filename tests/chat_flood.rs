@@ -9,23 +9,8 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::chat::ChatClient;
-use common::{Server, wait_until};
-
-const MODES: [&str; 3] = ["process", "thread", "fork-per-conn"];
-
-fn start(mode: &str, extra: &[&str]) -> Server {
-    let mut args = vec![
-        "--service",
-        "chat",
-        "--mode",
-        mode,
-        "--stats-interval",
-        "0.2",
-    ];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
+use common::chat::{ChatClient, MODES, start};
+use common::wait_until;
 
 /// Writes `bytes` from a thread of its own: the server may hold the writer back for a while.
 /// `true` if all of it was written.

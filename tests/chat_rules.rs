@@ -7,25 +7,10 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::chat::ChatClient;
-use common::{Server, wait_until};
+use common::chat::{ChatClient, MODES, start};
+use common::wait_until;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-const MODES: [&str; 3] = ["process", "thread", "fork-per-conn"];
-
-fn start(mode: &str, extra: &[&str]) -> Server {
-    let mut args = vec![
-        "--service",
-        "chat",
-        "--mode",
-        mode,
-        "--stats-interval",
-        "0.2",
-    ];
-    args.extend_from_slice(extra);
-    Server::start(&args)
-}
 
 #[test]
 fn control_bytes_reach_the_others_escaped_unless_chat_raw() {

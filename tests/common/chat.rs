@@ -257,3 +257,20 @@ impl ChatClient {
         })
     }
 }
+
+/// Every mode the chat service runs in.
+pub const MODES: [&str; 3] = ["process", "thread", "fork-per-conn"];
+
+/// A chat server in `mode`, reporting stats every 0.2 s, with `extra` flags.
+pub fn start(mode: &str, extra: &[&str]) -> super::Server {
+    let mut args = vec![
+        "--service",
+        "chat",
+        "--mode",
+        mode,
+        "--stats-interval",
+        "0.2",
+    ];
+    args.extend_from_slice(extra);
+    super::Server::start(&args)
+}
