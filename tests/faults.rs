@@ -183,18 +183,7 @@ fn an_upgrade_under_user_keeps_serving_as_that_user() {
     let mut held = server.connect();
     echo(&mut held, b"before");
     server.signal(Signal::SIGUSR2);
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|t| t.lines().next()?.parse::<i32>().ok())
-                .is_some_and(|p| p != server.pid)
-        }),
-        "{}",
-        server.stderr()
-    );
-    let successor = common::read_pid(&pid_file);
-    let _guard = common::KillOnDrop::new(successor);
+    let (successor, _guard) = server.successor_in(&pid_file);
     drop(held);
     assert!(
         server

@@ -169,18 +169,7 @@ fn process_mode_is_quiet_after_each_event(spawn: &str) {
     let mut held = server.connect();
     echo(&mut held, b"before the upgrade");
     server.signal(Signal::SIGUSR2);
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|t| t.lines().next()?.parse::<i32>().ok())
-                .is_some_and(|p| p != server.pid)
-        }),
-        "{}",
-        server.stderr()
-    );
-    let successor = common::read_pid(&pid_file);
-    let _guard = common::KillOnDrop::new(successor);
+    let (successor, _guard) = server.successor_in(&pid_file);
     assert!(
         wait_until(Duration::from_secs(30), || common::children_of(successor)
             .len()

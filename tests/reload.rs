@@ -415,14 +415,7 @@ fn binary_upgrade_with_its_window_under_load_drops_nothing_and_commit_retires_th
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        wait_until(Duration::from_secs(30), || common::read_pid(&pid_file)
-            != server.pid),
-        "{}",
-        server.stderr()
-    );
-    let new_pid = common::read_pid(&pid_file);
-    let _new = common::KillOnDrop::new(new_pid);
+    let (new_pid, _new) = server.successor_in(&pid_file);
     // The old master drains its workers under load and waits in its window...
     assert!(
         wait_until(Duration::from_secs(30), || common::children_of(server.pid)

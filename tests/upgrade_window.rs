@@ -155,14 +155,7 @@ fn a_good_upgrade_shows_its_window_carries_the_stats_and_commit_retires_the_old_
     let old_generation = before["generation"].as_u64().unwrap();
     let old_uptime = before["uptime_secs"].as_f64().unwrap();
     server.signal(Signal::SIGUSR2);
-    assert!(
-        wait_until(Duration::from_secs(30), || common::read_pid(&pid_file)
-            != server.pid),
-        "{}",
-        server.stderr()
-    );
-    let successor = common::read_pid(&pid_file);
-    let _guard = common::KillOnDrop::new(successor);
+    let (successor, _guard) = server.successor_in(&pid_file);
     // In the window: the new master answers and names both; the old one has no workers left.
     assert!(
         wait_until(Duration::from_secs(30), || {

@@ -248,6 +248,27 @@ impl Server {
         )
     }
 
+    /// After an upgrade was asked: waits (30 s at most, failing the test otherwise) until the
+    /// pid file at `pid_file` names a master other than this one — its successor — and returns
+    /// that pid with a guard that kills it when the test ends, pass or fail. A file caught
+    /// mid-rewrite is read again, not taken as an answer.
+    pub fn successor_in(&self, pid_file: &Path) -> (i32, KillOnDrop) {
+        let named = || {
+            std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|t| t.lines().next()?.parse::<i32>().ok())
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || named()
+                .is_some_and(|p| p != self.pid)),
+            "no successor named in {}: {}",
+            pid_file.display(),
+            self.stderr()
+        );
+        let pid = read_pid(pid_file);
+        (pid, KillOnDrop::new(pid))
+    }
+
     /// Waits until the master has run for `secs` more seconds of its own uptime (several loop
     /// turns), as its stats answers show: time for anything it would still do to happen.
     pub fn let_turns_pass(&self, secs: f64) {
